@@ -1,0 +1,353 @@
+"""Typed model configuration: architecture shapes, the unified vocabulary layout, task-aware MoD.
+
+One dataclass per concern (`VocabLayout`, `MoDConfig`, `ModelConfig`), validated in `__post_init__`
+with a `ValueError` that names the bad field. Presets follow litgpt's `Config.from_name`: a named
+size plus keyword overrides (`ModelConfig.from_preset("emu3-8b", num_hidden_layers=2)`).
+
+YAML schema (also accepted as a plain dict):
+
+    model:
+      preset: emu3-8b          # any field of the preset can be overridden here
+      mod:
+        tasks: [t2i, mmu, lm]  # task id = index in this list
+        capacity:              # layer index or inclusive range -> capacity per task in (0, 1]
+          "16-31": {t2i: 0.2, mmu: 0.2}
+        routable: {t2i: image, mmu: image, lm: all}
+        aux_loss_weight: 0.01
+        routing: topk          # topk | causal
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ROUTABLE_KINDS = ("image", "text", "all")
+ROUTING_MODES = ("topk", "causal")
+
+
+@dataclass
+class VocabLayout:
+    """Where each kind of token lives in the one vocabulary shared by text and images.
+
+    Ids below `text_size` are text (from sentencepiece or an HF tokenizer); the structural tokens sit
+    between the text ids and `visual_start`; visual code k has id `visual_start + k`. The model uses
+    this to tell image tokens from text tokens by id alone (MoD routability, FLOPs per kind).
+    Defaults are Emu3's released vocabulary (151643 text ids, visual token 0 at id 151854).
+    """
+
+    text_size: int = 151643
+    """Number of text ids: ids [0, text_size) are text."""
+    pad_id: int = 151643
+    """Padding (Emu3: `<|endoftext|>`); never trained on, skipped first by MoD."""
+    bos_id: int = 151849
+    """Beginning of sequence (Emu3: `<|extra_203|>`)."""
+    eos_id: int = 151850
+    """End of sequence (Emu3: `<|extra_204|>`)."""
+    boi_id: int = 151851
+    """`<|image start|>`."""
+    eoi_id: int = 151852
+    """`<|image end|>`."""
+    img_id: int = 151853
+    """`<|image token|>`: separates the "h*w" size text from the code rows."""
+    eol_id: int = 151846
+    """End of a row of visual codes (Emu3: `<|extra_200|>`)."""
+    eof_id: int = 151847
+    """End of the last row / frame (Emu3: `<|extra_201|>`)."""
+    visual_start: int = 151854
+    """Id of visual code 0."""
+    visual_size: int = 32768
+    """Codebook size of the image tokenizer."""
+    vocab_size: int = 184622
+    """Rows of the embedding and the LM head (>= visual_start + visual_size)."""
+
+    STRUCTURAL = ("pad_id", "bos_id", "eos_id", "boi_id", "eoi_id", "img_id", "eol_id", "eof_id")
+
+    def __post_init__(self) -> None:
+        for name in ("text_size", "visual_start", "visual_size", "vocab_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"vocab.{name} must be positive, got {getattr(self, name)}")
+        if self.visual_start < self.text_size:
+            raise ValueError(
+                f"vocab.visual_start ({self.visual_start}) must not overlap the text ids [0, {self.text_size})"
+            )
+        if self.vocab_size < self.visual_start + self.visual_size:
+            raise ValueError(
+                f"vocab.vocab_size ({self.vocab_size}) is smaller than visual_start + visual_size "
+                f"({self.visual_start + self.visual_size})"
+            )
+        seen: dict[int, str] = {}
+        for name in self.STRUCTURAL:
+            tid = getattr(self, name)
+            if not self.text_size <= tid < self.visual_start:
+                raise ValueError(
+                    f"vocab.{name} = {tid} must lie between the text ids and the visual ids "
+                    f"[{self.text_size}, {self.visual_start})"
+                )
+            if tid in seen:
+                raise ValueError(f"vocab.{name} = {tid} is the same id as vocab.{seen[tid]}")
+            seen[tid] = name
+
+    @property
+    def visual_end(self) -> int:
+        """One past the last visual id."""
+        return self.visual_start + self.visual_size
+
+    def structural_ids(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.STRUCTURAL}
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MoDConfig:
+    """Task-aware Mixture-of-Depths (UniMoD).
+
+    `capacity[layer][task]` in (0, 1] is the fraction of a sequence's positions that go through
+    `layer` for sequences of `task`; a missing entry is 1.0, which makes the layer an ordinary full
+    layer for that task (no router, no gate). Only layers with some capacity < 1 get a router bank.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["t2i", "mmu", "lm"])
+    """Task names; a sequence's task id is its index in this list."""
+    capacity: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Layer index -> {task: capacity}. YAML keys may be ints, "7" or inclusive ranges "16-31"."""
+    routable: dict[str, str] = field(default_factory=dict)
+    """Task -> which tokens may be skipped: image | text | all. Missing tasks default to UniMoD's
+    choice: t2i and mmu route image tokens, everything else routes all (non-structural) tokens."""
+    aux_loss_weight: float = 0.01
+    """Weight of the BCE loss that teaches router logits to predict top-k membership."""
+    routing: str = "topk"
+    """topk (training: static k per sequence) | causal (sampling: route when the logit > 0)."""
+    router_init_std: float = 1e-3
+    """Small init keeps the gate 2*sigmoid(r) at ~1 so a dense checkpoint starts unchanged."""
+
+    def __post_init__(self) -> None:
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"mod.tasks must be a non-empty list of distinct names, got {self.tasks}")
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"mod.routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if not (self.aux_loss_weight >= 0 and math.isfinite(self.aux_loss_weight)):
+            raise ValueError(f"mod.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        if not self.router_init_std > 0:
+            raise ValueError(f"mod.router_init_std must be > 0, got {self.router_init_std}")
+        self.capacity = _expand_capacity(self.capacity, self.tasks)
+        routable = {t: ("image" if t in ("t2i", "mmu") else "all") for t in self.tasks}
+        for task, kind in dict(self.routable).items():
+            if task not in self.tasks:
+                raise ValueError(f"mod.routable names task {task!r} which is not in mod.tasks {self.tasks}")
+            if kind not in ROUTABLE_KINDS:
+                raise ValueError(f"mod.routable.{task} must be one of {ROUTABLE_KINDS}, got {kind!r}")
+            routable[task] = kind
+        self.routable = routable
+
+    def capacity_of(self, layer: int, task: str | int) -> float:
+        name = self.tasks[task] if isinstance(task, int) else task
+        return self.capacity.get(layer, {}).get(name, 1.0)
+
+    def is_mod_layer(self, layer: int) -> bool:
+        return any(c < 1.0 for c in self.capacity.get(layer, {}).values())
+
+    def mod_layers(self) -> list[int]:
+        return sorted(i for i in self.capacity if self.is_mod_layer(i))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["capacity"] = {str(k): dict(v) for k, v in sorted(self.capacity.items())}
+        return d
+
+
+def _expand_capacity(raw: Mapping[Any, Mapping[str, float]], tasks: list[str]) -> dict[int, dict[str, float]]:
+    """Turn {"16-31": {...}, 3: {...}} into {layer: {task: capacity}}; later keys override earlier."""
+    out: dict[int, dict[str, float]] = {}
+    for key, per_task in dict(raw).items():
+        layers = _parse_layer_key(key)
+        if not isinstance(per_task, Mapping):
+            raise ValueError(f"mod.capacity[{key!r}] must map task -> capacity, got {per_task!r}")
+        for task, cap in per_task.items():
+            if task not in tasks:
+                raise ValueError(f"mod.capacity[{key!r}] names task {task!r} which is not in mod.tasks {tasks}")
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 < float(cap) <= 1.0:
+                raise ValueError(f"mod.capacity[{key!r}].{task} must be a number in (0, 1], got {cap!r}")
+            for layer in layers:
+                out.setdefault(layer, {})[task] = float(cap)
+    return out
+
+
+def _parse_layer_key(key: Any) -> list[int]:
+    if isinstance(key, bool):
+        raise ValueError(f"mod.capacity key {key!r} is not a layer index or range")
+    if isinstance(key, int):
+        layers = [key]
+    else:
+        text = str(key).strip()
+        try:
+            if "-" in text:
+                lo, hi = (int(p) for p in text.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                layers = list(range(lo, hi + 1))
+            else:
+                layers = [int(text)]
+        except ValueError:
+            raise ValueError(
+                f"mod.capacity key {key!r} is not a layer index (\"7\") or inclusive range (\"16-31\")"
+            ) from None
+    if layers[0] < 0:
+        raise ValueError(f"mod.capacity key {key!r} names a negative layer")
+    return layers
+
+
+@dataclass
+class ModelConfig:
+    """Shapes of an Emu3/Llama decoder plus its vocabulary layout and MoD plan."""
+
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 9216
+    initializer_range: float = 0.02
+    vocab: VocabLayout = field(default_factory=VocabLayout)
+    mod: MoDConfig = field(default_factory=MoDConfig)
+    preset: str | None = None
+    """Name of the preset this config came from (informational)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vocab, Mapping):
+            self.vocab = VocabLayout(**_known(VocabLayout, self.vocab, "model.vocab"))
+        if isinstance(self.mod, Mapping):
+            self.mod = MoDConfig(**_known(MoDConfig, self.mod, "model.mod"))
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model.num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model.hidden_size / num_attention_heads = {self.head_dim} must be even for RoPE")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        bad = [i for i in self.mod.capacity if i >= self.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"model.mod.capacity names layer {bad[0]} but the model has {self.num_hidden_layers} layers"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.vocab_size
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.mod.tasks)
+
+    # ----- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"model.preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+        base = dict(PRESETS[name])
+        base["preset"] = name
+        for key, value in overrides.items():
+            # Nested sections merge field by field, so `vocab: {visual_size: 512}` keeps the rest.
+            if key in ("vocab", "mod") and isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+        return cls(**_known(cls, base, "model"))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from the `model:` section of a YAML config (a `preset` key plus overrides)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"model config must be a mapping, got {type(d).__name__}")
+        d = dict(d)
+        preset = d.pop("preset", None)
+        if preset is not None:
+            return cls.from_preset(preset, **d)
+        return cls(**_known(cls, d, "model"))
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "ModelConfig":
+        import yaml
+
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+        return cls.from_dict(doc.get("model", doc))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["vocab"] = self.vocab.to_dict()
+        d["mod"] = self.mod.to_dict()
+        return d
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        d = self.to_dict()
+        d.pop("preset")
+        for key, value in changes.items():
+            if key in ("vocab", "mod") and isinstance(value, Mapping):
+                d[key] = {**d[key], **value}
+            else:
+                d[key] = value
+        return ModelConfig(**d, preset=self.preset)
+
+
+def _known(cls: type, d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]} is not a known field; known fields: {sorted(names)}")
+    return dict(d)
+
+
+# A small vocabulary for the tiny presets: 256 text ids, the 8 structural ids, a 512-code codebook.
+# Training on real data replaces it with the layout written by the data pipeline (its manifest).
+_SMALL_VOCAB = dict(
+    text_size=256, pad_id=256, bos_id=257, eos_id=258, boi_id=259, eoi_id=260, img_id=261, eol_id=262,
+    eof_id=263, visual_start=264, visual_size=512, vocab_size=776,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny: every unit test and the CPU smoke run.
+    "debug": dict(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1e4, vocab=_SMALL_VOCAB,
+    ),
+    # Trains on a 2-core CPU in minutes on the demo data (about 8M parameters without embeddings).
+    "demo": dict(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=4096, rope_theta=1e4, vocab=_SMALL_VOCAB,
+    ),
+    # About 1B parameters, for single-GPU throughput and MFU measurements.
+    "emu3-1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=9216, rope_theta=1e6,
+    ),
+    # Exactly transformers' Emu3TextConfig() defaults (Emu3-8B).
+    "emu3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=9216, rope_theta=1e6, rms_norm_eps=1e-5,
+    ),
+}
