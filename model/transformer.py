@@ -1,0 +1,127 @@
+"""UnifiedTransformer: embed -> decoder layers (some with task-aware MoD) -> norm -> LM head.
+
+One decoder over one vocabulary of text and image VQ tokens (Emu3). Parameter names are the HF
+`Emu3ForCausalLM` state-dict keys (`model.embed_tokens.weight`, `model.layers.N...`, `model.norm.weight`,
+`lm_head.weight`); MoD router banks are `model.layers.N.mod_router.weight`.
+
+    from model import ModelConfig, UnifiedTransformer
+    net = UnifiedTransformer(ModelConfig.from_preset("debug", mod={"capacity": {"2-3": {"t2i": 0.25}}}))
+    out = net(input_ids, task_ids=task_ids)   # out.logits [B,S,V], out.aux_loss [], out.routing [L,T,2]
+
+Parallelism (ZeRO-3, pipeline stages) is applied from outside by `train/`; this file is single-device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from model.config import ModelConfig
+from model.layers import Embedding, Linear, RMSNorm, rope_cos_sin
+from model.mod import DecoderLayer, capacity_table, routable_table, token_kinds
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """[B, S, V] next-token logits."""
+    aux_loss: torch.Tensor
+    """Scalar: the MoD router BCE loss summed over MoD layers, already times `mod.aux_loss_weight`.
+    Add it to the language-model loss."""
+    routing: torch.Tensor
+    """[num_layers, num_tasks, 2] float: (routable tokens, routable tokens selected) per layer and task
+    in this batch. Dense layers report selected == routable."""
+
+
+class Backbone(nn.Module):
+    """The `model.` prefix of the HF checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class UnifiedTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.initializer_range)
+        self.gradient_checkpointing = False
+        """Recompute each decoder layer in backward (torch.utils.checkpoint, non-reentrant)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        task_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        routing: str | None = None,
+    ) -> ModelOutput:
+        """input_ids [B,S] long; task_ids [B] long (index into config.mod.tasks; required when the model
+        has MoD layers); position_ids [B,S] (default 0..S-1); routing overrides config.mod.routing."""
+        cfg = self.config
+        B, S = input_ids.shape
+        device = input_ids.device
+        if task_ids is None:
+            if cfg.mod.mod_layers():
+                raise ValueError("task_ids is required: this model has MoD layers routed per task")
+            task_ids = torch.zeros(B, dtype=torch.long, device=device)
+        if task_ids.shape != (B,):
+            raise ValueError(f"task_ids must have shape [{B}], got {tuple(task_ids.shape)}")
+        routing = routing or cfg.mod.routing
+        if routing not in ("topk", "causal"):
+            raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
+        if position_ids is None:
+            position_ids = torch.arange(S, device=device).expand(B, S)
+
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+        kinds = token_kinds(input_ids, cfg.vocab)
+        routable_tbl, cap_tbl = routable_table(cfg, device), capacity_table(cfg, device)
+        tasks_host = task_ids.tolist()  # one host copy per forward sizes every MoD gather
+        if min(tasks_host) < 0 or max(tasks_host) >= cfg.num_tasks:
+            raise ValueError(f"task_ids must lie in [0, {cfg.num_tasks}) for tasks {cfg.mod.tasks}, got {tasks_host}")
+
+        aux = h.new_zeros((), dtype=torch.float32)
+        stats = []
+        for layer in self.model.layers:
+            args = (h, cos, sin, kinds, task_ids, routable_tbl, cap_tbl, routing, tasks_host)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, layer_aux, layer_stats = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                h, layer_aux, layer_stats = layer(*args)
+            aux = aux + layer_aux
+            stats.append(layer_stats)
+        logits = self.lm_head(self.model.norm(h))
+        return ModelOutput(logits=logits, aux_loss=aux, routing=torch.stack(stats))
+
+    # ----- helpers used by training and tests ------------------------------------------------------
+    def num_parameters(self, exclude_routers: bool = False) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if not (exclude_routers and "mod_router" in n))
+
+    def routing_summary(self, routing: torch.Tensor) -> dict[str, float]:
+        """Realised fraction of routable tokens kept, per MoD layer and task present in the batch:
+        {"<task>/layer_<i>": selected / routable}."""
+        out = {}
+        for layer in self.config.mod.mod_layers():
+            for t, task in enumerate(self.config.mod.tasks):
+                routable, selected = routing[layer, t].tolist()
+                if routable > 0:
+                    out[f"{task}/layer_{layer}"] = selected / routable
+        return out
+
+    @classmethod
+    def from_hf(cls, path, mod=None, **overrides) -> "UnifiedTransformer":
+        from model.hf import load_hf
+
+        return load_hf(cls, path, mod=mod, **overrides)
+
+    def save_hf(self, path, **kwargs) -> None:
+        from model.hf import save_hf
+
+        save_hf(self, path, **kwargs)
