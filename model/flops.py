@@ -11,14 +11,16 @@ norms, RoPE, softmax, gates, top-k and gather/scatter counts zero):
 - the LM head `Linear(D, V)` on all S tokens: `2*S*D*V` (the embedding lookup is free).
 
 Under MoD a micro-batch runs each MoD layer once on a gathered `[B, P, D]` tensor with
-`P = max_b P_b`, `P_b = S if capacity == 1 else ceil(capacity * S)`, so every sequence of the
-micro-batch pays for P tokens: the padding of a mixed-task micro-batch is real compute and is
-counted. In `causal` routing mode (sampling) layers mask instead of gathering, so they cost S.
+`P = max_b P_b`, `P_b = S if capacity == 1 else ceil(capacity * S)` (`model.mod.tokens_kept`), so
+every sequence of the micro-batch pays for P tokens: the padding of a mixed-task micro-batch is real
+compute and is counted. In `causal` routing mode (sampling) layers mask instead of gathering, so they cost S.
 
 Training = forward + backward. Backward of a matmul is 2x its forward (input and weight
 gradients). Backward of SDPA follows torch's `sdpa_backward_flop_count` (the flash/efficient
 kernels recompute the scores: 5 products instead of 2, i.e. 2.5x forward). Full activation
-recomputation adds one more forward of the decoder layers (routers included), never of the head.
+recomputation adds one more forward of the decoder layers (routers included), never of the head;
+torch's non-reentrant checkpoint may stop a little earlier (it skips a trailing matmul whose output
+backward never reads), so `recompute=True` is the conventional upper bound of the hardware's work.
 
 `causal_attention=False` (the default) is FlopCounterMode's convention: the whole n x n score
 matrix. `causal_attention=True` counts only the lower triangle with its diagonal, n(n+1)/2 scores,
@@ -31,11 +33,11 @@ and MFU, torch/utils/flop_counter.py.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from model.config import ModelConfig
+from model.mod import tokens_kept  # the model's own P, so the count can never drift from what runs
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,6 @@ class StepFlops:
 
 
 # ----- per-sequence building blocks -----------------------------------------------------------------
-def tokens_kept(capacity: float, seq_len: int) -> int:
-    """Tokens a sequence sends through a layer of this capacity (static, so shapes never change)."""
-    return seq_len if capacity >= 1.0 else math.ceil(capacity * seq_len)
-
-
 def _sdpa(cfg: ModelConfig, n: int, causal: bool, backward: bool) -> int:
     # torch's sdpa_flop_count: two [n, hd] x [hd, n]-sized products per query head (GQA broadcasts
     # K/V to every query head); sdpa_backward_flop_count: five such products.
