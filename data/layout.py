@@ -37,6 +37,16 @@ MMU_ASSISTANT_SUFFIX = " ASSISTANT:"
 """Text appended to the question; the answer starts right after it."""
 
 
+def drop_caption(caption: str, prob: float, rng: np.random.Generator) -> str:
+    """Classifier-free-guidance dropout: "" with probability `prob` (Emu3: 0.05), else `caption`.
+
+    Exactly one draw from `rng` per call, so a seeded generator gives the same choices every build.
+    """
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"caption dropout probability must be in [0, 1], got {prob}")
+    return "" if rng.random() < prob else caption
+
+
 def image_size_text(h: int, w: int) -> str:
     """The "h*w" string Emu3 writes (as ordinary text tokens) before `<image token>`."""
     return f"{h}*{w}"
