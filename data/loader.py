@@ -1,0 +1,517 @@
+"""The training data pipeline: webdataset shards -> task-homogeneous, fixed-shape micro-batches.
+
+    loader = UnimodLoader(LoaderConfig(dataset_dir="demo_data", seq_len=1024, micro_batch_size=4),
+                          tasks=model_cfg.mod.tasks, rank=rank, world_size=world)
+    loader.load_state_dict(ckpt["loader"])        # optional, before iterating
+    for batch in loader:                          # one epoch: exactly len(loader) micro-batches
+        batch["input_ids"], batch["labels"], batch["position_ids"]   # LongTensor [B, S]
+        batch["task_ids"]                                           # LongTensor [B], one task
+    ckpt["loader"] = loader.state_dict()          # between steps
+
+How an epoch is laid out (every reader is one (rank, worker) pair, a "slot"; N = world x workers):
+
+- Shards. For every task and every pass over its data, the task's shard list is shuffled with a
+  seed that depends on (seed, epoch, task, pass) only, so every rank draws the same order, and slot
+  s reads `order[s::N]` (webdataset's detshuffle + split_by_node + split_by_worker, with the rank
+  and world passed in rather than read from torch.distributed). Each task needs >= N shards: a
+  reader without a shard would hang DDP (webdataset #188).
+- Samples. Each slot streams its shards of a task through a shuffle buffer seeded by (seed, epoch,
+  task, slot), checks every sample (`data.validate.check_sample`), derives labels
+  (`data.layout.make_labels`) and packs or pads rows (`data.packing`). When its shards run out the
+  slot starts the next pass over a freshly shuffled order, so a task stream never ends mid-epoch.
+- Mixing. A task's weight is the number of passes over its data per epoch (1.0: every sample once;
+  0.2: a fifth of them, a different fifth each epoch). Every slot's epoch is a seeded permutation of
+  a fixed quota of micro-batches per task, so every rank yields exactly the same number of
+  micro-batches (uneven counts hang DDP, webdataset #225) while each step mixes tasks across ranks
+  and workers. With padding and shards that split evenly over slots, an epoch of weight-1.0 tasks
+  is exactly one pass: every sample once, none twice. With packing the quota comes from the packing
+  ratio measured on the first shard, so an epoch is one pass give or take a few rows.
+- Resume. A rank's micro-batch i comes from worker i % W (DataLoader's in-order round robin), and
+  every worker's stream is a pure function of (seed, epoch, slot). `state_dict()` records the epoch
+  and how many micro-batches the trainer has taken; after `load_state_dict()` each worker replays its
+  stream up to its share of that count without building tensors, then continues, so a resumed run
+  sees exactly the batches of an uninterrupted one (webdataset has no mid-epoch resume, #177).
+  Replay reads the shards again: its cost grows with the position inside the epoch. The state is
+  the same on every rank apart from the counters, so rank 0's copy can restore every rank.
+- Bad input. `raise` (default) stops at the first problem with a message naming shard, key and
+  field; `skip` drops the sample (or the rest of a broken shard) and counts it. Counters travel
+  with the batches from the worker processes, so `counters()` is right with any number of workers.
+- Over-long samples are rejected by default (`overlong="reject"`, handled by the bad-input policy):
+  cutting one would leave an image block without its last rows and `<image end>`, or an mmu sample
+  without its answer, i.e. train on a layout the model never sees at inference. `truncate` is
+  there for plain text, where a cut is harmless.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.layout import TASKS, make_labels
+from data.packing import RowBuilder, estimate_rows_per_sample, make_batch
+from data.validate import (SHARD_REASONS, BadInputError, bad, check_sample, load_manifest,
+                           read_shard, validate_shards)
+from model.config import VocabLayout
+
+# Seed-sequence tags, so the shard order, the shuffle buffer and the schedule never share a stream.
+_SHARD_ORDER, _BUFFER, _SCHEDULE = 1, 2, 3
+_STATE_VERSION = 1
+_PASS_END = object()  # marks the end of one pass in a task's sample stream
+
+
+@dataclass
+class LoaderConfig:
+    """Where the shards are and how they become micro-batches (the `data:` section of a run)."""
+
+    dataset_dir: str | None = None
+    """Directory holding manifest.json and the shards; exclusive with `shards`."""
+    split: str = "train"
+    """Split of the manifest to read."""
+    shards: dict[str, str | list[str]] | None = None
+    """Task -> brace-expanded shard URLs ("/data/t2i-{000000..000127}.tar", "https://..."), instead of a
+    manifest. Needs `batches_per_epoch` (no sample counts) and the vocabulary layout passed to the loader."""
+    tokenizer_sha256: str | None = None
+    """With `shards`: hash every sample's json must carry (None: not checked). The manifest's otherwise."""
+    tasks: dict[str, float] = field(default_factory=lambda: {"t2i": 1.0, "mmu": 1.0, "lm": 0.2})
+    """Task -> passes over its data per epoch (1.0 = every sample once, 0.2 = a fifth)."""
+    seq_len: int = 4096
+    """Tokens per row; every micro-batch is [micro_batch_size, seq_len]."""
+    micro_batch_size: int = 1
+    """Rows per micro-batch (per rank, per step of gradient accumulation)."""
+    pack: bool = True
+    """Concatenate whole same-task samples into rows (True) or pad one sample per row (False)."""
+    overlong: str = "reject"
+    """Sample longer than seq_len: reject (a bad input, see bad_input) or truncate (plain text only
+    survives a cut intact; see the module docstring)."""
+    shuffle_buffer: int = 1000
+    """Samples held per task stream for shuffling; 0 or 1 keeps shard order."""
+    seed: int = 0
+    """Seeds shard order, shuffle buffers and the task schedule; same on every rank."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 reads in the training process."""
+    bad_input: str = "raise"
+    """raise: stop at the first bad shard or sample; skip: drop it and count it in counters()."""
+    allow_pipe: bool = False
+    """Allow `pipe:` shard URLs, which run a shell command; only for trusted configs."""
+    image_structural_in_loss: bool = False
+    """Also supervise EOL/EOF/<image end> of t2i image blocks (Emu3 leaves them out, Emu3 #53)."""
+    batches_per_epoch: int | None = None
+    """Micro-batches per rank per epoch; None derives it from the manifest's sample counts and weights."""
+    validate_on_start: bool = True
+    """Check every shard's first sample when the loader is built (tokenizer, task, vocabulary, tar)."""
+
+    def __post_init__(self) -> None:
+        if (self.dataset_dir is None) == (self.shards is None):
+            raise ValueError("data: set exactly one of data.dataset_dir and data.shards")
+        if not isinstance(self.tasks, Mapping) or not self.tasks:
+            raise ValueError(f"data.tasks must map task -> weight, got {self.tasks!r}")
+        for task, w in self.tasks.items():
+            if task not in TASKS:
+                raise ValueError(f"data.tasks names {task!r}, not one of {TASKS}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w > 0 and math.isfinite(w)):
+                raise ValueError(f"data.tasks.{task} must be a positive number, got {w!r}")
+        for name, lo in (("seq_len", 2), ("micro_batch_size", 1), ("shuffle_buffer", 0), ("seed", 0),
+                         ("num_workers", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"data.{name} must be an integer >= {lo}, got {v!r}")
+        if self.batches_per_epoch is not None and (
+                isinstance(self.batches_per_epoch, bool) or not isinstance(self.batches_per_epoch, int)
+                or self.batches_per_epoch < 1):
+            raise ValueError(f"data.batches_per_epoch must be a positive integer or null, got {self.batches_per_epoch!r}")
+        if self.bad_input not in ("raise", "skip"):
+            raise ValueError(f"data.bad_input must be 'raise' or 'skip', got {self.bad_input!r}")
+        if self.overlong not in ("reject", "truncate"):
+            raise ValueError(f"data.overlong must be 'reject' or 'truncate', got {self.overlong!r}")
+        if self.shards is not None:
+            if not isinstance(self.shards, Mapping):
+                raise ValueError(f"data.shards must map task -> shard URLs, got {self.shards!r}")
+            for task in self.tasks:
+                if task not in self.shards:
+                    raise ValueError(f"data.shards has no entry for task {task!r} named in data.tasks")
+            self.shards = {t: expand_urls(spec, self.allow_pipe, f"data.shards.{t}") for t, spec in self.shards.items()}
+            if self.batches_per_epoch is None:
+                raise ValueError("data.batches_per_epoch is required with data.shards (no manifest sample counts)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoaderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"data.{unknown[0]} is not a known field; known fields: {sorted(names)}")
+        return cls(**dict(d))
+
+
+def expand_urls(spec: str | list[str], allow_pipe: bool, where: str) -> list[str]:
+    """Brace-expand shard URLs; refuse `pipe:` (a shell command) unless allowed."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not items or not all(isinstance(s, str) and s for s in items):
+        raise ValueError(f"{where} must be a non-empty string or list of strings, got {spec!r}")
+    urls = [u for s in items for u in braceexpand.braceexpand(s)]
+    for u in urls:
+        if u.startswith("pipe:") and not allow_pipe:
+            raise ValueError(f"{where}: {u!r} is a pipe: URL, which runs a shell command; "
+                             "set data.allow_pipe: true only for trusted configs")
+    return urls
+
+
+# ----- the plan every worker shares --------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs, fixed at construction and identical on every rank."""
+
+    cfg: LoaderConfig
+    layout: VocabLayout
+    tokenizer_sha256: str | None
+    shards: dict[str, list[str]]       # task -> usable shards
+    task_ids: dict[str, int]           # task -> index in the model's task list
+    rank: int
+    world_size: int
+    quota: dict[str, float]            # task -> share of a slot's micro-batches
+    batches_per_epoch: int             # per rank
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.cfg.num_workers)
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.workers
+
+    def worker_batches(self, role: int) -> int:
+        """Micro-batches worker `role` yields per epoch: its share of the rank's round robin."""
+        return len(range(role, self.batches_per_epoch, self.workers))
+
+    def schedule(self, epoch: int, role: int) -> list[str]:
+        """The task of each micro-batch worker `role` of this rank yields in `epoch`."""
+        n = self.worker_batches(role)
+        counts = _apportion(n, self.quota)
+        seq = [t for t in self.quota for _ in range(counts[t])]
+        slot = self.rank * self.workers + role
+        order = _rng(self.cfg.seed, epoch, _SCHEDULE, slot).permutation(len(seq))
+        return [seq[i] for i in order]
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+def _apportion(n: int, shares: Mapping[str, float]) -> dict[str, int]:
+    """Split n micro-batches over tasks in proportion to shares (largest remainder, ties by order)."""
+    total = sum(shares.values())
+    exact = {t: n * s / total for t, s in shares.items()}
+    counts = {t: int(math.floor(x)) for t, x in exact.items()}
+    rest = sorted(shares, key=lambda t: (-(exact[t] - counts[t]), list(shares).index(t)))
+    for t in rest[: n - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
+# ----- one worker's stream ------------------------------------------------------------------------------
+class _Counters:
+    """Skip counts of one worker since the start of the epoch (replayed batches included)."""
+
+    def __init__(self) -> None:
+        self.c: collections.Counter[str] = collections.Counter()
+
+    def skip(self, e: BadInputError) -> None:
+        kind = "skipped_shards" if e.reason in SHARD_REASONS else "skipped_samples"
+        self.c[kind] += 1
+        self.c[f"{kind}/{e.reason}"] += 1
+
+
+def _task_samples(plan: _Plan, task: str, epoch: int, slot: int, counters: _Counters
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+    """Endless (ids, labels, key) of `task` for one slot: pass after pass over its shard share."""
+    cfg, shards = plan.cfg, plan.shards[task]
+    ti = TASKS.index(task)
+    for pass_idx in range(1 << 62):
+        order = _rng(cfg.seed, epoch, _SHARD_ORDER, ti, pass_idx).permutation(len(shards))
+        good = 0
+        for i in order[slot::plan.slots]:
+            url = shards[i]
+            try:
+                for raw in read_shard(url):
+                    try:
+                        ids, meta = check_sample(raw, shard=url, task=task, layout=plan.layout,
+                                                 tokenizer_sha256=plan.tokenizer_sha256)
+                        if len(ids) > cfg.seq_len and cfg.overlong == "reject":
+                            raise bad("overlong", url, raw.get("__key__"), "ids.npy",
+                                      f"length {len(ids)} > data.seq_len {cfg.seq_len} (data.overlong: reject)")
+                        labels = make_labels(ids, task, meta, plan.layout, cfg.image_structural_in_loss,
+                                             key=raw.get("__key__"))
+                    except BadInputError as e:
+                        if cfg.bad_input == "raise":
+                            raise
+                        counters.skip(e)
+                        continue
+                    except ValueError as e:  # make_labels found what check_sample let through
+                        err = bad("bad_field", url, raw.get("__key__"), "ids.npy", str(e))
+                        if cfg.bad_input == "raise":
+                            raise err from e
+                        counters.skip(err)
+                        continue
+                    good += 1
+                    yield ids[: cfg.seq_len], labels[: cfg.seq_len], raw["__key__"]
+            except BadInputError as e:  # the shard itself (read_shard) failed
+                if cfg.bad_input == "raise" or e.reason not in SHARD_REASONS:
+                    raise
+                counters.skip(e)
+        yield _PASS_END
+        if good == 0:
+            # Without this a slot whose every shard is bad would spin forever under skip.
+            raise ValueError(f"task {task}: reader slot {slot} found no usable sample in a whole pass over "
+                             f"its {len(order[slot::plan.slots])} shards (data.bad_input: skip hid them all)")
+
+
+def _shuffled(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Shuffle buffer (webdataset's `shuffle`, with our own seeded generator) drained at every pass end.
+
+    Draining at `_PASS_END` keeps passes apart: a pass's samples all come out before the next pass's
+    first one, so with evenly split data an epoch is exactly one pass, and a pass never loses a
+    sample to read-ahead.
+    """
+    buf: list = []
+    for s in samples:
+        if s is _PASS_END:
+            rng.shuffle(buf)
+            yield from buf
+            buf = []
+        elif size <= 1:
+            yield s
+        elif len(buf) < size:
+            buf.append(s)
+        else:
+            i = int(rng.integers(size))
+            yield buf[i]
+            buf[i] = s
+
+
+class _TaskBatches:
+    """Endless micro-batches (lists of rows) of one task for one slot."""
+
+    def __init__(self, plan: _Plan, task: str, epoch: int, slot: int, counters: _Counters) -> None:
+        samples = _task_samples(plan, task, epoch, slot, counters)
+        rng = _rng(plan.cfg.seed, epoch, _BUFFER, TASKS.index(task), slot)
+        self._samples = _shuffled(samples, plan.cfg.shuffle_buffer, rng)
+        self._rows = RowBuilder(plan.cfg.seq_len, plan.cfg.pack)
+        self._ready: collections.deque = collections.deque()
+        self._b = plan.cfg.micro_batch_size
+
+    def next(self) -> list:
+        while len(self._ready) < self._b:
+            ids, labels, key = next(self._samples)
+            self._ready.extend(self._rows.add(ids, labels, key))
+        return [self._ready.popleft() for _ in range(self._b)]
+
+
+class _EpochDataset(IterableDataset):
+    """One rank's epoch from micro-batch `start` on; each DataLoader worker plays one worker role."""
+
+    def __init__(self, plan: _Plan, epoch: int, start: int) -> None:
+        super().__init__()
+        self.plan, self.epoch, self.start = plan, epoch, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        j = info.id if info is not None else 0
+        plan = self.plan
+        w = plan.workers
+        # A fresh DataLoader starts its round robin at worker 0, so DataLoader worker j must play the
+        # role whose next micro-batch is the rank's micro-batch `start + j`.
+        role = (self.start + j) % w
+        skip = len(range(role, self.start, w))
+        slot = plan.rank * w + role
+        counters = _Counters()
+        streams: dict[str, _TaskBatches] = {}
+        for n, task in enumerate(plan.schedule(self.epoch, role)):
+            if task not in streams:
+                streams[task] = _TaskBatches(plan, task, self.epoch, slot, counters)
+            rows = streams[task].next()
+            if n < skip:
+                continue  # replaying up to the resume point: read, but build no tensors
+            batch = make_batch(rows, plan.cfg.seq_len, plan.layout.pad_id, plan.task_ids[task])
+            keys = [list(r.keys) for r in rows]
+            yield batch, role, dict(counters.c), keys
+
+
+# ----- the loader --------------------------------------------------------------------------------------
+class UnimodLoader:
+    """Iterable over one epoch of micro-batches per `iter()`; resumable; see the module docstring."""
+
+    def __init__(self, config: LoaderConfig, tasks: list[str], rank: int = 0, world_size: int = 1,
+                 layout: VocabLayout | None = None) -> None:
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank={rank} world_size={world_size}")
+        missing = [t for t in config.tasks if t not in tasks]
+        if missing:
+            raise ValueError(f"data.tasks names {missing[0]!r}, which is not in the model's task list {list(tasks)}")
+        self.config = config
+        cfg = config
+
+        samples: dict[str, int] | None = None
+        if cfg.dataset_dir is not None:
+            manifest = load_manifest(cfg.dataset_dir)
+            if cfg.split not in manifest.shards:
+                raise ValueError(f"data.split {cfg.split!r} is not in {cfg.dataset_dir}/manifest.json "
+                                 f"(splits: {sorted(manifest.shards)})")
+            if layout is not None and layout != manifest.vocab:
+                raise ValueError(f"{cfg.dataset_dir}/manifest.json field vocab {manifest.vocab.to_dict()} differs "
+                                 f"from the model's vocab {layout.to_dict()}: the ids would mean other tokens")
+            layout, sha = manifest.vocab, manifest.tokenizer_sha256
+            by_task = manifest.shards[cfg.split]
+            for t in cfg.tasks:
+                if t not in by_task:
+                    raise ValueError(f"data.tasks names {t!r} but split {cfg.split!r} of "
+                                     f"{cfg.dataset_dir}/manifest.json has no {t} shards")
+            shards = {t: list(by_task[t]) for t in cfg.tasks}
+            samples = {t: manifest.samples[cfg.split].get(t, 0) for t in cfg.tasks}
+        else:
+            if layout is None:
+                raise ValueError("data.shards without a manifest: pass the model's VocabLayout as layout=")
+            sha = cfg.tokenizer_sha256
+            shards = {t: list(cfg.shards[t]) for t in cfg.tasks}
+
+        self._start_counters: collections.Counter[str] = collections.Counter()
+        if cfg.validate_on_start:
+            report = validate_shards(shards, layout=layout, tokenizer_sha256=sha, bad_input=cfg.bad_input)
+            shards = report.usable
+            for e in report.skipped:
+                self._start_counters["skipped_shards"] += 1
+                self._start_counters[f"skipped_shards/{e.reason}"] += 1
+
+        slots = world_size * max(1, cfg.num_workers)
+        for t, urls in shards.items():
+            if len(urls) < slots:
+                raise ValueError(
+                    f"task {t} has {len(urls)} usable shards but {world_size} ranks x {max(1, cfg.num_workers)} "
+                    f"workers = {slots} readers each need at least one (a reader without data hangs DDP); "
+                    f"write more, smaller shards or lower data.num_workers")
+
+        # Rows one pass over each task's data fills, per slot; the quota of a task is weight x that.
+        rows_per_sample = {t: estimate_rows_per_sample(_first_lengths(shards[t][0]), cfg.seq_len, cfg.pack)
+                           for t in cfg.tasks} if cfg.pack else {t: 1.0 for t in cfg.tasks}
+        if samples is not None:
+            per_slot = {t: cfg.tasks[t] * samples[t] * rows_per_sample[t] / (slots * cfg.micro_batch_size)
+                        for t in cfg.tasks}
+            quota = {t: max(1.0, float(round(x))) for t, x in per_slot.items()}
+        else:
+            quota = {t: float(cfg.tasks[t]) for t in cfg.tasks}
+        if cfg.batches_per_epoch is not None:
+            total = cfg.batches_per_epoch
+        else:
+            total = int(sum(quota.values())) * max(1, cfg.num_workers)
+
+        self._plan = _Plan(cfg=cfg, layout=layout, tokenizer_sha256=sha, shards=shards,
+                           task_ids={t: list(tasks).index(t) for t in cfg.tasks}, rank=rank,
+                           world_size=world_size, quota=quota, batches_per_epoch=total)
+        self._epoch = 0
+        self._consumed = 0
+        self._done_counters: collections.Counter[str] = collections.Counter()  # finished epochs
+        self._worker_counters: dict[int, dict[str, int]] = {}                   # this epoch, per role
+        self.last_keys: list[list[str]] = []
+        """Sample keys of each row of the last micro-batch yielded (logging, debugging, tests)."""
+
+    # -- iteration
+    def __len__(self) -> int:
+        return self._plan.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def layout(self) -> VocabLayout:
+        return self._plan.layout
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first micro-batch on the next `iter()`."""
+        self._fold_counters()
+        self._epoch, self._consumed = int(epoch), 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._consumed >= len(self):
+            self.set_epoch(self._epoch + 1)
+        ds = _EpochDataset(self._plan, self._epoch, self._consumed)
+        dl = DataLoader(ds, batch_size=None, num_workers=self.config.num_workers)
+        for batch, role, counters, keys in dl:
+            self._worker_counters[role] = counters
+            self._consumed += 1
+            self.last_keys = keys
+            yield batch
+        if self._consumed != len(self):
+            raise RuntimeError(f"epoch {self._epoch} ended after {self._consumed} of {len(self)} micro-batches")
+        self.set_epoch(self._epoch + 1)
+
+    # -- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Position (epoch, micro-batches taken this epoch), counters, and what must match on load."""
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self._epoch,
+            "consumed": self._consumed,
+            "done_counters": dict(self._done_counters),
+            "worker_counters": {str(k): dict(v) for k, v in self._worker_counters.items()},
+            "fingerprint": self._fingerprint(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {_STATE_VERSION}")
+        mine = self._fingerprint()
+        for k, v in mine.items():
+            if state["fingerprint"].get(k) != v:
+                raise ValueError(f"loader state was saved with {k}={state['fingerprint'].get(k)!r} but this run has "
+                                 f"{k}={v!r}; the batch order would differ, so exact resume is impossible")
+        if not 0 <= int(state["consumed"]) <= len(self):
+            raise ValueError(f"loader state consumed={state['consumed']} is outside [0, {len(self)}]")
+        self._epoch, self._consumed = int(state["epoch"]), int(state["consumed"])
+        self._done_counters = collections.Counter(state["done_counters"])
+        self._worker_counters = {int(k): dict(v) for k, v in state["worker_counters"].items()}
+
+    def _fingerprint(self) -> dict[str, Any]:
+        p, c = self._plan, self.config
+        return {"seed": c.seed, "world_size": p.world_size, "workers": p.workers, "seq_len": c.seq_len,
+                "micro_batch_size": c.micro_batch_size, "pack": c.pack, "shuffle_buffer": c.shuffle_buffer,
+                "tasks": dict(c.tasks), "batches_per_epoch": p.batches_per_epoch, "overlong": c.overlong,
+                "num_shards": {t: len(u) for t, u in p.shards.items()}}
+
+    # -- counters
+    def _fold_counters(self) -> None:
+        for c in self._worker_counters.values():
+            self._done_counters.update(c)
+        self._worker_counters = {}
+
+    def counters(self) -> dict[str, int]:
+        """{"skipped_samples": n, "skipped_shards": n, "skipped_samples/<reason>": n, ...} on this rank."""
+        total = collections.Counter({"skipped_samples": 0, "skipped_shards": 0})
+        total.update(self._start_counters)
+        total.update(self._done_counters)
+        for c in self._worker_counters.values():
+            total.update(c)
+        return dict(total)
+
+
+def _first_lengths(url: str, limit: int = 256) -> list[int]:
+    """Token counts of up to `limit` samples at the start of a shard (packing-ratio estimate only)."""
+    out: list[int] = []
+    try:
+        for raw in read_shard(url):
+            try:
+                out.append(int(np.load(io.BytesIO(raw["ids.npy"]), allow_pickle=False).shape[0]))
+            except Exception:
+                continue  # bad samples are the stream's business; the estimate just leaves them out
+            if len(out) >= limit:
+                break
+    except BadInputError:
+        pass
+    return out

@@ -1,0 +1,101 @@
+"""Fixed-shape rows and micro-batches from variable-length samples of one task.
+
+Two modes, chosen by `LoaderConfig.pack`:
+
+- packing: whole samples are concatenated into a row in stream order while they fit (next-fit);
+  the sample that does not fit closes the row, whose remainder is padded, and opens the next row.
+  Samples are never split across rows, so every label still predicts a token of its own sample.
+  Emu3's fine-tuning pads every sample to the full length instead, which wastes compute on short
+  samples (pitfalls.md); packing same-task samples avoids it.
+- padding: one sample per row, right-padded (Emu3 trains with right padding).
+
+Padding uses `pad_id` in the inputs and -100 in the labels. Position ids run 0..S-1 over the whole
+row (the micro-batch contract); a packed sample therefore attends to the samples before it in its
+row, as in GPT-style packed pre-training. Every micro-batch is [B, S] so pipeline stages can
+exchange fixed shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from data.layout import IGNORE_INDEX
+
+
+@dataclass
+class Row:
+    """One row of a micro-batch before padding."""
+
+    ids: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    length: int = 0
+
+
+class RowBuilder:
+    """Turns a stream of (ids, labels, key) samples of one task into full rows of `seq_len`."""
+
+    def __init__(self, seq_len: int, pack: bool) -> None:
+        self.seq_len = seq_len
+        self.pack = pack
+        self._open = Row()
+
+    @property
+    def open_length(self) -> int:
+        """Tokens in the row being filled."""
+        return self._open.length
+
+    def add(self, ids: np.ndarray, labels: np.ndarray, key: str) -> list[Row]:
+        """Add one sample (len <= seq_len); returns the rows this closed (zero, one or two)."""
+        n = len(ids)
+        assert 0 < n <= self.seq_len and len(labels) == n, (n, self.seq_len, len(labels))
+        done: list[Row] = []
+        if self._open.length and (not self.pack or self._open.length + n > self.seq_len):
+            done.append(self._open)
+            self._open = Row()
+        self._open.ids.append(ids)
+        self._open.labels.append(labels)
+        self._open.keys.append(key)
+        self._open.length += n
+        if not self.pack or self._open.length == self.seq_len:
+            done.append(self._open)
+            self._open = Row()
+        return done
+
+
+def rows_to_arrays(rows: list[Row], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int64 [B, S], labels int64 [B, S]) with pad_id / -100 after each row's samples."""
+    ids_BS = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    labels_BS = np.full((len(rows), seq_len), IGNORE_INDEX, dtype=np.int64)
+    for b, row in enumerate(rows):
+        ids_BS[b, :row.length] = np.concatenate(row.ids)
+        labels_BS[b, :row.length] = np.concatenate(row.labels)
+    return ids_BS, labels_BS
+
+
+def make_batch(rows: list[Row], seq_len: int, pad_id: int, task_id: int) -> dict[str, torch.Tensor]:
+    """The micro-batch contract: input_ids, labels, position_ids [B, S] and task_ids [B], all int64."""
+    ids_BS, labels_BS = rows_to_arrays(rows, seq_len, pad_id)
+    b = len(rows)
+    return {
+        "input_ids": torch.from_numpy(ids_BS),
+        "labels": torch.from_numpy(labels_BS),
+        "task_ids": torch.full((b,), task_id, dtype=torch.long),
+        "position_ids": torch.arange(seq_len, dtype=torch.long).unsqueeze(0).expand(b, seq_len).contiguous(),
+    }
+
+
+def estimate_rows_per_sample(lengths: list[int], seq_len: int, pack: bool) -> float:
+    """Rows the builder makes per sample on a stream with these lengths (1.0 when padding)."""
+    if not pack or not lengths:
+        return 1.0
+    builder = RowBuilder(seq_len, pack=True)
+    rows = 0
+    for n in lengths:
+        n = min(n, seq_len)
+        rows += len(builder.add(np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int64), ""))
+    rows += 1 if builder.open_length else 0
+    return rows / len(lengths)

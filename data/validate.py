@@ -1,0 +1,330 @@
+"""Checks of shard datasets against the shard contract: manifest, shards, and every sample.
+
+The loader (`data/loader.py`) calls `check_sample` on every sample it reads and `validate_shards`
+on every shard before training starts, so a bad dataset fails (or, under the `skip` policy, is
+pruned) before the first step instead of hours in. `validate_dataset(dir)` runs the same start-up
+checks from the command line or a notebook:
+
+    python -m data.validate /path/to/dataset [--split train]
+
+Every problem is a `BadInputError` whose message names the shard, the sample key and the field, and
+whose `reason` is one of `REASONS` (the loader's skip counters are keyed by it). Shard names in a
+manifest must be plain relative paths: a manifest is data, and data must never choose a shell
+command (`pipe:`) or a file outside the dataset directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import webdataset as wds
+
+from data.layout import TASKS, parse_image_block
+from model.config import VocabLayout
+
+MANIFEST_FORMAT = "unimod-shards-v1"
+
+REASONS = (
+    "unreadable_shard",    # not a tar, or a tar cut short in the middle of a member
+    "empty_shard",         # a shard with no sample at all
+    "missing_field",       # ids.npy, json, or a required json key is absent
+    "bad_field",           # a field that does not parse or breaks the layout (bos/eos, answer_start)
+    "out_of_vocab",        # a token id outside [0, vocab.visual_end)
+    "image_grid",          # the image block's rows/EOL structure disagrees with json image_hw
+    "tokenizer_mismatch",  # written with another text tokenizer than the manifest names
+    "task_mismatch",       # a sample of another task inside a shard of this task
+    "overlong",            # longer than seq_len while the loader rejects over-long samples
+)
+"""Kinds of bad input; keys of the loader's `skipped_*/<reason>` counters."""
+
+SHARD_REASONS = ("unreadable_shard", "empty_shard")
+"""Reasons that concern the shard file itself; the others concern one sample."""
+
+WHOLE_SHARD_REASONS = SHARD_REASONS + ("tokenizer_mismatch", "task_mismatch")
+"""Found in a shard's first sample, these condemn the whole shard: a shard is written in one go, by
+one tokenizer, for one task. Any other first-sample problem only drops that sample."""
+
+
+class BadInputError(ValueError):
+    """A shard or sample that breaks the contract; the message names shard, key and field.
+
+    The structured attributes are for code in this process; across DataLoader worker processes
+    PyTorch re-raises only the type and the message, so the message alone must be enough.
+    """
+
+    def __init__(self, message: str, *, shard: str | None = None, key: str | None = None,
+                 field: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.shard, self.key, self.field, self.reason = shard, key, field, reason
+
+
+def bad(reason: str, shard: str, key: str | None, fld: str, detail: str) -> BadInputError:
+    """Build the one message format every check uses: shard, key, field, then what is wrong."""
+    assert reason in REASONS, reason
+    return BadInputError(f"{reason}: shard {shard}: key {key!r}: field {fld}: {detail}",
+                         shard=shard, key=key, field=fld, reason=reason)
+
+
+# ----- manifest --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Manifest:
+    """The parts of `manifest.json` the loader needs, with shard names resolved to paths."""
+
+    root: str
+    """Dataset directory (shard paths below are joined onto it)."""
+    vocab: VocabLayout
+    """Vocabulary layout the token ids were written in."""
+    tokenizer_sha256: str
+    """Hash of the text tokenizer every sample must carry in its json."""
+    shards: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    """split -> task -> shard paths."""
+    samples: dict[str, dict[str, int]] = field(default_factory=dict)
+    """split -> task -> number of samples the writer put in the split."""
+
+
+def load_manifest(dataset_dir: str) -> Manifest:
+    """Read and check `<dataset_dir>/manifest.json`; errors name the file and the field."""
+    path = os.path.join(dataset_dir, "manifest.json")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no manifest.json in dataset directory {dataset_dir!r}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: field format must be {MANIFEST_FORMAT!r}, got {_get(doc, 'format')!r}")
+    try:
+        vocab = VocabLayout(**doc["vocab"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: field vocab is not a valid VocabLayout: {e}") from None
+    sha = _get(_get(doc, "tokenizer"), "sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ValueError(f"{path}: field tokenizer.sha256 must be a 64-digit hex string, got {sha!r}")
+    splits = doc.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise ValueError(f"{path}: field splits must be a non-empty mapping, got {splits!r}")
+    shards: dict[str, dict[str, list[str]]] = {}
+    samples: dict[str, dict[str, int]] = {}
+    for split, body in splits.items():
+        where = f"{path}: field splits.{split}"
+        per_task = _get(body, "shards")
+        if not isinstance(per_task, dict):
+            raise ValueError(f"{where}.shards must map task -> list of shard names, got {per_task!r}")
+        shards[split] = {}
+        for task, names in per_task.items():
+            if task not in TASKS:
+                raise ValueError(f"{where}.shards names task {task!r}, not one of {TASKS}")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{where}.shards.{task} must be a list of shard names")
+            shards[split][task] = [_shard_path(dataset_dir, n, f"{where}.shards.{task}") for n in names]
+        counts = _get(body, "samples") or {}
+        if not isinstance(counts, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
+            raise ValueError(f"{where}.samples must map task -> non-negative int, got {counts!r}")
+        samples[split] = dict(counts)
+    return Manifest(root=dataset_dir, vocab=vocab, tokenizer_sha256=sha, shards=shards, samples=samples)
+
+
+def _get(d: Any, key: str) -> Any:
+    return d.get(key) if isinstance(d, dict) else None
+
+
+def _shard_path(root: str, name: str, where: str) -> str:
+    # A manifest is data: a URL, an absolute path or ".." would let it pick what gets opened or run.
+    if not name or ":" in name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{where}: shard name {name!r} must be a plain path relative to the dataset directory")
+    return os.path.join(root, name)
+
+
+# ----- shards ----------------------------------------------------------------------------------------
+def read_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Raw webdataset samples ({"__key__", "ids.npy": bytes, "json": bytes, ...}) of one shard.
+
+    A broken tar becomes a `BadInputError` naming the shard and the last sample read whole; a shard
+    that holds no sample raises `empty_shard` after the iteration.
+    """
+    last_key: str | None = None
+    n = 0
+    try:
+        for raw in wds.tarfile_samples([{"url": url}]):
+            n += 1
+            last_key = raw.get("__key__")
+            yield raw
+    except Exception as e:  # tarfile.TarError, OSError, and whatever a remote stream raises
+        raise _tar_error(url, last_key, e) from e
+    if n == 0:
+        raise bad("empty_shard", url, None, "tar", "the shard holds no sample")
+
+
+def _tar_error(url: str, last_key: str | None, e: Exception) -> BadInputError:
+    text = str(e.args[0]) if e.args else type(e).__name__
+    if "empty file" in text:
+        return bad("empty_shard", url, None, "tar", "the file is empty")
+    after = f"after sample {last_key!r}" if last_key is not None else "before the first sample"
+    return bad("unreadable_shard", url, last_key, "tar",
+               f"not a readable tar ({type(e).__name__}: {text}); reading stopped {after}")
+
+
+# ----- samples ---------------------------------------------------------------------------------------
+def check_sample(raw: Mapping[str, Any], *, shard: str, task: str, layout: VocabLayout,
+                 tokenizer_sha256: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode and check one raw sample of a `task` shard; returns (ids int32 [L], json meta).
+
+    `tokenizer_sha256=None` skips the tokenizer check (explicit shard lists without a manifest).
+    """
+    key = raw.get("__key__")
+    for name in ("ids.npy", "json"):
+        if name not in raw:
+            raise bad("missing_field", shard, key, name, f"absent (sample has {sorted(k for k in raw if not k.startswith('__'))})")
+    try:
+        # allow_pickle=False: a pickled object array in a shard must never run code here.
+        ids = np.load(io.BytesIO(raw["ids.npy"]), allow_pickle=False)
+    except Exception as e:
+        raise bad("bad_field", shard, key, "ids.npy", f"not a .npy array: {e}") from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) < 2:
+        raise bad("bad_field", shard, key, "ids.npy",
+                  f"must be a 1-D integer array of length >= 2, got dtype {ids.dtype} shape {ids.shape}")
+    try:
+        meta = json.loads(raw["json"])
+    except Exception as e:
+        raise bad("bad_field", shard, key, "json", f"not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise bad("bad_field", shard, key, "json", f"must be an object, got {type(meta).__name__}")
+    for name in ("task", "tokenizer_sha256"):
+        if name not in meta:
+            raise bad("missing_field", shard, key, f"json.{name}", "absent")
+    if meta["task"] != task:
+        raise bad("task_mismatch", shard, key, "json.task", f"is {meta['task']!r} inside a {task!r} shard")
+    if tokenizer_sha256 is not None and meta["tokenizer_sha256"] != tokenizer_sha256:
+        raise bad("tokenizer_mismatch", shard, key, "json.tokenizer_sha256",
+                  f"{str(meta['tokenizer_sha256'])[:12]}... differs from the manifest's {tokenizer_sha256[:12]}...")
+
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= layout.visual_end:
+        pos = int(np.flatnonzero((ids < 0) | (ids >= layout.visual_end))[0])
+        raise bad("out_of_vocab", shard, key, "ids.npy",
+                  f"id {int(ids[pos])} at position {pos} is outside [0, {layout.visual_end})")
+    ids = ids.astype(np.int32, copy=False)
+    if ids[0] != layout.bos_id or ids[-1] != layout.eos_id:
+        raise bad("bad_field", shard, key, "ids.npy",
+                  f"must start with bos_id {layout.bos_id} and end with eos_id {layout.eos_id}, "
+                  f"got {int(ids[0])} ... {int(ids[-1])}")
+
+    if task in ("t2i", "mmu"):
+        _check_image(ids, meta, shard, key, layout)
+    if task == "mmu":
+        start = meta.get("answer_start")
+        if start is None:
+            raise bad("missing_field", shard, key, "json.answer_start", "absent (mmu needs it)")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 < start < len(ids):
+            raise bad("bad_field", shard, key, "json.answer_start",
+                      f"{start!r} is not an index inside the sequence (length {len(ids)})")
+    return ids, meta
+
+
+def _check_image(ids: np.ndarray, meta: dict, shard: str, key: str | None, layout: VocabLayout) -> None:
+    hw = meta.get("image_hw")
+    if hw is None:
+        raise bad("missing_field", shard, key, "json.image_hw", "absent (a sample with an image needs it)")
+    if (not isinstance(hw, list) or len(hw) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)):
+        raise bad("bad_field", shard, key, "json.image_hw", f"must be [h, w] positive ints, got {hw!r}")
+    try:
+        codes_HW, _ = parse_image_block(ids, layout)
+    except ValueError as e:
+        raise bad("image_grid", shard, key, "ids.npy", f"image block does not parse: {e}") from None
+    if list(codes_HW.shape) != hw:
+        raise bad("image_grid", shard, key, "json.image_hw",
+                  f"declares {hw[0]}x{hw[1]} but the rows/EOL structure in ids.npy is "
+                  f"{codes_HW.shape[0]}x{codes_HW.shape[1]}")
+
+
+# ----- start-up validation ----------------------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    """Outcome of checking each shard's first sample."""
+
+    usable: dict[str, list[str]] = field(default_factory=dict)
+    """task -> shards that passed, in the given order."""
+    skipped: list[BadInputError] = field(default_factory=list)
+    """One error per shard left out (only under the skip policy; reasons in WHOLE_SHARD_REASONS)."""
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.skipped:
+            out[e.reason or "unknown"] = out.get(e.reason or "unknown", 0) + 1
+        return out
+
+
+def validate_shards(shards: Mapping[str, list[str]], *, layout: VocabLayout, tokenizer_sha256: str | None,
+                    bad_input: str = "raise") -> ValidationReport:
+    """Open every shard and check its first sample (readable, right task, tokenizer, vocabulary).
+
+    Catches the dataset-wide mistakes (a shard from another tokenizer or vocabulary, a file that is not
+    a tar) before training; damage deeper inside a shard is caught per sample while training.
+    """
+    if bad_input not in ("raise", "skip"):
+        raise ValueError(f"bad_input must be 'raise' or 'skip', got {bad_input!r}")
+    report = ValidationReport()
+    for task, urls in shards.items():
+        report.usable[task] = []
+        for url in urls:
+            try:
+                stream = read_shard(url)
+                try:
+                    raw = next(stream)
+                except StopIteration:  # read_shard raises empty_shard itself; kept for clarity
+                    raise bad("empty_shard", url, None, "tar", "the shard holds no sample") from None
+                finally:
+                    stream.close()
+                check_sample(raw, shard=url, task=task, layout=layout, tokenizer_sha256=tokenizer_sha256)
+            except BadInputError as e:
+                if bad_input == "raise":
+                    raise
+                if e.reason in WHOLE_SHARD_REASONS:
+                    report.skipped.append(e)
+                    continue
+                # A sample-level fault: the stream drops (and counts) that sample when it reaches it.
+            report.usable[task].append(url)
+    return report
+
+
+def validate_dataset(dataset_dir: str, splits: list[str] | None = None, bad_input: str = "raise") -> ValidationReport:
+    """`validate_shards` over every split (or the given ones) of a dataset directory's manifest."""
+    manifest = load_manifest(dataset_dir)
+    merged = ValidationReport()
+    for split in splits or sorted(manifest.shards):
+        if split not in manifest.shards:
+            raise ValueError(f"split {split!r} is not in {dataset_dir}/manifest.json (has {sorted(manifest.shards)})")
+        rep = validate_shards(manifest.shards[split], layout=manifest.vocab,
+                              tokenizer_sha256=manifest.tokenizer_sha256, bad_input=bad_input)
+        for task, urls in rep.usable.items():
+            merged.usable.setdefault(task, []).extend(urls)
+        merged.skipped.extend(rep.skipped)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset_dir")
+    p.add_argument("--split", action="append", help="split to check (repeatable; default: all)")
+    p.add_argument("--skip", action="store_true", help="report every bad shard instead of stopping at the first")
+    args = p.parse_args(argv)
+    rep = validate_dataset(args.dataset_dir, args.split, "skip" if args.skip else "raise")
+    for task, urls in sorted(rep.usable.items()):
+        print(f"{task}: {len(urls)} shards ok")
+    for e in rep.skipped:
+        print(f"BAD {e}")
+    return 1 if rep.skipped else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""The training loader: exact epochs over ranks x workers, exact resume, packing and padding.
+
+Ranks are simulated in one process: one `UnimodLoader` per rank with rank=r, world_size=2.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+from data.layout import make_labels
+from data.loader import LoaderConfig, UnimodLoader
+from tests.shard_fixtures import SHA, SMALL, write_dataset
+
+TASKS = ["t2i", "mmu", "lm"]
+
+
+def cfg(root, **kw) -> LoaderConfig:
+    base = dict(dataset_dir=str(root), tasks={"t2i": 1.0, "mmu": 1.0, "lm": 1.0}, seq_len=64,
+                micro_batch_size=2, pack=False, shuffle_buffer=8, seed=3, num_workers=0)
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def run(loader: UnimodLoader, n: int | None = None) -> list[tuple[dict, list[list[str]]]]:
+    """Up to n micro-batches (default: one epoch) with the keys of their rows."""
+    out = []
+    for batch in loader:
+        out.append((batch, loader.last_keys))
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    return root, write_dataset(str(root), shards=8, per_shard=4)
+
+
+def test_epoch_sees_every_sample_once_across_2_ranks_x_2_workers(dataset):
+    root, samples = dataset
+    seen: list[str] = []
+    lengths = []
+    for rank in (0, 1):
+        loader = UnimodLoader(cfg(root, num_workers=2), TASKS, rank=rank, world_size=2)
+        batches = run(loader)
+        lengths.append(len(batches))
+        assert len(batches) == len(loader)
+        for batch, keys in batches:
+            assert batch["input_ids"].shape == (2, 64) and batch["labels"].shape == (2, 64)
+            # Task-homogeneous: the one task id matches every row's sample.
+            task = TASKS[int(batch["task_ids"][0])]
+            assert torch.all(batch["task_ids"] == TASKS.index(task))
+            assert all(samples[k][0] == task for row in keys for k in row)
+            seen.extend(k for row in keys for k in row)
+    assert lengths[0] == lengths[1] == 3 * 4 * 2  # 3 tasks x 4 batches per slot x 2 workers
+    dup = [k for k, c in collections.Counter(seen).items() if c > 1]
+    assert not dup, f"seen twice: {dup[:5]}"
+    assert set(seen) == set(samples), f"never seen: {sorted(set(samples) - set(seen))[:5]}"
+
+
+def test_packing_concatenates_whole_samples_and_pads_the_rest(dataset):
+    root, samples = dataset
+    tasks = ["lm", "mmu", "t2i"]  # task id = index in the model's list, not in TASKS
+    loader = UnimodLoader(cfg(root, pack=True, seq_len=96, micro_batch_size=3), tasks)
+    n_samples_per_row = []
+    for batch, keys in run(loader, 12):
+        task = tasks[int(batch["task_ids"][0])]
+        assert batch["input_ids"].dtype == batch["labels"].dtype == batch["position_ids"].dtype == torch.long
+        assert torch.equal(batch["position_ids"], torch.arange(96).expand(3, 96))
+        for b, row in enumerate(keys):
+            ids = np.concatenate([samples[k][1] for k in row])
+            labels = np.concatenate([make_labels(samples[k][1], task, samples[k][2], SMALL) for k in row])
+            n = len(ids)
+            assert n <= 96
+            assert np.array_equal(batch["input_ids"][b, :n].numpy(), ids)
+            assert np.array_equal(batch["labels"][b, :n].numpy(), labels)
+            assert torch.all(batch["input_ids"][b, n:] == SMALL.pad_id)
+            assert torch.all(batch["labels"][b, n:] == -100)
+            n_samples_per_row.append(len(row))
+    assert max(n_samples_per_row) > 1  # packing really packed
+
+
+def test_padding_puts_one_sample_per_row(dataset):
+    root, samples = dataset
+    loader = UnimodLoader(cfg(root, pack=False, seq_len=80), TASKS)
+    for batch, keys in run(loader, 6):
+        task = TASKS[int(batch["task_ids"][0])]
+        for b, row in enumerate(keys):
+            assert len(row) == 1
+            ids = samples[row[0]][1]
+            n = len(ids)
+            assert np.array_equal(batch["input_ids"][b, :n].numpy(), ids)
+            assert np.array_equal(batch["labels"][b, :n].numpy(), make_labels(ids, task, samples[row[0]][2], SMALL))
+            assert torch.all(batch["input_ids"][b, n:] == SMALL.pad_id) and torch.all(batch["labels"][b, n:] == -100)
+            if task == "t2i":  # only visual ids and the final eos are supervised
+                sup = batch["labels"][b][batch["labels"][b] != -100]
+                assert torch.all((sup >= SMALL.visual_start) | (sup == SMALL.eos_id))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_uninterrupted_batches(dataset, workers):
+    root, _ = dataset
+    c = cfg(root, pack=True, num_workers=workers, micro_batch_size=1, seq_len=64)
+    full = UnimodLoader(c, TASKS)
+    n = len(full)
+    reference = run(full) + run(full, 5)  # one epoch and the start of the next
+    for k in (7, n):  # mid-epoch (odd, so the next batch is worker 1's) and at the epoch boundary
+        first = UnimodLoader(c, TASKS)
+        head = run(first, k)
+        state = first.state_dict()
+        resumed = UnimodLoader(c, TASKS)
+        resumed.load_state_dict(state)
+        tail = (run(resumed) if k < n else []) + run(resumed, 5)
+        got = head + tail
+        assert len(got) == len(reference) == n + 5
+        for i, ((a, ka), (b, kb)) in enumerate(zip(got, reference)):
+            assert ka == kb, f"batch {i} (resumed at {k}) has other samples"
+            for name in ("input_ids", "labels", "task_ids", "position_ids"):
+                assert torch.equal(a[name], b[name]), f"batch {i} field {name} differs after resume at {k}"
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_other_order(dataset):
+    root, _ = dataset
+    keys = lambda c: [k for _, ks in run(UnimodLoader(c, TASKS), 10) for k in ks]  # noqa: E731
+    a, b, c2 = keys(cfg(root)), keys(cfg(root)), keys(cfg(root, seed=4))
+    assert a == b and a != c2
+    loader = UnimodLoader(cfg(root), TASKS)
+    e0 = [k for _, ks in run(loader) for k in ks]
+    e1 = [k for _, ks in run(loader) for k in ks]
+    assert loader.epoch == 2 and sorted(e0) == sorted(e1) and e0 != e1
+
+
+def test_weights_are_passes_per_epoch(dataset):
+    root, samples = dataset
+    loader = UnimodLoader(cfg(root, tasks={"t2i": 1.0, "lm": 0.5}), TASKS)
+    per_task = collections.Counter(TASKS[int(b["task_ids"][0])] for b, _ in run(loader))
+    # 32 samples per task over 1 slot, 2 rows per batch: t2i 16 micro-batches, lm half of that.
+    assert per_task == {"t2i": 16, "lm": 8}
+
+
+def test_overlong_samples_rejected_by_default_truncated_on_request(tmp_path):
+    long_ids = np.concatenate([[SMALL.bos_id], np.arange(100) % 256, [SMALL.eos_id]]).astype(np.int32)
+
+    def sample_fn(task, rng):
+        return long_ids, {"task": task, "tokenizer_sha256": SHA,
+                          "image_hw": None, "answer_start": None, "source": "long"}
+    write_dataset(str(tmp_path), tasks=("lm",), shards=1, per_shard=2, sample_fn=sample_fn)
+    base = dict(tasks={"lm": 1.0}, seq_len=32, shuffle_buffer=0, micro_batch_size=1)
+    with pytest.raises(ValueError, match=r"overlong.*lm-train-000000-0.*ids\.npy.*102 > data.seq_len 32"):
+        run(UnimodLoader(cfg(tmp_path, **base), TASKS), 1)
+    batch, keys = run(UnimodLoader(cfg(tmp_path, overlong="truncate", **base), TASKS), 1)[0]
+    assert np.array_equal(batch["input_ids"][0].numpy(), long_ids[:32])
+    assert batch["labels"][0, 0] == -100 and np.array_equal(batch["labels"][0, 1:].numpy(), long_ids[1:32])
+
+
+def test_explicit_brace_shard_lists(dataset):
+    root, samples = dataset
+    shards = {t: f"{root}/{t}-train-{{000000..000007}}.tar" for t in ("t2i", "lm")}
+    c = LoaderConfig(shards=shards, tasks={"t2i": 1.0, "lm": 1.0}, seq_len=64, micro_batch_size=2, pack=False,
+                     num_workers=0, batches_per_epoch=32, tokenizer_sha256=samples["lm-train-000000-0"][2]["tokenizer_sha256"])
+    assert len(c.shards["t2i"]) == 8
+    seen = [k for _, ks in run(UnimodLoader(c, TASKS, layout=SMALL)) for row in ks for k in row]
+    assert sorted(seen) == sorted(k for k in samples if not k.startswith("mmu"))
+
+
+def test_config_and_setup_errors_name_the_field(dataset):
+    root, _ = dataset
+    with pytest.raises(ValueError, match="data.seq_len"):
+        cfg(root, seq_len=0)
+    with pytest.raises(ValueError, match="data.tasks.lm"):
+        cfg(root, tasks={"lm": -1.0})
+    with pytest.raises(ValueError, match="data.bad_input"):
+        cfg(root, bad_input="ignore")
+    with pytest.raises(ValueError, match="exactly one of data.dataset_dir and data.shards"):
+        LoaderConfig()
+    with pytest.raises(ValueError, match="data.batches_per_epoch is required"):
+        LoaderConfig(shards={"t2i": "a.tar", "mmu": "b.tar", "lm": "c.tar"})
+    with pytest.raises(ValueError, match="not in the model's task list"):
+        UnimodLoader(cfg(root), ["t2i", "mmu"])
+    # 8 shards per task cannot feed 4 ranks x 4 workers: a reader without a shard would hang DDP.
+    with pytest.raises(ValueError, match="8 usable shards but 4 ranks x 4 workers"):
+        UnimodLoader(cfg(root, num_workers=4), TASKS, rank=0, world_size=4)
+    other = SMALL.to_dict() | {"vocab_size": 800}
+    from model.config import VocabLayout
+    with pytest.raises(ValueError, match="field vocab"):
+        UnimodLoader(cfg(root), TASKS, layout=VocabLayout(**other))
+    state = UnimodLoader(cfg(root), TASKS).state_dict()
+    with pytest.raises(ValueError, match="seed=3 but this run has seed=5"):
+        UnimodLoader(cfg(root, seed=5), TASKS).load_state_dict(state)
