@@ -1,0 +1,32 @@
+"""Shared pytest fixtures.
+
+`demo_dataset` (data tests): the embedded digits demo, built once per test session through the
+real CLI (`python -m data.prepare demo`), so every test that needs real shards shares one build.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m <args>` from the repository root, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    """Directory of the demo dataset built with default settings by `python -m data.prepare demo`."""
+    out = tmp_path_factory.mktemp("demo") / "digits"
+    proc = run_module("data.prepare", "demo", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
