@@ -1,0 +1,260 @@
+"""HF Emu3 checkpoint interop: read `Emu3ForCausalLM` / `Emu3ForConditionalGeneration` directories, write
+directories that `transformers.Emu3ForCausalLM.from_pretrained` loads.
+
+Our parameter names already are `Emu3ForCausalLM`'s, so reading is a key-prefix mapping:
+  Emu3ForCausalLM                 model.* , lm_head.weight
+  Emu3ForConditionalGeneration    model.text_model.* , lm_head.weight          (in-memory names)
+                                  text_model.model.* , text_model.lm_head.weight (as saved on disk)
+The vision tokenizer (`vqmodel.*`) is not part of the decoder and is skipped.
+
+What HF's config cannot express (the vocabulary layout beyond bos/eos/pad, the MoD plan) is written beside
+it as `unimod_config.json`, and MoD router banks as `mod_routers.safetensors`, so the HF directory stays a
+clean Emu3ForCausalLM checkpoint. Weights load with safetensors (or `torch.load(weights_only=True)`
+for legacy .bin files): nothing from a checkpoint is executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from model.config import ModelConfig, MoDConfig, VocabLayout
+
+UNIMOD_CONFIG = "unimod_config.json"
+ROUTERS_FILE = "mod_routers.safetensors"
+
+# Emu3's token names for the structural ids (the tokenizer's vocabulary_map uses these strings).
+_EMU3_TOKEN_NAMES = {
+    "pad_id": "<|endoftext|>",
+    "bos_id": "<|extra_203|>",
+    "eos_id": "<|extra_204|>",
+    "boi_id": "<|image start|>",
+    "eoi_id": "<|image end|>",
+    "img_id": "<|image token|>",
+    "eol_id": "<|extra_200|>",
+    "eof_id": "<|extra_201|>",
+}
+_VISUAL_PREFIX = "<|visual token "
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not found; expected an HF Emu3 checkpoint directory") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def layout_from_vocabulary_map(vmap: Mapping[str, int], vocab_size: int) -> VocabLayout:
+    """Emu3ForConditionalGeneration stores the tokenizer's vocabulary; derive our layout from it."""
+    missing = [tok for tok in _EMU3_TOKEN_NAMES.values() if tok not in vmap]
+    if missing:
+        raise ValueError(f"vocabulary_map lacks Emu3 structural token(s) {missing}")
+    visual = sorted(i for tok, i in vmap.items() if tok.startswith(_VISUAL_PREFIX))
+    if not visual or visual != list(range(visual[0], visual[0] + len(visual))):
+        raise ValueError("vocabulary_map: visual tokens '<|visual token NNNNNN|>' are missing or not contiguous")
+    ids = {name: int(vmap[tok]) for name, tok in _EMU3_TOKEN_NAMES.items()}
+    return VocabLayout(text_size=ids["pad_id"], visual_start=visual[0], visual_size=len(visual),
+                       vocab_size=vocab_size, **ids)
+
+
+def config_from_hf(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """Read `config.json` (+ `unimod_config.json` if present) -> (ModelConfig kwargs, architecture)."""
+    path = Path(path)
+    raw = _read_json(path / "config.json")
+    model_type = raw.get("model_type")
+    if model_type == "emu3":
+        text = raw.get("text_config") or {}
+        arch = "Emu3ForConditionalGeneration"
+    elif model_type in ("emu3_text_model", "llama"):
+        text, arch = raw, "Emu3ForCausalLM"
+    else:
+        raise ValueError(f"{path}/config.json: model_type {model_type!r} is not an Emu3 checkpoint "
+                         "(expected 'emu3' or 'emu3_text_model')")
+    if text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False)):
+        raise ValueError(f"{path}/config.json: tie_word_embeddings=true, but Emu3 (and this model) uses an untied lm_head")
+    if text.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}/config.json: hidden_act {text.get('hidden_act')!r} is not supported (SwiGLU/silu only)")
+    rope = text.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{path}/config.json: rope_parameters.rope_type {rope['rope_type']!r} is not supported")
+    theta = rope.get("rope_theta", text.get("rope_theta", 1e6))
+    kwargs: dict[str, Any] = dict(
+        hidden_size=text.get("hidden_size", 4096),
+        intermediate_size=text.get("intermediate_size", 14336),
+        num_hidden_layers=text.get("num_hidden_layers", 32),
+        num_attention_heads=text.get("num_attention_heads", 32),
+        num_key_value_heads=text.get("num_key_value_heads") or text.get("num_attention_heads", 32),
+        rms_norm_eps=text.get("rms_norm_eps", 1e-5),
+        rope_theta=float(theta),
+        max_position_embeddings=text.get("max_position_embeddings", 9216),
+        initializer_range=text.get("initializer_range", 0.02),
+    )
+    vocab_size = text.get("vocab_size", 184622)
+    extra = path / UNIMOD_CONFIG
+    if extra.exists():
+        ours = _read_json(extra)
+        kwargs["vocab"] = ours["vocab"]
+        if ours.get("mod"):
+            kwargs["mod"] = ours["mod"]
+    elif raw.get("vocabulary_map"):
+        kwargs["vocab"] = layout_from_vocabulary_map(raw["vocabulary_map"], vocab_size).to_dict()
+    elif vocab_size == VocabLayout().vocab_size:
+        kwargs["vocab"] = VocabLayout().to_dict()  # the released Emu3 vocabulary
+    if "vocab" in kwargs and kwargs["vocab"]["vocab_size"] != vocab_size:
+        raise ValueError(f"{path}: vocabulary layout has vocab_size {kwargs['vocab']['vocab_size']} "
+                         f"but config.json says {vocab_size}")
+    kwargs["_vocab_size"] = vocab_size
+    return kwargs, arch
+
+
+def _weight_files(path: Path) -> list[Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).exists():
+            weight_map = _read_json(path / index)["weight_map"]
+            return [path / f for f in sorted(set(weight_map.values()))]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).exists():
+            return [path / single]
+    raise ValueError(f"{path}: no model.safetensors, sharded index or pytorch_model.bin found")
+
+
+def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (our key, tensor) for every decoder tensor of an HF Emu3 checkpoint, one file at a time
+    (so a ZeRO-3 loader can copy tensor by tensor without holding the whole model)."""
+    from safetensors import safe_open
+
+    for file in _weight_files(Path(path)):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    ours = map_hf_key(key)
+                    if ours is not None:
+                        yield ours, f.get_tensor(key)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            for key, tensor in state.items():
+                ours = map_hf_key(key)
+                if ours is not None:
+                    yield ours, tensor
+
+
+def map_hf_key(key: str) -> str | None:
+    """HF Emu3 key -> our key (None for tensors that are not part of the decoder)."""
+    for prefix, repl in (("model.text_model.", "model."), ("text_model.model.", "model."),
+                         ("text_model.lm_head.", "lm_head.")):
+        if key.startswith(prefix):
+            return repl + key[len(prefix):]
+    if key.startswith(("model.vqmodel.", "vqmodel.")) or key.endswith("rotary_emb.inv_freq"):
+        return None
+    return key
+
+
+def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None, dtype: torch.dtype | None = None,
+            **overrides: Any):
+    """Build `cls` (UnifiedTransformer) from an HF Emu3 directory.
+
+    `mod` adds (or replaces) the MoD plan: a dense checkpoint gets freshly initialised router banks
+    (UniMoD's fine-tuning setting). `dtype` casts everything (default: the checkpoint's dtype).
+    Other keyword overrides go to ModelConfig (e.g. `vocab=` for a checkpoint whose layout is unknown).
+    """
+    path = Path(path)
+    kwargs, _ = config_from_hf(path)
+    vocab_size = kwargs.pop("_vocab_size")
+    if mod is not None:
+        kwargs["mod"] = mod.to_dict() if isinstance(mod, MoDConfig) else dict(mod)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if "vocab" not in kwargs:
+        raise ValueError(f"{path}: cannot tell the vocabulary layout (vocab_size {vocab_size} is not Emu3's and "
+                         "there is no vocabulary_map or unimod_config.json); pass vocab=VocabLayout(...)")
+    if isinstance(kwargs["vocab"], VocabLayout):
+        kwargs["vocab"] = kwargs["vocab"].to_dict()
+    cfg = ModelConfig(**kwargs)
+
+    state = dict(iter_hf_tensors(path))
+    routers_file = path / ROUTERS_FILE
+    with torch.device("meta"):
+        net = cls(cfg)
+    expected = dict(net.named_parameters())
+    router_keys = {k for k in expected if ".mod_router." in k}
+    if routers_file.exists() and mod is None:
+        from safetensors.torch import load_file
+
+        state.update(load_file(str(routers_file)))
+    missing = sorted(set(expected) - set(state) - router_keys)
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model config: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, model expects {tuple(expected[key].shape)}")
+    dtype = dtype or state["model.embed_tokens.weight"].dtype
+    # Routers absent from the checkpoint are initialised on CPU exactly as a fresh model would.
+    std = cfg.mod.router_init_std
+    for key in router_keys - set(state):
+        state[key] = torch.empty(expected[key].shape).normal_(0.0, std)
+    net.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return net
+
+
+def hf_text_config(cfg: ModelConfig, dtype: torch.dtype | None = None):
+    """The transformers `Emu3TextConfig` with our shapes (what `save_hf` writes as config.json)."""
+    from transformers import Emu3TextConfig
+
+    v = cfg.vocab
+    return Emu3TextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        initializer_range=cfg.initializer_range, pad_token_id=v.pad_id, bos_token_id=v.bos_id,
+        eos_token_id=v.eos_id, tie_word_embeddings=False, attention_dropout=0.0,
+        architectures=["Emu3ForCausalLM"], dtype=str(dtype).removeprefix("torch.") if dtype else None,
+    )
+
+
+def save_hf(net, path, state_dict: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
+            max_shard_size: str = "5GB") -> None:
+    """Write an Emu3ForCausalLM directory (safetensors, sharded above `max_shard_size`).
+
+    `state_dict` lets the trainer pass consolidated ZeRO-3 weights instead of `net`'s own (which may be
+    partitioned). Writes to a temporary sibling and renames, so a crash never leaves a half directory.
+    """
+    import shutil
+
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import save_file
+
+    cfg: ModelConfig = net.config
+    state = dict(state_dict if state_dict is not None else net.state_dict())
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    routers = {k: state.pop(k).contiguous() for k in list(state) if ".mod_router." in k}
+    state = {k: v.contiguous() for k, v in state.items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+    hf_text_config(cfg, next(iter(state.values())).dtype).save_pretrained(tmp)
+    with open(tmp / UNIMOD_CONFIG, "w") as f:
+        json.dump({"vocab": cfg.vocab.to_dict(), "mod": cfg.mod.to_dict()}, f, indent=2)
+    if routers:
+        save_file(routers, str(tmp / ROUTERS_FILE))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
