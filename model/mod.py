@@ -11,8 +11,8 @@ Which positions fill the P slots (a priority order, highest first):
 Capacity is a fraction of the *sequence* (not of the routable tokens), so P depends only on
 (layer, task, S): shapes are static between steps, which ZeRO-3 prefetching and pipeline stages need, and
 the FLOPs saved are exactly those the capacity table promises. A capacity must leave room for a task's
-non-routable tokens; when it does not, the lowest-priority of them are skipped and the routing statistics
-show it (selected == routable for such a sequence).
+non-routable tokens; when it does not, the latest of them are skipped (and no routable token is kept,
+which the routing statistics show).
 
 Kept tokens keep their order and absolute RoPE positions and attend causally among themselves only. The
 update of a routed token is scaled by a bounded gate g = 2*sigmoid(r) (~1 at init with small router
@@ -123,9 +123,11 @@ class DecoderLayer(Block):
 
         kept = [tokens_kept(c, S) for c in caps]
         P = max(kept)
-        # Priority: non-routable first, then routable by router logit, padding last.
-        priority = torch.where(routable, r.detach(), torch.full_like(r, torch.inf))
-        priority = priority.masked_fill(kinds == KIND_PAD, -torch.inf)
+        # Priority: non-routable first (earlier ones first, should they not all fit), then routable by
+        # router logit, padding last. float64 keeps the position tie-break exact next to any logit.
+        pos = torch.arange(S, device=x.device, dtype=torch.float64)
+        priority = torch.where(routable, r.detach().double(), 1e12 - pos)
+        priority = torch.where(kinds == KIND_PAD, -1e12 - pos, priority)
         top = priority.topk(P, dim=1, sorted=True).indices  # [B,P], best first
         idx, order = top.sort(dim=1)  # restore sequence order
         uniform = len(set(kept)) == 1
