@@ -192,3 +192,23 @@ def test_config_and_setup_errors_name_the_field(dataset):
     state = UnimodLoader(cfg(root), TASKS).state_dict()
     with pytest.raises(ValueError, match="seed=3 but this run has seed=5"):
         UnimodLoader(cfg(root, seed=5), TASKS).load_state_dict(state)
+
+
+def test_dataset_from_the_real_writer_loads(demo_dataset):
+    """Contract check against data/shards.py: the demo build validates and its batches decode."""
+    from data.shards import iter_samples
+    from data.validate import load_manifest, validate_dataset
+
+    assert not validate_dataset(str(demo_dataset)).skipped
+    manifest = load_manifest(str(demo_dataset))
+    samples = {key: (ids, meta) for shards in manifest.shards["train"].values() for shard in shards
+               for key, ids, meta in iter_samples(shard)}
+    for task in TASKS:
+        c = LoaderConfig(dataset_dir=str(demo_dataset), tasks={task: 1.0}, seq_len=512, micro_batch_size=2,
+                         num_workers=0, batches_per_epoch=3)
+        for batch, keys in run(UnimodLoader(c, TASKS, layout=manifest.vocab)):
+            assert torch.all(batch["task_ids"] == TASKS.index(task))
+            for b, row in enumerate(keys):
+                labels = np.concatenate([make_labels(samples[k][0], task, samples[k][1], manifest.vocab) for k in row])
+                assert np.array_equal(batch["labels"][b, :len(labels)].numpy(), labels)
+                assert torch.all(batch["labels"][b, len(labels):] == -100)
