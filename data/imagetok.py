@@ -216,7 +216,8 @@ class Emu3VQ:
         torch = self.torch
         with torch.no_grad():
             pixels = self.model.decode(torch.as_tensor(np.asarray(codes_hw), dtype=torch.long)[None])
-        return self.processor.postprocess(pixels.float().clamp(-1e4, 1e4), return_tensors="PIL.Image.Image")
+        out = self.processor.postprocess(pixels.float(), return_tensors="PIL.Image.Image")
+        return out["pixel_values"][0]
 
     def manifest_entry(self, dataset_dir: str | os.PathLike) -> dict[str, Any]:
         return {"type": EMU3_VQ_TYPE, "path": Path(os.path.relpath(self.directory, dataset_dir)).as_posix(),

@@ -128,6 +128,11 @@ def cmd_images(args: argparse.Namespace) -> None:
 
     items_path = Path(args.manifest)
     items = _read_items(items_path)
+    # Check every line's fields before the (slow) VQ encoding starts, so a typo fails in a second.
+    tasks = [_item_task(items_path, n, item) for n, item in items]
+    for n, item in items:
+        if item.get("split", "train") not in ("train", "validation"):
+            raise ValueError(f"{items_path}:{n}: field 'split' must be train or validation, got {item['split']!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vq = Emu3VQ(args.vq_model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -136,11 +141,8 @@ def cmd_images(args: argparse.Namespace) -> None:
         raise ValueError(f"tokenizer has {vocab.layout.visual_size} visual tokens, the VQ model {vq.codebook_size}")
     writer = DatasetWriter(out, _shard_config(args), vocab)
     rng_drop = np.random.default_rng([args.seed, 2])
-    for n, item in items:
-        task = _item_task(items_path, n, item)
+    for (n, item), task in zip(items, tasks):
         split = item.get("split", "train")
-        if split not in ("train", "validation"):
-            raise ValueError(f"{items_path}:{n}: field 'split' must be train or validation, got {split!r}")
         image_path = (items_path.parent / item["image"]).resolve()
         try:
             with Image.open(image_path) as img:

@@ -1,0 +1,184 @@
+"""The digits demo dataset: deterministic build, recognisable image round trip, clean split.
+
+Uses the session `demo_dataset` fixture (tests/conftest.py), built by `python -m data.prepare demo`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.demo import NAMES
+from data.imagetok import PatchVQ, load_image_tokenizer
+from data.inspect import inspect
+from data.layout import make_labels
+from data.shards import iter_samples, read_manifest
+from data.vocab import UnifiedVocab
+from tests.conftest import run_module
+
+
+def _samples(root: Path, manifest, split: str, task: str):
+    for name in manifest["splits"][split]["shards"][task]:
+        yield from iter_samples(root / name)
+
+
+@pytest.fixture(scope="module")
+def demo(demo_dataset):
+    manifest = read_manifest(demo_dataset)
+    vocab = UnifiedVocab.from_manifest(demo_dataset, manifest)
+    return demo_dataset, manifest, vocab
+
+
+def test_build_is_byte_identical(demo_dataset, tmp_path):
+    again = tmp_path / "again"
+    proc = run_module("data.prepare", "demo", "--out", str(again))
+    assert proc.returncode == 0, proc.stderr
+    files_a = sorted(p.relative_to(demo_dataset).as_posix() for p in demo_dataset.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(again).as_posix() for p in again.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:  # shards, manifest, both tokenizers
+        assert (demo_dataset / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
+def test_manifest_contract(demo):
+    root, m, vocab = demo
+    lay = vocab.layout
+    assert m["format"] == "unimod-shards-v1"
+    assert m["tokenizer"]["type"] == "sentencepiece" and (root / m["tokenizer"]["path"]).is_file()
+    # text ids = sentencepiece size, the 8 structural ids right after, then the 256-code codebook.
+    assert lay.text_size == vocab.text.size <= 512
+    assert sorted(lay.structural_ids().values()) == list(range(lay.text_size, lay.text_size + 8))
+    assert lay.visual_start == lay.text_size + 8 and lay.visual_size == 256
+    assert m["image_tokenizer"]["type"] == "patch-vq" and m["image_tokenizer"]["codebook_size"] == 256
+    assert m["created_by"].startswith("python -m data.prepare demo")
+    for split, n_images in (("train", 1617), ("validation", 180)):
+        assert m["splits"][split]["samples"] == {"t2i": n_images, "mmu": n_images, "lm": n_images}
+        for task, shards in m["splits"][split]["shards"].items():
+            assert all((root / s).is_file() and s.startswith(f"{task}-{split}-") for s in shards)
+    assert len(m["splits"]["train"]["shards"]["t2i"]) >= 4  # enough shards for several ranks/workers
+
+
+def test_shards_read_with_webdataset_and_follow_the_contract(demo):
+    import webdataset as wds
+
+    root, m, vocab = demo
+    lay = vocab.layout
+    for split in ("train", "validation"):
+        for task in ("t2i", "mmu", "lm"):
+            urls = [str(root / s) for s in m["splits"][split]["shards"][task]]
+            n = 0
+            for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+                ids, meta = sample["ids.npy"], sample["json"]
+                assert "." not in sample["__key__"] and sample["__key__"].startswith(f"{task}-{split}-")
+                assert ids.dtype == np.int32 and ids.ndim == 1
+                assert ids[0] == lay.bos_id and ids[-1] == lay.eos_id
+                assert meta["task"] == task and meta["tokenizer_sha256"] == m["tokenizer"]["sha256"]
+                labels = make_labels(ids, task, meta, lay)
+                if task == "t2i":
+                    assert meta["image_hw"] == [16, 16]
+                    assert 280 <= len(ids) <= 300  # ~290 tokens, 272 of them codes + EOL
+                    assert (labels != -100).sum() == 16 * 16 + 1  # the codes and EOS
+                elif task == "mmu":
+                    answer = vocab.decode_text(ids[meta["answer_start"]:-1])
+                    d = meta["label"]
+                    assert str(d) in answer or NAMES[d] in answer.lower(), answer
+                    assert vocab.decode_text(ids[meta["answer_start"] - 3:meta["answer_start"]]).endswith("ASSISTANT:")
+                else:
+                    assert meta["image_hw"] is None and (labels[1:] == ids[1:]).all()
+                n += 1
+            assert n == m["splits"][split]["samples"][task]
+
+
+def _decoded_8x8(root: Path, m, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sources, labels, decoded images averaged back down to 8x8) of every t2i sample of a split."""
+    vocab = UnifiedVocab.from_manifest(root, m)
+    vq = load_image_tokenizer(root, m)
+    assert isinstance(vq, PatchVQ)
+    src, lab, codes = [], [], []
+    for _, ids, meta in _samples(root, m, split, "t2i"):
+        src.append(int(meta["source"].split(":")[1]))
+        lab.append(meta["label"])
+        codes.append(vocab.ids_to_codes(ids))
+    img = vq.decode(np.stack(codes))  # (N, 32, 32)
+    return np.array(src), np.array(lab), img.reshape(-1, 8, 4, 8, 4).mean(axis=(2, 4))
+
+
+def test_images_decode_back_to_their_digits(demo):
+    """Criterion: decoded 32x32 -> 4x4 mean -> 8x8 must correlate > 0.9 (Pearson) with the original
+    scan for every image, and a 1-nearest-neighbour classifier over the original training scans must
+    read the decoded validation images as their labels (>= 95%; on the originals it scores ~98%).
+    The first bounds the reconstruction error image by image (measured minimum ~0.95); the second
+    asks whether what comes back is still the same digit, i.e. recognisable."""
+    from sklearn.datasets import load_digits
+
+    root, m, _ = demo
+    digits = load_digits()
+    originals = digits.images / 16.0
+    for split in ("train", "validation"):
+        src, lab, dec = _decoded_8x8(root, m, split)
+        assert (digits.target[src] == lab).all()
+        corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(dec, originals[src])]
+        assert min(corr) > 0.9, (split, min(corr))
+    train_src, _, _ = _decoded_8x8(root, m, "train")
+    val_src, val_lab, val_dec = _decoded_8x8(root, m, "validation")
+    ref = originals[train_src].reshape(len(train_src), -1)
+    d2 = ((val_dec.reshape(len(val_src), 1, -1) - ref[None]) ** 2).sum(-1)
+    accuracy = (digits.target[train_src][d2.argmin(1)] == val_lab).mean()
+    assert accuracy >= 0.95, accuracy
+
+
+def test_train_and_validation_images_are_disjoint(demo):
+    root, m, vocab = demo
+    from sklearn.datasets import load_digits
+
+    targets = load_digits().target
+    sources = {}
+    for split in ("train", "validation"):
+        t2i = {s["source"] for _, _, s in _samples(root, m, split, "t2i")}
+        mmu = {s["source"] for _, _, s in _samples(root, m, split, "mmu")}
+        assert t2i == mmu  # both tasks of one image land in the same split
+        sources[split] = {int(s.split(":")[1]) for s in t2i}
+    assert not sources["train"] & sources["validation"]
+    assert sources["train"] | sources["validation"] == set(range(1797))
+    # Stratified: every class holds out about 10% of its images.
+    for d in range(10):
+        n_val = (targets[sorted(sources["validation"])] == d).sum()
+        assert abs(n_val - 0.1 * (targets == d).sum()) <= 1
+    # No validation image sequence (image + its caption) is a training sequence; lm text is unseen too.
+    for task in ("t2i", "lm"):
+        train = {ids.tobytes() for _, ids, _ in _samples(root, m, "train", task)}
+        assert not any(ids.tobytes() in train for _, ids, _ in _samples(root, m, "validation", task))
+
+
+def test_training_captions_are_dropped_at_the_configured_rate(demo):
+    root, m, vocab = demo
+    metas = [(ids, meta) for _, ids, meta in _samples(root, m, "train", "t2i")]
+    dropped = [ids for ids, meta in metas if meta["caption_dropped"]]
+    # 1617 Bernoulli(0.05) draws: mean 81, std 8.8.
+    assert 81 - 35 <= len(dropped) <= 81 + 35
+    assert all(ids[1] == vocab.layout.boi_id for ids in dropped)
+    kept = [meta["caption"] for _, meta in metas if not meta["caption_dropped"]]
+    assert len(set(kept)) >= 60  # varied templates x 10 digits
+    assert not any(meta["caption_dropped"] for _, _, meta in _samples(root, m, "validation", "t2i"))
+
+
+def test_inspect_prints_text_and_writes_pngs(demo, tmp_path):
+    from PIL import Image
+
+    root, m, vocab = demo
+    proc = run_module("data.inspect", str(root), "--n", "1", "--split", "validation")
+    assert proc.returncode == 0, proc.stderr
+    assert "<image 16*16>" in proc.stdout and "ASSISTANT:" in proc.stdout and "@" in proc.stdout
+    import io
+
+    buf = io.StringIO()
+    assert inspect(str(root / m["splits"]["train"]["shards"]["t2i"][0]), n=2, png_dir=str(tmp_path), out=buf) == 2
+    vq = load_image_tokenizer(root, m)
+    key, ids, _ = next(iter_samples(root / m["splits"]["train"]["shards"]["t2i"][0]))
+    png = np.asarray(Image.open(tmp_path / f"{key}.png"), dtype=np.float32) / 255.0
+    expected = 1.0 - vq.decode(vocab.ids_to_codes(ids))[0]  # ink dark on white
+    assert np.abs(png - expected).max() <= 1 / 255 + 1e-6
+    assert json.loads((root / "image_tokenizer" / "config.json").read_text())["codebook_size"] == 256
