@@ -8,7 +8,8 @@
         batch["task_ids"]                                           # LongTensor [B], one task
     ckpt["loader"] = loader.state_dict()          # between steps
 
-How an epoch is laid out (every reader is one (rank, worker) pair, a "slot"; N = world x workers):
+This file holds the configuration, the epoch plan and resume; `data/stream.py` what each worker
+does. How an epoch is laid out (every reader is one (rank, worker) pair, a "slot"; N = world x workers):
 
 - Shards. For every task and every pass over its data, the task's shard list is shuffled with a
   seed that depends on (seed, epoch, task, pass) only, so every rank draws the same order, and slot
@@ -54,18 +55,15 @@ from typing import Any, Iterator, Mapping
 import braceexpand
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from data.layout import TASKS, make_labels
-from data.packing import RowBuilder, estimate_rows_per_sample, make_batch
-from data.validate import (SHARD_REASONS, BadInputError, bad, check_sample, load_manifest,
-                           read_shard, validate_shards)
+from data.layout import TASKS
+from data.packing import estimate_rows_per_sample
+from data.stream import EpochDataset, Plan
+from data.validate import BadInputError, load_manifest, read_shard, validate_shards
 from model.config import VocabLayout
 
-# Seed-sequence tags, so the shard order, the shuffle buffer and the schedule never share a stream.
-_SHARD_ORDER, _BUFFER, _SCHEDULE = 1, 2, 3
 _STATE_VERSION = 1
-_PASS_END = object()  # marks the end of one pass in a task's sample stream
 
 
 @dataclass
@@ -164,186 +162,6 @@ def expand_urls(spec: str | list[str], allow_pipe: bool, where: str) -> list[str
     return urls
 
 
-# ----- the plan every worker shares --------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Plan:
-    """Everything a worker needs, fixed at construction and identical on every rank."""
-
-    cfg: LoaderConfig
-    layout: VocabLayout
-    tokenizer_sha256: str | None
-    shards: dict[str, list[str]]       # task -> usable shards
-    task_ids: dict[str, int]           # task -> index in the model's task list
-    rank: int
-    world_size: int
-    quota: dict[str, float]            # task -> share of a slot's micro-batches
-    batches_per_epoch: int             # per rank
-
-    @property
-    def workers(self) -> int:
-        return max(1, self.cfg.num_workers)
-
-    @property
-    def slots(self) -> int:
-        return self.world_size * self.workers
-
-    def worker_batches(self, role: int) -> int:
-        """Micro-batches worker `role` yields per epoch: its share of the rank's round robin."""
-        return len(range(role, self.batches_per_epoch, self.workers))
-
-    def schedule(self, epoch: int, role: int) -> list[str]:
-        """The task of each micro-batch worker `role` of this rank yields in `epoch`."""
-        n = self.worker_batches(role)
-        counts = _apportion(n, self.quota)
-        seq = [t for t in self.quota for _ in range(counts[t])]
-        slot = self.rank * self.workers + role
-        order = _rng(self.cfg.seed, epoch, _SCHEDULE, slot).permutation(len(seq))
-        return [seq[i] for i in order]
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
-
-
-def _apportion(n: int, shares: Mapping[str, float]) -> dict[str, int]:
-    """Split n micro-batches over tasks in proportion to shares (largest remainder, ties by order)."""
-    total = sum(shares.values())
-    exact = {t: n * s / total for t, s in shares.items()}
-    counts = {t: int(math.floor(x)) for t, x in exact.items()}
-    rest = sorted(shares, key=lambda t: (-(exact[t] - counts[t]), list(shares).index(t)))
-    for t in rest[: n - sum(counts.values())]:
-        counts[t] += 1
-    return counts
-
-
-# ----- one worker's stream ------------------------------------------------------------------------------
-class _Counters:
-    """Skip counts of one worker since the start of the epoch (replayed batches included)."""
-
-    def __init__(self) -> None:
-        self.c: collections.Counter[str] = collections.Counter()
-
-    def skip(self, e: BadInputError) -> None:
-        kind = "skipped_shards" if e.reason in SHARD_REASONS else "skipped_samples"
-        self.c[kind] += 1
-        self.c[f"{kind}/{e.reason}"] += 1
-
-
-def _task_samples(plan: _Plan, task: str, epoch: int, slot: int, counters: _Counters
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
-    """Endless (ids, labels, key) of `task` for one slot: pass after pass over its shard share."""
-    cfg, shards = plan.cfg, plan.shards[task]
-    ti = TASKS.index(task)
-    for pass_idx in range(1 << 62):
-        order = _rng(cfg.seed, epoch, _SHARD_ORDER, ti, pass_idx).permutation(len(shards))
-        good = 0
-        for i in order[slot::plan.slots]:
-            url = shards[i]
-            try:
-                for raw in read_shard(url):
-                    try:
-                        ids, meta = check_sample(raw, shard=url, task=task, layout=plan.layout,
-                                                 tokenizer_sha256=plan.tokenizer_sha256)
-                        if len(ids) > cfg.seq_len and cfg.overlong == "reject":
-                            raise bad("overlong", url, raw.get("__key__"), "ids.npy",
-                                      f"length {len(ids)} > data.seq_len {cfg.seq_len} (data.overlong: reject)")
-                        labels = make_labels(ids, task, meta, plan.layout, cfg.image_structural_in_loss,
-                                             key=raw.get("__key__"))
-                    except BadInputError as e:
-                        if cfg.bad_input == "raise":
-                            raise
-                        counters.skip(e)
-                        continue
-                    except ValueError as e:  # make_labels found what check_sample let through
-                        err = bad("bad_field", url, raw.get("__key__"), "ids.npy", str(e))
-                        if cfg.bad_input == "raise":
-                            raise err from e
-                        counters.skip(err)
-                        continue
-                    good += 1
-                    yield ids[: cfg.seq_len], labels[: cfg.seq_len], raw["__key__"]
-            except BadInputError as e:  # the shard itself (read_shard) failed
-                if cfg.bad_input == "raise" or e.reason not in SHARD_REASONS:
-                    raise
-                counters.skip(e)
-        yield _PASS_END
-        if good == 0:
-            # Without this a slot whose every shard is bad would spin forever under skip.
-            raise ValueError(f"task {task}: reader slot {slot} found no usable sample in a whole pass over "
-                             f"its {len(order[slot::plan.slots])} shards (data.bad_input: skip hid them all)")
-
-
-def _shuffled(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Shuffle buffer (webdataset's `shuffle`, with our own seeded generator) drained at every pass end.
-
-    Draining at `_PASS_END` keeps passes apart: a pass's samples all come out before the next pass's
-    first one, so with evenly split data an epoch is exactly one pass, and a pass never loses a
-    sample to read-ahead.
-    """
-    buf: list = []
-    for s in samples:
-        if s is _PASS_END:
-            rng.shuffle(buf)
-            yield from buf
-            buf = []
-        elif size <= 1:
-            yield s
-        elif len(buf) < size:
-            buf.append(s)
-        else:
-            i = int(rng.integers(size))
-            yield buf[i]
-            buf[i] = s
-
-
-class _TaskBatches:
-    """Endless micro-batches (lists of rows) of one task for one slot."""
-
-    def __init__(self, plan: _Plan, task: str, epoch: int, slot: int, counters: _Counters) -> None:
-        samples = _task_samples(plan, task, epoch, slot, counters)
-        rng = _rng(plan.cfg.seed, epoch, _BUFFER, TASKS.index(task), slot)
-        self._samples = _shuffled(samples, plan.cfg.shuffle_buffer, rng)
-        self._rows = RowBuilder(plan.cfg.seq_len, plan.cfg.pack)
-        self._ready: collections.deque = collections.deque()
-        self._b = plan.cfg.micro_batch_size
-
-    def next(self) -> list:
-        while len(self._ready) < self._b:
-            ids, labels, key = next(self._samples)
-            self._ready.extend(self._rows.add(ids, labels, key))
-        return [self._ready.popleft() for _ in range(self._b)]
-
-
-class _EpochDataset(IterableDataset):
-    """One rank's epoch from micro-batch `start` on; each DataLoader worker plays one worker role."""
-
-    def __init__(self, plan: _Plan, epoch: int, start: int) -> None:
-        super().__init__()
-        self.plan, self.epoch, self.start = plan, epoch, start
-
-    def __iter__(self):
-        info = get_worker_info()
-        j = info.id if info is not None else 0
-        plan = self.plan
-        w = plan.workers
-        # A fresh DataLoader starts its round robin at worker 0, so DataLoader worker j must play the
-        # role whose next micro-batch is the rank's micro-batch `start + j`.
-        role = (self.start + j) % w
-        skip = len(range(role, self.start, w))
-        slot = plan.rank * w + role
-        counters = _Counters()
-        streams: dict[str, _TaskBatches] = {}
-        for n, task in enumerate(plan.schedule(self.epoch, role)):
-            if task not in streams:
-                streams[task] = _TaskBatches(plan, task, self.epoch, slot, counters)
-            rows = streams[task].next()
-            if n < skip:
-                continue  # replaying up to the resume point: read, but build no tensors
-            batch = make_batch(rows, plan.cfg.seq_len, plan.layout.pad_id, plan.task_ids[task])
-            keys = [list(r.keys) for r in rows]
-            yield batch, role, dict(counters.c), keys
-
-
 # ----- the loader --------------------------------------------------------------------------------------
 class UnimodLoader:
     """Iterable over one epoch of micro-batches per `iter()`; resumable; see the module docstring."""
@@ -411,7 +229,7 @@ class UnimodLoader:
         else:
             total = int(sum(quota.values())) * max(1, cfg.num_workers)
 
-        self._plan = _Plan(cfg=cfg, layout=layout, tokenizer_sha256=sha, shards=shards,
+        self._plan = Plan(cfg=cfg, layout=layout, tokenizer_sha256=sha, shards=shards,
                            task_ids={t: list(tasks).index(t) for t in cfg.tasks}, rank=rank,
                            world_size=world_size, quota=quota, batches_per_epoch=total)
         self._epoch = 0
@@ -441,7 +259,7 @@ class UnimodLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._consumed >= len(self):
             self.set_epoch(self._epoch + 1)
-        ds = _EpochDataset(self._plan, self._epoch, self._consumed)
+        ds = EpochDataset(self._plan, self._epoch, self._consumed)
         dl = DataLoader(ds, batch_size=None, num_workers=self.config.num_workers)
         for batch, role, counters, keys in dl:
             self._worker_counters[role] = counters

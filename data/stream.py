@@ -1,0 +1,208 @@
+"""What one DataLoader worker does: its share of the shards -> checked samples -> shuffled -> rows -> micro-batches.
+
+Every stream here is a pure function of (seed, epoch, task, slot), where a slot is one (rank,
+worker) pair, so any worker can rebuild its stream and fast-forward to a resume point; the layout of
+an epoch (shard split, pass-bounded shuffle buffer, task quotas) is described in `data/loader.py`,
+which builds the `Plan` and runs the workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Mapping
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data.layout import TASKS, make_labels
+from data.packing import RowBuilder, make_batch
+from data.validate import SHARD_REASONS, BadInputError, bad, check_sample, read_shard
+from model.config import VocabLayout
+
+if TYPE_CHECKING:
+    from data.loader import LoaderConfig
+
+# Seed-sequence tags, so the shard order, the shuffle buffer and the schedule never share a stream.
+_SHARD_ORDER, _BUFFER, _SCHEDULE = 1, 2, 3
+_PASS_END = object()  # marks the end of one pass in a task's sample stream
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a worker needs, fixed at construction and identical on every rank."""
+
+    cfg: LoaderConfig
+    layout: VocabLayout
+    tokenizer_sha256: str | None
+    shards: dict[str, list[str]]       # task -> usable shards
+    task_ids: dict[str, int]           # task -> index in the model's task list
+    rank: int
+    world_size: int
+    quota: dict[str, float]            # task -> share of a slot's micro-batches
+    batches_per_epoch: int             # per rank
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.cfg.num_workers)
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.workers
+
+    def worker_batches(self, role: int) -> int:
+        """Micro-batches worker `role` yields per epoch: its share of the rank's round robin."""
+        return len(range(role, self.batches_per_epoch, self.workers))
+
+    def schedule(self, epoch: int, role: int) -> list[str]:
+        """The task of each micro-batch worker `role` of this rank yields in `epoch`."""
+        n = self.worker_batches(role)
+        counts = _apportion(n, self.quota)
+        seq = [t for t in self.quota for _ in range(counts[t])]
+        slot = self.rank * self.workers + role
+        order = _rng(self.cfg.seed, epoch, _SCHEDULE, slot).permutation(len(seq))
+        return [seq[i] for i in order]
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+def _apportion(n: int, shares: Mapping[str, float]) -> dict[str, int]:
+    """Split n micro-batches over tasks in proportion to shares (largest remainder, ties by order)."""
+    total = sum(shares.values())
+    exact = {t: n * s / total for t, s in shares.items()}
+    counts = {t: int(math.floor(x)) for t, x in exact.items()}
+    rest = sorted(shares, key=lambda t: (-(exact[t] - counts[t]), list(shares).index(t)))
+    for t in rest[: n - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
+# ----- one worker's stream ------------------------------------------------------------------------------
+class Counters:
+    """Skip counts of one worker since the start of the epoch (replayed batches included)."""
+
+    def __init__(self) -> None:
+        self.c: collections.Counter[str] = collections.Counter()
+
+    def skip(self, e: BadInputError) -> None:
+        kind = "skipped_shards" if e.reason in SHARD_REASONS else "skipped_samples"
+        self.c[kind] += 1
+        self.c[f"{kind}/{e.reason}"] += 1
+
+
+def _task_samples(plan: Plan, task: str, epoch: int, slot: int, counters: Counters
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+    """Endless (ids, labels, key) of `task` for one slot: pass after pass over its shard share."""
+    cfg, shards = plan.cfg, plan.shards[task]
+    ti = TASKS.index(task)
+    for pass_idx in range(1 << 62):
+        order = _rng(cfg.seed, epoch, _SHARD_ORDER, ti, pass_idx).permutation(len(shards))
+        good = 0
+        for i in order[slot::plan.slots]:
+            url = shards[i]
+            try:
+                for raw in read_shard(url):
+                    try:
+                        ids, meta = check_sample(raw, shard=url, task=task, layout=plan.layout,
+                                                 tokenizer_sha256=plan.tokenizer_sha256)
+                        if len(ids) > cfg.seq_len and cfg.overlong == "reject":
+                            raise bad("overlong", url, raw.get("__key__"), "ids.npy",
+                                      f"length {len(ids)} > data.seq_len {cfg.seq_len} (data.overlong: reject)")
+                        labels = make_labels(ids, task, meta, plan.layout, cfg.image_structural_in_loss,
+                                             key=raw.get("__key__"))
+                    except BadInputError as e:
+                        if cfg.bad_input == "raise":
+                            raise
+                        counters.skip(e)
+                        continue
+                    except ValueError as e:  # make_labels found what check_sample let through
+                        err = bad("bad_field", url, raw.get("__key__"), "ids.npy", str(e))
+                        if cfg.bad_input == "raise":
+                            raise err from e
+                        counters.skip(err)
+                        continue
+                    good += 1
+                    yield ids[: cfg.seq_len], labels[: cfg.seq_len], raw["__key__"]
+            except BadInputError as e:  # the shard itself (read_shard) failed
+                if cfg.bad_input == "raise" or e.reason not in SHARD_REASONS:
+                    raise
+                counters.skip(e)
+        yield _PASS_END
+        if good == 0:
+            # Without this a slot whose every shard is bad would spin forever under skip.
+            raise ValueError(f"task {task}: reader slot {slot} found no usable sample in a whole pass over "
+                             f"its {len(order[slot::plan.slots])} shards (data.bad_input: skip hid them all)")
+
+
+def _shuffled(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Shuffle buffer (webdataset's `shuffle`, with our own seeded generator) drained at every pass end.
+
+    Draining at `_PASS_END` keeps passes apart: a pass's samples all come out before the next pass's
+    first one, so with evenly split data an epoch is exactly one pass, and a pass never loses a
+    sample to read-ahead.
+    """
+    buf: list = []
+    for s in samples:
+        if s is _PASS_END:
+            rng.shuffle(buf)
+            yield from buf
+            buf = []
+        elif size <= 1:
+            yield s
+        elif len(buf) < size:
+            buf.append(s)
+        else:
+            i = int(rng.integers(size))
+            yield buf[i]
+            buf[i] = s
+
+
+class _TaskBatches:
+    """Endless micro-batches (lists of rows) of one task for one slot."""
+
+    def __init__(self, plan: Plan, task: str, epoch: int, slot: int, counters: Counters) -> None:
+        samples = _task_samples(plan, task, epoch, slot, counters)
+        rng = _rng(plan.cfg.seed, epoch, _BUFFER, TASKS.index(task), slot)
+        self._samples = _shuffled(samples, plan.cfg.shuffle_buffer, rng)
+        self._rows = RowBuilder(plan.cfg.seq_len, plan.cfg.pack)
+        self._ready: collections.deque = collections.deque()
+        self._b = plan.cfg.micro_batch_size
+
+    def next(self) -> list:
+        while len(self._ready) < self._b:
+            ids, labels, key = next(self._samples)
+            self._ready.extend(self._rows.add(ids, labels, key))
+        return [self._ready.popleft() for _ in range(self._b)]
+
+
+class EpochDataset(IterableDataset):
+    """One rank's epoch from micro-batch `start` on; each DataLoader worker plays one worker role."""
+
+    def __init__(self, plan: Plan, epoch: int, start: int) -> None:
+        super().__init__()
+        self.plan, self.epoch, self.start = plan, epoch, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        j = info.id if info is not None else 0
+        plan = self.plan
+        w = plan.workers
+        # A fresh DataLoader starts its round robin at worker 0, so DataLoader worker j must play the
+        # role whose next micro-batch is the rank's micro-batch `start + j`.
+        role = (self.start + j) % w
+        skip = len(range(role, self.start, w))
+        slot = plan.rank * w + role
+        counters = Counters()
+        streams: dict[str, _TaskBatches] = {}
+        for n, task in enumerate(plan.schedule(self.epoch, role)):
+            if task not in streams:
+                streams[task] = _TaskBatches(plan, task, self.epoch, slot, counters)
+            rows = streams[task].next()
+            if n < skip:
+                continue  # replaying up to the resume point: read, but build no tensors
+            batch = make_batch(rows, plan.cfg.seq_len, plan.layout.pad_id, plan.task_ids[task])
+            keys = [list(r.keys) for r in rows]
+            yield batch, role, dict(counters.c), keys
