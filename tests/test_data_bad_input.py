@@ -191,3 +191,24 @@ def test_pipe_urls_refused_unless_allowed(tmp_path):
             json.dump(doc, f)
         with pytest.raises(ValueError, match="must be a plain path relative to the dataset directory"):
             load_manifest(root)
+
+
+def test_skip_counters_survive_resume(tmp_path):
+    """Counters restored from state plus the workers' replay equal an uninterrupted run's, not double."""
+    def edit(s):
+        s["ids.npy"] = s["ids.npy"].copy()
+        s["ids.npy"][2] = -1
+        return s
+    root, _ = make(tmp_path, lambda k, s: edit(s) if k.endswith("-3") and "-00000" in k else s)
+    full = loader(root, "skip", 2)
+    epoch_keys(full)
+    expected = full.counters()
+    assert expected["skipped_samples/out_of_vocab"] == 8  # the last sample of each of the 8 shards
+    first = loader(root, "skip", 2)
+    for i, _ in enumerate(first):
+        if i == 12:
+            break
+    resumed = loader(root, "skip", 2)
+    resumed.load_state_dict(first.state_dict())
+    epoch_keys(resumed)
+    assert resumed.counters() == expected
