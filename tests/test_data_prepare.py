@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.inspect import inspect
 from data.layout import make_labels
 from data.prepare import main
 from data.shards import iter_samples, read_manifest
@@ -69,16 +70,14 @@ def tiny_vq(tmp_path_factory) -> Path:
     return d
 
 
-def _reference_codes(vq_dir: Path, image_path: Path) -> np.ndarray:
+def _reference_codes(model, image_path: Path) -> np.ndarray:
     """Emu3's preprocessing written out by hand: RGB, /255, (x - CLIP mean) / CLIP std, CHW."""
     import torch
     from PIL import Image
-    from transformers import Emu3VQVAE
 
     mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
     std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
     x = (np.asarray(Image.open(image_path).convert("RGB"), dtype=np.float32) / 255.0 - mean) / std
-    model = Emu3VQVAE.from_pretrained(str(vq_dir)).eval()
     with torch.no_grad():
         tokens = model.encode(torch.from_numpy(x.transpose(2, 0, 1))[None], image_sizes=torch.tensor([[32, 32]]))
     return tokens.image_tokens[0].numpy()
@@ -111,6 +110,9 @@ def test_images_command_writes_emu3_codes(tmp_path, tiny_vq):
     assert (out / m["image_tokenizer"]["path"]).resolve() == tiny_vq.resolve()
     assert (out / "tokenizer.model").read_bytes() == sp.read_bytes()  # copied: the dataset is self-contained
 
+    from transformers import Emu3VQVAE
+
+    model = Emu3VQVAE.from_pretrained(str(tiny_vq)).eval()
     seen = 0
     for split, info in m["splits"].items():
         for task, shards in info["shards"].items():
@@ -119,7 +121,7 @@ def test_images_command_writes_emu3_codes(tmp_path, tiny_vq):
                     line = int(key.split("-")[2])
                     item = items[line - 1]
                     assert key == f"{task}-{split}-{line:06d}" and meta["image_hw"] == [16, 16]
-                    np.testing.assert_array_equal(vocab.ids_to_codes(ids), _reference_codes(tiny_vq, tmp_path / item["image"]))
+                    np.testing.assert_array_equal(vocab.ids_to_codes(ids), _reference_codes(model, tmp_path / item["image"]))
                     labels = make_labels(ids, task, meta, vocab.layout, key=key)
                     if task == "t2i":
                         assert vocab.decode_text(ids[1:ids.tolist().index(vocab.layout.boi_id)]) == item["caption"]
@@ -129,9 +131,9 @@ def test_images_command_writes_emu3_codes(tmp_path, tiny_vq):
                     seen += 1
     assert seen == 4
 
+    # The dataset's images decode through its own VQ model (data.inspect's PNG path, in-process).
     png_dir = tmp_path / "png"
-    proc = run_module("data.inspect", str(out), "--n", "1", "--png-dir", str(png_dir))
-    assert proc.returncode == 0, proc.stderr
+    assert inspect(str(out), n=1, png_dir=str(png_dir), out=io.StringIO()) == 3
     assert Image.open(png_dir / "t2i-train-000001.png").size == (32, 32)
 
 
