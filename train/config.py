@@ -1,0 +1,360 @@
+"""The run configuration: one YAML file, typed sections, `--set section.field=value` overrides, and the
+cross-check against the DeepSpeed JSON.
+
+    model:       model.config.ModelConfig (preset + overrides, MoD plan)
+    data:        data.loader.LoaderConfig (shards, sequence length, micro-batch size, mixing weights)
+    optim:       OptimConfig (AdamW, warmup + cosine, clipping, gradient accumulation)
+    parallel:    ParallelConfig (zero | pipeline, stages, activation checkpointing, precision)
+    logging:     LoggingConfig (TensorBoard cadence, peak FLOP/s for MFU, progress bar)
+    checkpoint:  CheckpointConfig (cadence, retention, resume, HF export, non-finite-loss policy)
+    run:         RunSection (output dir, seed, steps, device)
+
+The YAML is the source of truth. In the DeepSpeed JSON, "auto" (or a missing key) is filled from it and
+an explicit value must agree with it: a contradiction is a ValueError naming both files' fields, raised
+before any model is built. Override values are parsed with `yaml.safe_load`: data, never code.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from data.loader import LoaderConfig
+from model.config import ModelConfig
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MODES = ("zero", "pipeline")
+
+
+def _check_int(where: str, v: Any, lo: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{where} must be an integer >= {lo}, got {v!r}")
+
+
+def _check_float(where: str, v: Any, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        raise ValueError(f"{where} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate after warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr * min_lr_ratio at run.max_steps."""
+    warmup_steps: int = 10
+    """Linear warmup from 0, in optimizer steps."""
+    weight_decay: float = 0.1
+    """AdamW decay for matrices; norms and MoD routers are never decayed."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each data-parallel rank."""
+
+    def __post_init__(self) -> None:
+        _check_float("optim.lr", self.lr, 0.0, lo_open=True)
+        _check_float("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_int("optim.warmup_steps", self.warmup_steps, 0)
+        _check_float("optim.weight_decay", self.weight_decay, 0.0)
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers, got {self.betas!r}")
+        for b in self.betas:
+            _check_float("optim.betas", b, 0.0, 1.0)
+        _check_float("optim.eps", self.eps, 0.0, lo_open=True)
+        _check_float("optim.grad_clip", self.grad_clip, 0.0)
+        _check_int("optim.grad_accum", self.grad_accum, 1)
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "zero"
+    """zero: DeepSpeed data parallel with the ZeRO stage of the JSON (3 for Emu3-scale, model built under
+    zero.Init); pipeline: DeepSpeed PipelineModule (ZeRO 0/1 only)."""
+    pipeline_stages: int = 1
+    """Pipeline stages (mode=pipeline); the world size must be a multiple."""
+    partition_method: str = "parameters"
+    """DeepSpeed partition method for pipeline stages: parameters | uniform | type:<regex>."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward (saves activation memory for ~1/3 more compute)."""
+    activation_checkpoint_interval: int = 1
+    """Pipeline mode: checkpoint every N layers (when activation_checkpointing)."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"parallel.mode must be one of {MODES}, got {self.mode!r}")
+        _check_int("parallel.pipeline_stages", self.pipeline_stages, 1)
+        if self.mode == "zero" and self.pipeline_stages != 1:
+            raise ValueError("parallel.pipeline_stages > 1 needs parallel.mode: pipeline")
+        _check_int("parallel.activation_checkpoint_interval", self.activation_checkpoint_interval, 1)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not (self.partition_method in ("parameters", "uniform") or self.partition_method.startswith("type:")):
+            raise ValueError(f"parallel.partition_method must be parameters | uniform | type:<regex>, "
+                             f"got {self.partition_method!r}")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    """Optimizer steps between TensorBoard/console records."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device for MFU; None looks the GPU up in model.flops.PEAK_BF16_FLOPS (on CPU,
+    MFU is left out unless this is set)."""
+    progress_bar: bool = True
+    """tqdm bar with ETA on rank 0 (off when stderr is not a terminal is fine: it then prints lines)."""
+
+    def __post_init__(self) -> None:
+        _check_int("logging.log_every", self.log_every, 1)
+        if self.peak_tflops is not None:
+            _check_float("logging.peak_tflops", self.peak_tflops, 0.0, lo_open=True)
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 100
+    """Optimizer steps between checkpoints (0: only at the end and on signals)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    resume: str = "auto"
+    """auto: newest complete checkpoint under output_dir/checkpoints, if any | none | a checkpoint path."""
+    export_hf: bool = True
+    """At the end, write output_dir/hf: consolidated weights as an HF Emu3 directory (safetensors)."""
+    init_from_hf: str | None = None
+    """Start from an HF Emu3 checkpoint directory (UniMoD fine-tuning); routers start fresh."""
+    max_consecutive_nonfinite: int = 5
+    """A NaN/inf loss skips its micro-batch; this many in a row saves and stops the run."""
+
+    def __post_init__(self) -> None:
+        _check_int("checkpoint.save_every", self.save_every, 0)
+        _check_int("checkpoint.keep_last", self.keep_last, 1)
+        _check_int("checkpoint.max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ValueError(f"checkpoint.resume must be 'auto', 'none' or a path, got {self.resume!r}")
+
+
+@dataclass
+class RunSection:
+    output_dir: str = "runs/default"
+    """config.yaml, tensorboard/, checkpoints/, summary.json and hf/ are written here."""
+    seed: int = 0
+    """Seeds model init, dropout-free training RNG and (unless data.seed is set apart) the loader."""
+    max_steps: int = 100
+    """Optimizer steps to train."""
+    device: str = "auto"
+    """auto (cuda when available) | cpu | cuda."""
+
+    def __post_init__(self) -> None:
+        _check_int("run.seed", self.seed, 0)
+        _check_int("run.max_steps", self.max_steps, 1)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"run.device must be auto, cpu or cuda, got {self.device!r}")
+
+
+_SECTIONS = {"optim": OptimConfig, "parallel": ParallelConfig, "logging": LoggingConfig,
+             "checkpoint": CheckpointConfig, "run": RunSection}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: LoaderConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], where: str = "config") -> "RunConfig":
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"{where}: the top level must be a mapping of sections")
+        unknown = sorted(set(doc) - {"model", "data", *_SECTIONS})
+        if unknown:
+            raise ValueError(f"{where}: unknown section {unknown[0]!r}; sections are model, data, "
+                             f"{', '.join(_SECTIONS)}")
+        for required in ("model", "data"):
+            if required not in doc:
+                raise ValueError(f"{where}: the {required}: section is required")
+        kwargs: dict[str, Any] = {}
+        try:
+            model_doc = dict(doc["model"] or {})
+            if "vocab" not in model_doc:
+                # The data defines what the ids mean: take the layout its manifest records.
+                manifest = _manifest_vocab(doc["data"] or {})
+                if manifest is not None:
+                    model_doc["vocab"] = manifest
+            kwargs["model"] = ModelConfig.from_dict(model_doc)
+            kwargs["data"] = LoaderConfig.from_dict(doc["data"] or {})
+            for name, section in _SECTIONS.items():
+                raw = doc.get(name) or {}
+                if not isinstance(raw, Mapping):
+                    raise ValueError(f"{name}: must be a mapping, got {raw!r}")
+                fields = {f.name for f in dataclasses.fields(section)}
+                bad = sorted(set(raw) - fields)
+                if bad:
+                    raise ValueError(f"{name}.{bad[0]} is not a known field; known fields: {sorted(fields)}")
+                kwargs[name] = section(**raw)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> "RunConfig":
+        path = Path(path)
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        doc = apply_overrides(doc, overrides)
+        return cls.from_dict(doc, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data)}
+        for name in _SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+    def save_yaml(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+def _manifest_vocab(data: Mapping[str, Any]) -> dict[str, int] | None:
+    dataset_dir = data.get("dataset_dir")
+    if not dataset_dir:
+        return None
+    path = Path(dataset_dir) / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())["vocab"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path}: cannot read the vocabulary layout ({e})") from None
+
+
+def apply_overrides(doc: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`section.field[.sub]=value` -> nested dict update; value parsed as YAML (numbers, lists, maps)."""
+    doc = copy.deepcopy(dict(doc))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ValueError(f"--set {item!r}: the key must name a section and a field, e.g. optim.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        node = doc
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ValueError(f"--set {item!r}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return doc
+
+
+# ----- DeepSpeed JSON ------------------------------------------------------------------------------------
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    return ("bf16" if on_gpu else "fp32") if precision == "auto" else precision
+
+
+def reconcile_ds_config(ds: Mapping[str, Any], cfg: RunConfig, world_size: int, on_gpu: bool,
+                        where: str = "deepspeed config") -> dict[str, Any]:
+    """Fill the DeepSpeed JSON's "auto" values from the run config and check the rest agree with it.
+
+    Returns the config dict to hand to `deepspeed.initialize`. Raises ValueError naming the JSON key and
+    the YAML field on a contradiction (batch sizes, precision, ZeRO stage vs pipeline, clipping).
+    """
+    ds = copy.deepcopy(dict(ds))
+    stages = cfg.parallel.pipeline_stages if cfg.parallel.mode == "pipeline" else 1
+    if world_size % stages:
+        raise ValueError(f"world size {world_size} is not a multiple of parallel.pipeline_stages {stages}")
+    dp = world_size // stages
+    micro, accum = cfg.data.micro_batch_size, cfg.optim.grad_accum
+
+    def agree(key: str, ours: Any, yaml_field: str) -> None:
+        theirs = ds.get(key, "auto")
+        if theirs == "auto":
+            ds[key] = ours
+        elif theirs != ours:
+            raise ValueError(f"{where}: {key}={theirs!r} contradicts {yaml_field}={ours!r}; "
+                             f"set one of them to match (or \"auto\" in the JSON)")
+
+    agree("train_micro_batch_size_per_gpu", micro, "data.micro_batch_size")
+    agree("gradient_accumulation_steps", accum, "optim.grad_accum")
+    agree("train_batch_size", micro * accum * dp,
+          f"data.micro_batch_size x optim.grad_accum x data-parallel size ({micro} x {accum} x {dp})")
+    agree("gradient_clipping", float(cfg.optim.grad_clip), "optim.grad_clip")
+
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ValueError(f"{where}: has an \"{section}\" section, but the optimizer and LR schedule come "
+                             f"from the optim: section of the YAML (AdamW with decay groups, warmup + cosine); "
+                             f"remove it")
+
+    precision = resolve_precision(cfg.parallel.precision, on_gpu)
+    for name in ("bf16", "fp16"):
+        sec = ds.setdefault(name, {})
+        if not isinstance(sec, dict):
+            raise ValueError(f"{where}: \"{name}\" must be an object")
+        want = precision == name
+        enabled = sec.get("enabled", "auto")
+        if enabled == "auto":
+            sec["enabled"] = want
+        elif bool(enabled) != want:
+            raise ValueError(f"{where}: {name}.enabled={enabled} contradicts parallel.precision={cfg.parallel.precision!r} "
+                             f"(resolved to {precision})")
+    if precision == "bf16" and cfg.parallel.mode == "pipeline":
+        # DeepSpeed's bf16 optimizer with ZeRO-0 crashes on load_checkpoint (KeyError: 0); ZeRO-1 is fine.
+        ds.setdefault("zero_optimization", {}).setdefault("stage", 1)
+
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if cfg.parallel.mode == "pipeline" and stage not in (0, 1):
+        raise ValueError(f"{where}: zero_optimization.stage={stage} but parallel.mode=pipeline; DeepSpeed's "
+                         f"pipeline engine supports ZeRO stage 0 or 1 only (use mode: zero for ZeRO-2/3)")
+    if cfg.parallel.mode == "pipeline" and precision == "bf16" and stage == 0:
+        raise ValueError(f"{where}: bf16 with ZeRO stage 0 in pipeline mode cannot reload checkpoints in "
+                         f"DeepSpeed 0.19 (KeyError in the bf16 optimizer); use zero_optimization.stage=1")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{where}: zero_optimization.stage must be 0-3, got {stage!r}")
+    if not on_gpu and (zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+                       or zero.get("offload_param", {}).get("device") in ("cpu", "nvme")):
+        raise ValueError(f"{where}: ZeRO offload needs a GPU (it moves states off the GPU); use a ds_configs/*cpu* config")
+    ds.setdefault("steps_per_print", 1 << 30)  # our logger prints; keep DeepSpeed's per-step lines quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--deepspeed_config {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed_config {path}: not valid JSON ({e})") from None

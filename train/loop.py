@@ -1,0 +1,346 @@
+"""The training loop, top to bottom: data -> engine -> loss -> step -> metrics -> checkpoint.
+
+One optimizer step = `optim.grad_accum` micro-batches per data-parallel rank. Micro-batches are
+task-homogeneous (the loader's contract), so a micro-batch's loss is that task's loss and its FLOPs
+follow from its task. Under pipeline parallelism DeepSpeed's `train_batch` runs the whole step and
+only the last stage owns the loss, so that stage logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data.loader import UnimodLoader
+from model.flops import step_flops
+from train.checkpoint import (EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager, StopSignal, rng_state,
+                              set_rng_state)
+from train.config import RunConfig
+from train.launch import DistEnv
+from train.metrics import MetricsLogger, StepTimer, memory_scalars, throughput_scalars
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over supervised positions (labels aligned with inputs, -100 =
+    ignored). A micro-batch with nothing supervised gives 0, not NaN."""
+    logits = logits[:, :-1].flatten(0, 1).float()
+    target = labels[:, 1:].flatten()
+    total = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+    return total / (target != -100).sum().clamp_min(1)
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What one optimizer step produced on this rank (reduced across ranks before logging)."""
+
+    loss_sum: torch.Tensor    # [T] summed micro-batch losses per task
+    loss_count: torch.Tensor  # [T] micro-batches per task
+    aux_sum: torch.Tensor     # [] summed aux losses
+    routing: torch.Tensor     # [L, T, 2] routable / selected tokens
+    samples: int = 0
+    skipped_nonfinite: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config: dict[str, Any], env: DistEnv, device: torch.device,
+                 precision: str) -> None:
+        self.cfg, self.ds_config, self.env, self.device, self.precision = cfg, ds_config, env, device, precision
+        self.out = Path(cfg.run.output_dir)
+        self.pipeline = cfg.parallel.mode == "pipeline"
+        self.stages = cfg.parallel.pipeline_stages if self.pipeline else 1
+        self.dp_world = env.world_size // self.stages
+        self.zero_stage = ds_config["zero_optimization"].get("stage", 0)
+        T, L = cfg.model.num_tasks, cfg.model.num_hidden_layers
+        self._zeros = lambda: StepRecord(torch.zeros(T, device=device), torch.zeros(T, device=device),
+                                         torch.zeros((), device=device), torch.zeros(L, T, 2, device=device))
+
+        if self.pipeline:
+            from train.pipeline import build_pipeline_engine
+
+            self.engine, self.model = build_pipeline_engine(cfg, ds_config, precision, device)
+            self.dp_rank = self.engine.grid.get_data_parallel_id()
+            self.logs_here = self.engine.is_last_stage() and self.dp_rank == 0
+        else:
+            from train.engine import build_zero_engine
+
+            self.engine, self.model = build_zero_engine(cfg, ds_config, precision, device)
+            self.dp_rank = env.rank
+            self.logs_here = env.rank == 0
+        self.loader = UnimodLoader(cfg.data, tasks=cfg.model.mod.tasks, rank=self.dp_rank,
+                                   world_size=self.dp_world, layout=cfg.model.vocab)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.checkpoint.keep_last, env.rank)
+        self.step = 0
+        self.last_loss: dict[str, float] = {}
+        self.first_loss: float | None = None
+
+    # ----- data ------------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # epochs follow one another; the loader's state says where we are
+            for batch in self.loader:
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # ----- resume ------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found = CheckpointManager.resolve(self.cfg.checkpoint.resume, self.out / "checkpoints")
+        if found is None:
+            return
+        root, tag = found
+        state = self.ckpt.load(self.engine, root, tag)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.last_loss = state.get("last_loss", {})
+        self.first_loss = state.get("first_loss")
+        if self.env.rank == 0:
+            print(f"[train] resumed from {root / tag} at step {self.step}", flush=True)
+
+    def _save(self) -> None:
+        state = {"loader": self.loader.state_dict(), "rng": rng_state(), "last_loss": self.last_loss,
+                 "first_loss": self.first_loss}
+        tag = self.ckpt.save(self.engine, self.step, state)
+        self.log.print(f"[train] checkpoint {self.out / 'checkpoints' / tag}")
+
+    # ----- one optimizer step -------------------------------------------------------------------------------
+    def _zero_step(self, it, timer: StepTimer, rec: StepRecord) -> int:
+        """Runs micro-batches until grad_accum of them had a finite loss. Returns the number of
+        consecutive non-finite micro-batches at the end (0 when the step completed)."""
+        cfg, engine = self.cfg, self.engine
+        done, consecutive = 0, 0
+        while done < cfg.optim.grad_accum:
+            batch = timer.fetch(it)
+            out = engine(batch["input_ids"], task_ids=batch["task_ids"], position_ids=batch["position_ids"])
+            ce = causal_lm_loss(out.logits, batch["labels"])
+            loss = ce + out.aux_loss
+            finite = _all_reduce(torch.isfinite(loss.detach()).float().reshape(1), dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                # Skip the micro-batch on every rank (no backward, no step); its data is consumed.
+                rec.skipped_nonfinite += 1
+                consecutive += 1
+                self.log.print(f"[train] step {self.step + 1}: non-finite loss, micro-batch skipped "
+                               f"({consecutive} in a row)")
+                if consecutive >= cfg.checkpoint.max_consecutive_nonfinite:
+                    return consecutive
+                continue
+            consecutive = 0
+            engine.backward(loss)
+            engine.step()
+            t = int(batch["task_ids"][0])
+            rec.loss_sum[t] += ce.detach()
+            rec.loss_count[t] += 1
+            rec.aux_sum += out.aux_loss.detach()
+            rec.routing += out.routing.detach()
+            rec.samples += batch["input_ids"].shape[0]
+            done += 1
+        return 0
+
+    def _pipeline_step(self, it, timer: StepTimer, rec: StepRecord) -> int:
+        from train.pipeline import PipelineStepStats
+
+        stats = PipelineStepStats.attach(self.engine, rec)
+        timed = _TimedIter(it, timer)
+        loss = self.engine.train_batch(data_iter=timed)
+        stats.detach()
+        rec.samples += self.cfg.data.micro_batch_size * self.cfg.optim.grad_accum
+        if self.engine.is_last_stage() and not math.isfinite(float(loss)):
+            rec.skipped_nonfinite += 1
+        flag = _all_reduce(torch.tensor([float(rec.skipped_nonfinite)], device=self.device), dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    # ----- the run -------------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg = self.cfg
+        if self.env.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save_yaml(self.out / "config.yaml")
+        self._resume()
+        start_step = self.step
+        self.log = MetricsLogger(self.out, self.logs_here, cfg.run.max_steps, start_step, cfg.logging.progress_bar)
+        stop = StopSignal()
+        it = self._batches()
+        timer = StepTimer(self.device)
+        t_run = time.perf_counter()
+        totals = {"tokens": 0, "actual": 0, "dense": 0, "train_s": 0.0, "skipped_nonfinite": 0}
+        exit_code = 0
+        consecutive = 0
+        S = cfg.data.seq_len
+        recompute = cfg.parallel.activation_checkpointing
+        try:
+            while self.step < cfg.run.max_steps:
+                rec = self._zeros()
+                timer.start()
+                step_fn = self._pipeline_step if self.pipeline else self._zero_step
+                bad = step_fn(it, timer, rec)
+                step_s = timer.stop()
+                totals["skipped_nonfinite"] += rec.skipped_nonfinite
+                if bad:
+                    consecutive = consecutive + bad if self.pipeline else bad
+                    if consecutive >= cfg.checkpoint.max_consecutive_nonfinite:
+                        self.log.print(f"[train] {consecutive} consecutive non-finite losses at step "
+                                       f"{self.step + 1}: saving and stopping; lower optim.lr or check the data")
+                        self._save()
+                        exit_code = EXIT_NONFINITE
+                        break
+                    if not self.pipeline:
+                        continue
+                else:
+                    consecutive = 0
+                self.step += 1
+
+                # Reduce what this step did across ranks (loss owners only matter for logging).
+                packed = torch.cat([rec.loss_sum, rec.loss_count, rec.aux_sum.reshape(1), rec.routing.flatten()])
+                if not self.pipeline:
+                    _all_reduce(packed)
+                T = cfg.model.num_tasks
+                loss_sum, loss_count = packed[:T], packed[T:2 * T]
+                aux_sum, routing = packed[2 * T], packed[2 * T + 1:].view_as(rec.routing)
+                micro_per_task = loss_count.tolist() if not self.pipeline else None
+                if self.pipeline:  # every data-parallel replica runs the same number of micro-batches
+                    micro_per_task = [c * self.dp_world for c in loss_count.tolist()]
+                B = cfg.data.micro_batch_size
+                mbs = [[t] * B for t, n in enumerate(micro_per_task) for _ in range(int(round(n)))]
+                flops = step_flops(cfg.model, S, mbs, recompute=recompute) if mbs else None
+                flops_model = step_flops(cfg.model, S, mbs, recompute=False) if mbs else None
+                n_micro = max(1.0, float(loss_count.sum()))
+                total_loss = float(loss_sum.sum()) / n_micro + float(aux_sum) / n_micro
+                for t, task in enumerate(cfg.model.mod.tasks):
+                    if loss_count[t] > 0:
+                        self.last_loss[task] = float(loss_sum[t] / loss_count[t])
+                self.last_loss["total"] = total_loss
+                if self.first_loss is None:
+                    self.first_loss = total_loss
+                if flops is not None:
+                    totals["tokens"] += flops.tokens
+                    totals["actual"] += flops.actual
+                    totals["dense"] += flops.dense
+                totals["train_s"] += step_s
+
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.run.max_steps:
+                    self._log_step(step_s, timer.data_s, total_loss, loss_sum, loss_count, aux_sum, n_micro,
+                                   routing, flops, flops_model, rec.samples * self.dp_world)
+                self.log.advance()
+
+                if stop.agreed(self.device):
+                    self.log.print(f"[train] stop signal received: checkpointing at step {self.step} and exiting "
+                                   f"with code {EXIT_PREEMPTED} (resume with checkpoint.resume=auto)")
+                    self._save()
+                    exit_code = EXIT_PREEMPTED
+                    break
+                if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                    self._save()
+            else:
+                if self.ckpt.latest() != f"step_{self.step:08d}":
+                    self._save()
+        finally:
+            stop.restore()
+            self.log.close()
+
+        if exit_code == 0 and cfg.checkpoint.export_hf:
+            self.export_hf(self.out / "hf")
+        if self.env.rank == 0 or self.logs_here:
+            self._write_summary(totals, time.perf_counter() - t_run, exit_code, start_step)
+        return exit_code
+
+    def _log_step(self, step_s, data_s, total_loss, loss_sum, loss_count, aux_sum, n_micro, routing, flops,
+                  flops_model, samples) -> None:
+        if not self.logs_here:
+            return
+        cfg = self.cfg
+        scalars = {"loss/total": total_loss, "mod/aux_loss": float(aux_sum) / n_micro,
+                   "optim/lr": self.engine.get_lr()[0], "time/step_s": step_s,
+                   "time/data_pct": 100.0 * data_s / step_s if step_s > 0 else 0.0}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["optim/grad_norm"] = float(grad_norm)
+        for t, task in enumerate(cfg.model.mod.tasks):
+            if loss_count[t] > 0:
+                scalars[f"loss/{task}"] = float(loss_sum[t] / loss_count[t])
+        if flops is not None:
+            scalars.update(throughput_scalars(flops, flops_model, step_s, self.env.world_size, samples,
+                                              self.device, cfg.logging.peak_tflops))
+        for layer in cfg.model.mod.mod_layers():
+            for t, task in enumerate(cfg.model.mod.tasks):
+                n_routable, n_selected = routing[layer, t].tolist()
+                if n_routable > 0:
+                    scalars[f"mod/capacity/{task}/layer_{layer}"] = n_selected / n_routable
+        scalars.update(memory_scalars(self.device))
+        scalars["data/skipped_samples"] = float(self.loader.counters().get("skipped_samples", 0))
+        self.log.log(self.step, scalars)
+
+    def _write_summary(self, totals, wall_s, exit_code, start_step) -> None:
+        world = self.env.world_size
+        train_s = max(totals["train_s"], 1e-9)
+        summary = {
+            "status": {0: "completed", EXIT_PREEMPTED: "preempted", EXIT_NONFINITE: "stopped_nonfinite"}[exit_code],
+            "steps": self.step,
+            "steps_this_run": self.step - start_step,
+            "tokens": totals["tokens"],
+            "loss_first": self.first_loss,
+            "loss_final": self.last_loss.get("total"),
+            "loss_final_per_task": {k: v for k, v in self.last_loss.items() if k != "total"},
+            "tokens_per_s": totals["tokens"] / train_s,
+            "tflops_per_device": totals["actual"] / train_s / world / 1e12,
+            "flops_actual": totals["actual"],
+            "flops_dense": totals["dense"],
+            "mod_flops_saved_pct": 100.0 * (1 - totals["actual"] / totals["dense"]) if totals["dense"] else 0.0,
+            "skipped_nonfinite_microbatches": totals["skipped_nonfinite"],
+            "wall_time_s": wall_s,
+            "world_size": world,
+            "mode": self.cfg.parallel.mode,
+            "precision": self.precision,
+            "device": str(self.device),
+        }
+        path = self.out / "summary.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, path)
+        if self.env.rank == 0 or self.logs_here:
+            print(json.dumps(summary, indent=2), flush=True)
+
+    def export_hf(self, path: Path) -> None:
+        if self.pipeline:
+            from train.pipeline import consolidated_pipeline_state_dict
+
+            state = consolidated_pipeline_state_dict(self.engine, self.cfg.model)
+        else:
+            from train.engine import consolidated_state_dict
+
+            state = consolidated_state_dict(self.engine, self.model, self.zero_stage)
+        if self.env.rank == 0:
+            from model import UnifiedTransformer
+
+            with torch.device("meta"):
+                shell = UnifiedTransformer(self.cfg.model)  # only its config is used by save_hf
+            shell.save_hf(path, state_dict=state)
+            print(f"[train] exported HF Emu3 weights to {path}", flush=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+class _TimedIter:
+    """Wraps the batch iterator for DeepSpeed's train_batch so data wait time is measured, and turns our
+    dict batches into the ((inputs...), labels) tuples the pipeline engine expects."""
+
+    def __init__(self, it, timer: StepTimer) -> None:
+        self.it, self.timer = it, timer
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self.timer.fetch(self.it)
+        return (b["input_ids"], b["task_ids"], b["position_ids"]), b["labels"]

@@ -1,0 +1,152 @@
+"""Train an Emu3-architecture unified model with task-aware Mixture-of-Depths under DeepSpeed.
+
+The one entry point, unchanged under every launcher (train/launch.py finds rank and rendezvous):
+
+    python train/main.py --smoke                                   # first run: CPU or 1 GPU, < 2 min
+    python train/main.py --config train/configs/demo.yaml --prepare-demo-data
+    deepspeed --num_gpus 8 train/main.py --config train/configs/emu3_8b_unimod.yaml \
+        --deepspeed_config ds_configs/zero3_bf16.json
+    torchrun --nproc_per_node 8 train/main.py --config ... --deepspeed_config ...
+    mpirun -np 16 python train/main.py --config ... --deepspeed_config ...
+    srun python train/main.py --config ... --deepspeed_config ...   (see slurm/train_emu3_mod.sh)
+    python train/main.py --config ... --plan --nodes 4 --gpus-per-node 8   # capacity planner, no GPU
+
+Options: `--set section.field=value` (repeatable) overrides the YAML; `--resume auto|none|PATH`.
+Exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after checkpointing (run again to continue);
+3 stopped after repeated non-finite losses; 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/main.py` / `deepspeed train/main.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = REPO / "train" / "configs" / "smoke.yaml"
+DEFAULT_DS_CONFIG = {"cpu": REPO / "ds_configs" / "single_cpu.json", "gpu": REPO / "ds_configs" / "single_gpu.json"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from train.launch import add_launcher_args
+
+    p = argparse.ArgumentParser(prog="train/main.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="run YAML (model/data/optim/parallel/logging/checkpoint/run sections)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   help="DeepSpeed JSON; 'auto' values are filled from the YAML (default: ds_configs/single_*.json)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config value (YAML syntax), e.g. --set optim.lr=1e-4")
+    p.add_argument("--resume", help="auto | none | path to a checkpoint (same as --set checkpoint.resume=...)")
+    p.add_argument("--smoke", action="store_true",
+                   help="one process, debug preset with MoD, demo data (built if missing), a few dozen steps")
+    p.add_argument("--prepare-demo-data", action="store_true",
+                   help="build the embedded demo dataset into data.dataset_dir if it has no manifest.json")
+    p.add_argument("--plan", action="store_true", help="print the capacity plan and exit (no GPU needed)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--assumed-mfu", type=float, default=0.4)
+    add_launcher_args(p)
+    args = p.parse_args(argv)
+    if args.smoke and not args.config:
+        args.config = str(SMOKE_CONFIG)
+        args.prepare_demo_data = True
+    if not args.config:
+        p.error("--config is required (or --smoke)")
+    if args.resume:
+        args.set.append(f"checkpoint.resume={args.resume}")
+    return args
+
+
+def ensure_demo_data(config_path: str, overrides: list[str], local_rank: int) -> None:
+    """Build the demo dataset where the config points, once per machine (local rank 0); the other
+    ranks wait for its manifest, which the builder writes last."""
+    import yaml
+
+    from train.config import apply_overrides
+
+    doc = apply_overrides(yaml.safe_load(Path(config_path).read_text()) or {}, overrides)
+    dataset_dir = (doc.get("data") or {}).get("dataset_dir")
+    if not dataset_dir:
+        raise ValueError("--prepare-demo-data needs data.dataset_dir in the config")
+    manifest = Path(dataset_dir) / "manifest.json"
+    if manifest.exists():
+        return
+    if local_rank == 0:
+        from data.demo import build_demo
+
+        print(f"[train] building the demo dataset into {dataset_dir} (about 20 s)", flush=True)
+        build_demo(dataset_dir, created_by="train/main.py --prepare-demo-data")
+        return
+    deadline = time.time() + 600
+    while not manifest.exists():
+        if time.time() > deadline:
+            raise RuntimeError(f"waited 10 min for local rank 0 to build {manifest}")
+        time.sleep(1.0)
+
+
+def run_plan(cfg, args) -> int:
+    from train.plan import format_plan, plan
+
+    dp = args.nodes * args.gpus_per_node
+    stages = cfg.parallel.pipeline_stages if cfg.parallel.mode == "pipeline" else 1
+    tasks = cfg.data.tasks
+    total = sum(tasks.values())
+    report = plan(cfg.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
+                  mode="pipeline" if cfg.parallel.mode == "pipeline" else "zero3", pipeline_stages=stages,
+                  micro_batch_size=cfg.data.micro_batch_size, seq_len=cfg.data.seq_len,
+                  grad_accum=cfg.optim.grad_accum, precision="bf16",
+                  activation_checkpointing=cfg.parallel.activation_checkpointing,
+                  task_mix={t: w / total for t, w in tasks.items()}, assumed_mfu=args.assumed_mfu)
+    print(format_plan(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from train.config import RunConfig, load_ds_config, reconcile_ds_config, resolve_precision
+    from train.launch import init_distributed, resolve
+
+    try:
+        if args.plan:
+            return run_plan(RunConfig.load(args.config, args.set), args)
+        env = resolve()
+        if args.prepare_demo_data:
+            ensure_demo_data(args.config, args.set, env.local_rank)
+        cfg = RunConfig.load(args.config, args.set)
+
+        import torch
+
+        on_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+        if cfg.run.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("run.device=cuda but no CUDA device is visible")
+        ds_path = args.deepspeed_config or DEFAULT_DS_CONFIG["gpu" if on_gpu else "cpu"]
+        # Every contradiction is reported here, before a process group or a model exists.
+        ds_config = reconcile_ds_config(load_ds_config(ds_path), cfg, env.world_size, on_gpu, where=str(ds_path))
+        precision = resolve_precision(cfg.parallel.precision, on_gpu)
+        if not on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    env = init_distributed(env)
+    device = torch.device(env.device)
+    if env.rank == 0:
+        print(f"[train] {env.world_size} process(es) via {env.launcher}, device {device}, precision {precision}, "
+              f"mode {cfg.parallel.mode}, ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}", flush=True)
+        print(f"[train] deepspeed config: {json.dumps(ds_config)}", flush=True)
+    from train.loop import Trainer
+
+    return Trainer(cfg, ds_config, env, device, precision).fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
