@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader
 
 from data.layout import TASKS
 from data.packing import estimate_rows_per_sample
-from data.stream import EpochDataset, Plan
+from data.stream import EpochDataset, Plan, WorkerError
 from data.validate import BadInputError, load_manifest, read_shard, validate_shards
 from model.config import VocabLayout
 
@@ -263,6 +263,8 @@ class UnimodLoader:
         dl = DataLoader(ds, batch_size=None, num_workers=self.config.num_workers)
         for batch, role, counters, keys in dl:
             self._worker_counters[role] = counters
+            if isinstance(batch, WorkerError):
+                raise batch.error
             self._consumed += 1
             self.last_keys = keys
             yield batch

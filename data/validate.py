@@ -53,14 +53,23 @@ one tokenizer, for one task. Any other first-sample problem only drops that samp
 class BadInputError(ValueError):
     """A shard or sample that breaks the contract; the message names shard, key and field.
 
-    The structured attributes are for code in this process; across DataLoader worker processes
-    PyTorch re-raises only the type and the message, so the message alone must be enough.
+    The structured attributes survive pickling, so the loader can carry the error out of a
+    DataLoader worker intact (see `data.stream.WorkerError`).
     """
 
     def __init__(self, message: str, *, shard: str | None = None, key: str | None = None,
                  field: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.shard, self.key, self.field, self.reason = shard, key, field, reason
+
+    def __reduce__(self):
+        # Keep the structured fields when the error is pickled across worker processes.
+        return (_rebuild_bad_input, (str(self), self.shard, self.key, self.field, self.reason))
+
+
+def _rebuild_bad_input(message: str, shard: str | None, key: str | None, field: str | None,
+                       reason: str | None) -> BadInputError:
+    return BadInputError(message, shard=shard, key=key, field=field, reason=reason)
 
 
 def bad(reason: str, shard: str, key: str | None, fld: str, detail: str) -> BadInputError:

@@ -52,6 +52,8 @@ def check_both_policies(root, samples, *, reason, shard, key, field, gone, count
         epoch_keys(loader(root, "raise", workers))
     msg = str(err.value)
     assert reason in msg and shard in msg and repr(key) in msg and f"field {field}" in msg, msg
+    # The structured fields survive the trip out of a worker process too.
+    assert (err.value.reason, err.value.shard, err.value.key, err.value.field) == (reason, shard, key, field)
     ld = loader(root, "skip", workers)
     seen = epoch_keys(ld)
     c = ld.counters()
