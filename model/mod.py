@@ -128,23 +128,26 @@ class DecoderLayer(Block):
         pos = torch.arange(S, device=x.device, dtype=torch.float64)
         priority = torch.where(routable, r.detach().double(), 1e12 - pos)
         priority = torch.where(kinds == KIND_PAD, -1e12 - pos, priority)
-        top = priority.topk(P, dim=1, sorted=True).indices  # [B,P], best first
-        idx, order = top.sort(dim=1)  # restore sequence order
         uniform = len(set(kept)) == 1
+        top = priority.topk(P, dim=1, sorted=not uniform).indices  # [B,P]; best first when sorted
         valid = None
-        if not uniform:  # slots beyond a sequence's own P are placeholders: no update, invisible
+        if uniform:
+            idx = top.sort(dim=1).values  # restore sequence order
+        else:
+            # A sequence with a smaller P than the micro-batch's fills its extra slots with placeholders.
+            # Sorting them after every kept token (key + S) lets plain causal attention hide them from
+            # the kept tokens, so no mask is needed and the flash kernel still applies; their own
+            # outputs are dropped by a zero gate.
             rank_ok = torch.arange(P, device=x.device)[None, :] < torch.tensor(kept, device=x.device)[:, None]
-            valid = rank_ok.gather(1, order)
+            key = torch.where(rank_ok, top, top + S).sort(dim=1).values
+            valid = key < S
+            idx = torch.where(valid, key, key - S)
 
         idx_D = idx[..., None].expand(B, P, x.shape[-1])
         x_sel = x.gather(1, idx_D)
         cos_sel = cos.gather(1, idx[..., None].expand(B, P, cos.shape[-1]))
         sin_sel = sin.gather(1, idx[..., None].expand(B, P, sin.shape[-1]))
-        mask = None
-        if valid is not None:
-            causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
-            mask = (causal[None] & (valid[:, None, :] | torch.eye(P, dtype=torch.bool, device=x.device)))[:, None]
-        y = self.block(x_sel, cos_sel, sin_sel, mask)
+        y = self.block(x_sel, cos_sel, sin_sel)
 
         r_sel = r.gather(1, idx)
         routed_sel = routable.gather(1, idx)

@@ -251,7 +251,7 @@ class Trainer:
 
         if exit_code == 0 and cfg.checkpoint.export_hf:
             self.export_hf(self.out / "hf")
-        if self.env.rank == 0 or self.logs_here:
+        if self.logs_here:  # the loss owner: rank 0, or the last pipeline stage's first replica
             self._write_summary(totals, time.perf_counter() - t_run, exit_code, start_step)
         return exit_code
 
@@ -308,8 +308,7 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, path)
-        if self.env.rank == 0 or self.logs_here:
-            print(json.dumps(summary, indent=2), flush=True)
+        print(json.dumps(summary, indent=2), flush=True)
 
     def export_hf(self, path: Path) -> None:
         if self.pipeline:
