@@ -218,6 +218,21 @@ def test_select_device():
     assert select_device(env, gpu_count=1, environ={"CUDA_VISIBLE_DEVICES": "3"}) == "cuda:0"
 
 
+def test_init_distributed_refuses_bad_arguments_before_touching_anything(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    env = DistEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single")
+    with pytest.raises(ValueError, match="device must be None, 'cpu' or 'cuda'"):
+        init_distributed(env, device="gpu")
+    with pytest.raises(ValueError, match="timeout_s"):
+        init_distributed(env, timeout_s=0)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            init_distributed(env, device="cuda")
+    assert "RANK" not in os.environ
+
+
 def test_launcher_args_accept_deepspeeds_local_rank():
     parser = argparse.ArgumentParser()
     add_launcher_args(parser)

@@ -397,20 +397,28 @@ def select_device(env: DistEnv, gpu_count: int | None = None, environ: Mapping[s
     )
 
 
-def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: int = 1800) -> DistEnv:
+def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: int = 1800,
+                     device: str | None = None) -> DistEnv:
     """Export the torch.distributed variables, pick the device and start the process group.
 
-    Returns `env` with `device` set. NCCL on CUDA, gloo on CPU unless `backend` says otherwise.
+    Returns `env` with `device` set. `device` "cpu" keeps a GPU machine on CPU (run.device=cpu); None
+    or "cuda" take cuda:<local_rank> when CUDA is available. NCCL on CUDA, gloo on CPU, unless
+    `backend` says otherwise.
     """
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"init_distributed: device must be None, 'cpu' or 'cuda', got {device!r}")
     if env.master_addr is None:
         raise ValueError("DistEnv.master_addr is None (MPI on several nodes): build it with train.launch.resolve()")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s <= 0:
         raise ValueError(f"timeout_s must be a positive integer, got {timeout_s!r}")
+    chosen = "cpu" if device == "cpu" else select_device(env)
+    if device == "cuda" and chosen == "cpu":
+        raise ValueError("init_distributed: device='cuda' but no CUDA device is visible")
+    device = chosen
     os.environ.update(
         RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
         LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
     )
-    device = select_device(env)
     if device.startswith("cuda"):
         import torch
 
