@@ -46,9 +46,10 @@ if (( ${#missing_mpi[@]} == 0 && ${#missing_slurm[@]} == 0 )); then
   exit 0
 fi
 
+missing_all=("${missing_mpi[@]}" "${missing_slurm[@]}")
 if (( EUID != 0 )); then
-  log "missing ${missing_mpi[*]} ${missing_slurm[*]}; not root, so not installing." \
-      "Run as root: apt-get install --no-install-recommends ${missing_mpi[*]} ${missing_slurm[*]}." \
+  log "missing ${missing_all[*]}; not root, so not installing." \
+      "Run as root: apt-get install --no-install-recommends ${missing_all[*]}." \
       "The tests that need them will skip."
   exit 0
 fi
