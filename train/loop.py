@@ -169,6 +169,13 @@ class Trainer:
             cfg.save_yaml(self.out / "config.yaml")
         self._resume()
         start_step = self.step
+        if start_step >= cfg.run.max_steps and (self.out / "summary.json").exists():
+            # A finished run (e.g. the demo run again): nothing to train, keep its summary as it is.
+            if self.logs_here:
+                print(f"[train] {self.out} already reached run.max_steps={cfg.run.max_steps}; its summary:",
+                      flush=True)
+                print((self.out / "summary.json").read_text(), flush=True)
+            return 0
         self.log = MetricsLogger(self.out, self.logs_here, cfg.run.max_steps, start_step, cfg.logging.progress_bar)
         stop = StopSignal()
         it = self._batches()
