@@ -118,8 +118,15 @@ def load_hf_weights(model: torch.nn.Module, path: str, zero3: bool) -> None:
 
 
 def consolidated_state_dict(engine, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Whole weights on rank 0 (None elsewhere): ZeRO-3 shards are gathered layer by layer."""
-    if zero_stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()  # noqa: SLF001 (HF Trainer uses it too)
+    """Whole weights on rank 0 (None elsewhere), in the training dtype. ZeRO-3 shards are gathered one
+    parameter at a time, so no rank holds more than one whole tensor beyond its shard (DeepSpeed's
+    `_zero3_consolidated_16bit_state_dict` would also cast fp32 runs to 16 bits)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if zero_stage == 3:
+        state = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank == 0:
+                    state[name] = p.data.detach().cpu().clone()
+        return state if rank == 0 else None
     return {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
