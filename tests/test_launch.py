@@ -260,8 +260,10 @@ _SCRIPT = textwrap.dedent("""
         m = resolve(bare)
         extra = (f" mpi_master={{mpi_master_addr() == socket.gethostname()}}"
                  f" mpi4py={{m.launcher}}:{{m.rank}}/{{m.world_size}}:{{m.local_rank}}/{{m.local_world_size}}")
-    print(f"RESULT rank={{env.rank}} world={{env.world_size}} local={{env.local_rank}}/{{env.local_world_size}} "
-          f"launcher={{env.launcher}} device={{env.device}} sum={{t.item():g}}{{extra}}", flush=True)
+    # One file per rank: mpirun forwards the ranks' stdout in chunks that may interleave mid-line.
+    with open(os.path.join(sys.argv[1], f"rank{{env.rank}}.txt"), "w") as f:
+        f.write(f"RESULT rank={{env.rank}} world={{env.world_size}} local={{env.local_rank}}/{{env.local_world_size}} "
+                f"launcher={{env.launcher}} device={{env.device}} sum={{t.item():g}}{{extra}}")
     dist.destroy_process_group()
 """)
 
@@ -280,9 +282,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
 
 
-def _results(proc: subprocess.CompletedProcess) -> list[str]:
+def _results(proc: subprocess.CompletedProcess, out: Path) -> list[str]:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return sorted(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    return [f.read_text() for f in sorted(out.glob("rank*.txt"))]
 
 
 def test_mpirun_two_ranks_all_reduce(tmp_path):
@@ -294,9 +296,9 @@ def test_mpirun_two_ranks_all_reduce(tmp_path):
     # Debian's Open MPI refuses root without these; --oversubscribe lets 2 ranks share fewer cores.
     env = _clean_env(MASTER_PORT=str(_free_port()), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                      OMPI_MCA_btl_vader_single_copy_mechanism="none")
-    proc = subprocess.run([mpirun, "--oversubscribe", "-np", "2", sys.executable, str(script)], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert _results(proc) == [
+    proc = subprocess.run([mpirun, "--oversubscribe", "-np", "2", sys.executable, str(script), str(tmp_path)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert _results(proc, tmp_path) == [
         f"RESULT rank={r} world=2 local={r}/2 launcher=openmpi device=cpu sum=3 mpi_master=True "
         f"mpi4py=mpi4py:{r}/2:{r}/2" for r in (0, 1)
     ]
@@ -307,8 +309,8 @@ def test_torchrun_two_ranks_all_reduce(tmp_path):
     script.write_text(_SCRIPT.format(repo=str(REPO)))
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                           "--master_port", str(_free_port()), str(script)], env=_clean_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert _results(proc) == [
+                           "--master_port", str(_free_port()), str(script), str(tmp_path)], env=_clean_env(),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert _results(proc, tmp_path) == [
         f"RESULT rank={r} world=2 local={r}/2 launcher=torchrun device=cpu sum=3" for r in (0, 1)
     ]
