@@ -134,7 +134,8 @@ class CheckpointConfig:
     export_hf: bool = True
     """At the end, write output_dir/hf: consolidated weights as an HF Emu3 directory (safetensors)."""
     init_from_hf: str | None = None
-    """Start from an HF Emu3 checkpoint directory (UniMoD fine-tuning); routers start fresh."""
+    """Start from an HF Emu3 checkpoint directory (UniMoD fine-tuning). Routers start fresh, unless the
+    directory carries them for the same tasks (mod_routers.safetensors of a UniMoD export)."""
     max_consecutive_nonfinite: int = 5
     """A NaN/inf loss skips its micro-batch; this many in a row saves and stops the run."""
 

@@ -9,7 +9,9 @@ rank materialises the whole model).
 
 from __future__ import annotations
 
+import itertools
 import math
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -95,13 +97,34 @@ def check_hf_matches(model_cfg: ModelConfig, path: str) -> None:
                          f"vocabulary layout has {model_cfg.vocab_size}")
 
 
+def iter_hf_routers(model_cfg: ModelConfig, path: str):
+    """Yield (key, tensor) of the MoD router banks `save_hf` writes beside the HF weights
+    (mod_routers.safetensors), when the checkpoint's task list is this run's: a UniMoD checkpoint (e.g. a
+    previous run's hf/ export) then keeps its trained routers. A plain Emu3 checkpoint has none, and a
+    different task list would score the wrong tasks, so routers then start fresh."""
+    from safetensors import safe_open
+
+    from model.hf import ROUTERS_FILE
+
+    file = Path(path) / ROUTERS_FILE
+    theirs, _ = config_from_hf(path)
+    if not file.exists() or (theirs.get("mod") or {}).get("tasks") != list(model_cfg.mod.tasks):
+        return
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
+
+
 def load_hf_weights(model: torch.nn.Module, path: str, zero3: bool) -> None:
-    """Copy an HF Emu3 checkpoint into `model` (routers absent from it keep their fresh init)."""
+    """Copy an HF Emu3 checkpoint into `model`; routers come from its mod_routers.safetensors when it has
+    them for this run's tasks and MoD layers, else keep their fresh init."""
     check_hf_matches(model.config, path)
     params = dict(model.named_parameters())
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     seen = set()
-    for key, tensor in iter_hf_tensors(path):
+    routers = ((k, t) for k, t in iter_hf_routers(model.config, path)
+               if k in params and tuple(getattr(params[k], "ds_shape", params[k].shape)) == tuple(t.shape))
+    for key, tensor in itertools.chain(iter_hf_tensors(path), routers):
         if key not in params:
             raise ValueError(f"checkpoint.init_from_hf={path}: tensor {key} has no place in the model")
         p = params[key]

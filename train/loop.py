@@ -87,6 +87,7 @@ class Trainer:
         self.step = 0
         self.last_loss: dict[str, float] = {}
         self.first_loss: float | None = None
+        self._grad_norm: float | None = None  # ZeRO-0's, which DeepSpeed does not report
 
     # ----- data ------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -138,6 +139,11 @@ class Trainer:
                 continue
             consecutive = 0
             engine.backward(loss)
+            if self.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+                # DeepSpeed reports no grad norm for a plain torch optimizer under ZeRO-0 (it clips
+                # without keeping the norm): take it here, after backward's all-reduce, before the step.
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
             engine.step()
             t = int(batch["task_ids"][0])
             rec.loss_sum[t] += ce.detach()
@@ -271,6 +277,8 @@ class Trainer:
                    "optim/lr": self.engine.get_lr()[0], "time/step_s": step_s,
                    "time/data_pct": 100.0 * data_s / step_s if step_s > 0 else 0.0}
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._grad_norm
         if grad_norm is not None:
             scalars["optim/grad_norm"] = float(grad_norm)
         for t, task in enumerate(cfg.model.mod.tasks):

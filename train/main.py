@@ -19,8 +19,10 @@ Exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after checkpointing (run again
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -109,6 +111,12 @@ def run_plan(cfg, args) -> int:
     return 0
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from train.config import RunConfig, load_ds_config, reconcile_ds_config, resolve_precision
@@ -137,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if env.launcher == "single" and not os.environ.get("MASTER_PORT"):
+        # A lone process only talks to itself: a free port, so two runs on one machine (or another job on
+        # 29500) cannot collide with EADDRINUSE.
+        env = dataclasses.replace(env, master_port=_free_port())
     env = init_distributed(env)
     device = torch.device(env.device)
     if env.rank == 0:

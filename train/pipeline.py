@@ -16,6 +16,7 @@ back. Shapes are fixed per run (fixed seq_len, fixed micro-batch): the engine se
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -32,7 +33,7 @@ from model.hf import iter_hf_tensors
 from model.layers import Embedding, Linear, RMSNorm, rope_cos_sin
 from model.mod import DecoderLayer, capacity_table, routable_table, token_kinds
 from train.config import RunConfig
-from train.engine import check_hf_matches, make_optimizer, torch_dtype
+from train.engine import check_hf_matches, iter_hf_routers, make_optimizer, torch_dtype
 
 
 class EmbedPipe(nn.Module):
@@ -186,9 +187,9 @@ def load_hf_into_pipeline(module: PipelineModule, model_cfg: ModelConfig, path: 
     check_hf_matches(model_cfg, path)
     params = dict(module.named_parameters())
     L = model_cfg.num_hidden_layers
-    for key, tensor in iter_hf_tensors(path):
+    for key, tensor in itertools.chain(iter_hf_tensors(path), iter_hf_routers(model_cfg, path)):
         pk = hf_key_to_pipe(key, L)
-        if pk in params:  # this stage owns it
+        if pk in params and params[pk].shape == tensor.shape:  # this stage owns it (a router: same plan)
             params[pk].data.copy_(tensor.to(params[pk].dtype))
 
 
