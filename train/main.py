@@ -95,20 +95,27 @@ def ensure_demo_data(config_path: str, overrides: list[str], local_rank: int) ->
 
 
 def run_plan(cfg, args) -> int:
+    """Print the capacity plan; exit 1 when it does not fit in --gpu-memory-gib."""
+    from train.config import load_ds_config
     from train.plan import format_plan, plan
 
-    dp = args.nodes * args.gpus_per_node
+    offload = False
+    if args.deepspeed_config:
+        zero = load_ds_config(args.deepspeed_config).get("zero_optimization", {})
+        offload = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     stages = cfg.parallel.pipeline_stages if cfg.parallel.mode == "pipeline" else 1
     tasks = cfg.data.tasks
     total = sum(tasks.values())
     report = plan(cfg.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
                   mode="pipeline" if cfg.parallel.mode == "pipeline" else "zero3", pipeline_stages=stages,
                   micro_batch_size=cfg.data.micro_batch_size, seq_len=cfg.data.seq_len,
-                  grad_accum=cfg.optim.grad_accum, precision="bf16",
-                  activation_checkpointing=cfg.parallel.activation_checkpointing,
-                  task_mix={t: w / total for t, w in tasks.items()}, assumed_mfu=args.assumed_mfu)
+                  grad_accum=cfg.optim.grad_accum,
+                  precision="bf16" if cfg.parallel.precision == "auto" else cfg.parallel.precision,
+                  activation_checkpointing=cfg.parallel.activation_checkpointing, offload_optimizer=offload,
+                  task_mix={t: w / total for t, w in tasks.items()}, assumed_mfu=args.assumed_mfu,
+                  **({"peak_flops_per_gpu": cfg.logging.peak_tflops * 1e12} if cfg.logging.peak_tflops else {}))
     print(format_plan(report))
-    return 0
+    return 0 if report.fits else 1
 
 
 def _free_port() -> int:
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         # A lone process only talks to itself: a free port, so two runs on one machine (or another job on
         # 29500) cannot collide with EADDRINUSE.
         env = dataclasses.replace(env, master_port=_free_port())
-    env = init_distributed(env)
+    env = init_distributed(env, device="cuda" if on_gpu else "cpu")
     device = torch.device(env.device)
     if env.rank == 0:
         print(f"[train] {env.world_size} process(es) via {env.launcher}, device {device}, precision {precision}, "
