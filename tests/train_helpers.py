@@ -1,0 +1,181 @@
+"""Helpers shared by the training tests: command lines for `train/main.py` under each launcher, subprocesses
+that always die with their process group, and readers for what a run writes (metrics.jsonl, summary.json).
+
+Every run is CPU, fp32, the debug preset of train/configs/smoke.yaml shrunk by `--set` overrides, in a tmp
+dir. Each subprocess gets its own free MASTER_PORT, so tests never collide with another job's 29500.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = REPO / "train" / "main.py"
+SMOKE = REPO / "train" / "configs" / "smoke.yaml"
+BIN = Path(sys.executable).parent  # the venv's bin: deepspeed and torchrun live next to python
+DS_ZERO3 = REPO / "ds_configs" / "zero3_cpu.json"
+DS_PIPELINE = REPO / "ds_configs" / "pipeline_cpu.json"
+DS_SINGLE = REPO / "ds_configs" / "single_cpu.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(dataset: Path, out: Path, **fields) -> list[str]:
+    """`section.field=value` overrides for a small CPU run of the smoke config; `fields` use
+    `section__field` keys (e.g. run__max_steps=6) and override these defaults."""
+    base = {
+        "data.dataset_dir": str(dataset),
+        "run.output_dir": str(out),
+        "run.device": "cpu",
+        "parallel.precision": "fp32",
+        "data.micro_batch_size": 2,
+        "data.num_workers": 0,
+        "logging.progress_bar": "false",
+        "checkpoint.export_hf": "false",
+        "checkpoint.save_every": 0,
+        "checkpoint.resume": "auto",
+        "run.max_steps": 6,
+    }
+    base.update({k.replace("__", "."): v for k, v in fields.items()})
+    return [f"{key}={value}" for key, value in base.items()]
+
+
+def overrides(dataset: Path, out: Path, **fields) -> list[str]:
+    """The same as `--set` arguments for train/main.py."""
+    args: list[str] = []
+    for item in settings(dataset, out, **fields):
+        args += ["--set", item]
+    return args
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment of a training subprocess: CPU accelerator, one thread per rank (2 cores), a free port."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    env.update(DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def single_cmd(args: Iterable[str], config: Path = SMOKE, ds_config: Path = DS_SINGLE) -> list[str]:
+    return [sys.executable, str(MAIN), "--config", str(config), "--deepspeed_config", str(ds_config), *args]
+
+
+def deepspeed_cmd(args: Iterable[str], port: int, nprocs: int = 2, ds_config: Path = DS_ZERO3) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(port), str(MAIN),
+            "--config", str(SMOKE), "--deepspeed_config", str(ds_config), *args]
+
+
+def torchrun_cmd(args: Iterable[str], port: int, nprocs: int = 2, ds_config: Path = DS_PIPELINE) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(nprocs), "--master_port", str(port), str(MAIN),
+            "--config", str(SMOKE), "--deepspeed_config", str(ds_config), *args]
+
+
+class Run:
+    """A finished subprocess: exit code, combined output, wall time."""
+
+    def __init__(self, cmd: list[str], rc: int, output: str, wall_s: float) -> None:
+        self.cmd, self.rc, self.output, self.wall_s = cmd, rc, output, wall_s
+
+    def explain(self) -> str:
+        return f"command: {' '.join(self.cmd)}\nexit code {self.rc}\n--- output (tail) ---\n{self.output[-6000:]}"
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start `cmd` in its own session (so the whole launcher tree can be signalled), output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    f = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc._log_file = f  # closed by finish()
+    proc._log_path = log
+    proc._t0 = time.perf_counter()
+    return proc
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def finish(proc: subprocess.Popen, cmd: list[str], timeout: float) -> Run:
+    """Wait for `proc` (killing its process group past `timeout`) and return what it did."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        proc.wait()
+        rc = -9
+    finally:
+        proc._log_file.close()
+    wall = time.perf_counter() - proc._t0
+    out = proc._log_path.read_text(errors="replace")
+    if rc == -9 and "timed out" not in out:
+        out += f"\n[test] killed after {timeout} s timeout"
+    return Run(cmd, rc, out, wall)
+
+
+def run(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 240) -> Run:
+    return finish(start(cmd, env, log), cmd, timeout)
+
+
+def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 180) -> None:
+    """Block until metrics.jsonl holds `step` (or fail if the process exits or time runs out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["step"] >= step for r in read_metrics(metrics, missing_ok=True)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited with {proc.returncode} before logging step {step}:\n"
+                                 f"{proc._log_path.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.05)
+    kill_group(proc)
+    raise AssertionError(f"step {step} did not appear in {metrics} within {timeout} s")
+
+
+def read_metrics(path: Path, missing_ok: bool = False) -> list[dict]:
+    if missing_ok and not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if missing_ok:  # a line being written right now
+                continue
+            raise
+    return records
+
+
+def losses(path: Path) -> dict[int, float]:
+    """step -> loss/total from metrics.jsonl."""
+    return {r["step"]: r["loss/total"] for r in read_metrics(path)}
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def complete_checkpoints(out: Path) -> list[str]:
+    root = out / "checkpoints"
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("step_") and (p / "COMPLETE").exists())
+
+
+def latest(out: Path) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
