@@ -60,12 +60,17 @@ def overrides(dataset: Path, out: Path, **fields) -> list[str]:
     return args
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """Environment of a training subprocess: CPU accelerator, one thread per rank (2 cores), a free port."""
+def child_env(port: bool = True, threads: int | None = 1, **extra: str) -> dict[str, str]:
+    """Environment of a training subprocess: CPU accelerator, no launcher variables inherited, one thread
+    per rank (2 shared cores; None keeps torch's default) and a free MASTER_PORT (False: none set)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
-    env.update(DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "OMP_NUM_THREADS") and not k.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_"))}
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if port:
+        env["MASTER_PORT"] = str(free_port())
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.update(extra)
     return env
 
@@ -179,3 +184,28 @@ def complete_checkpoints(out: Path) -> list[str]:
 
 def latest(out: Path) -> str:
     return (out / "checkpoints" / "latest").read_text().strip()
+
+
+def assert_hf_export_loads(hf_dir: Path, seq_len: int = 24) -> None:
+    """<output_dir>/hf loads with our `UnifiedTransformer.from_hf` and with transformers'
+    `Emu3ForCausalLM.from_pretrained`, and both give the same logits for a dense task (a task with no MoD
+    capacity runs every layer on every token, which is what the plain HF model computes)."""
+    import torch
+    from transformers import Emu3ForCausalLM
+
+    from model import UnifiedTransformer
+
+    ours = UnifiedTransformer.from_hf(hf_dir).float().eval()
+    theirs = Emu3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    cfg = ours.config
+    dense = [t for t in cfg.mod.tasks
+             if all(cfg.mod.capacity_of(layer, t) >= 1.0 for layer in range(cfg.num_hidden_layers))]
+    assert dense, f"no dense task in {cfg.mod.tasks} to compare against the plain HF model"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, seq_len), generator=g)
+    task_ids = torch.full((2,), cfg.mod.tasks.index(dense[0]), dtype=torch.long)
+    with torch.no_grad():
+        a = ours(ids, task_ids=task_ids).logits
+        b = theirs(ids).logits
+    assert a.abs().sum() > 0
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

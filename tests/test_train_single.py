@@ -1,0 +1,335 @@
+"""One-process training runs on CPU (fp32, debug preset, demo data): the smoke run, its TensorBoard scalars and
+FLOPs, its HF export; checkpoints under SIGTERM, SIGUSR1 and SIGKILL with exact resume; non-finite losses.
+
+Runs are subprocesses of `train/main.py` (as a user starts them), shared between tests by module fixtures.
+The non-finite-loss tests run `train.main.main` in-process with `train.loop.causal_lm_loss` patched, so
+production carries no test-only switch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.train_helpers import (DS_SINGLE, MAIN, SMOKE, assert_hf_export_loads, child_env, complete_checkpoints,
+                                 finish, free_port, kill_group, latest, losses, read_metrics, run, settings,
+                                 single_cmd, start, summary, wait_for_step)
+
+SMOKE_LIMIT_S = 120  # the issue: the first run a user makes finishes in under 2 minutes on 2 CPU cores
+
+
+# ----- the smoke run -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke(demo_dataset, tmp_path_factory):
+    """`python train/main.py --smoke` as shipped, pointed at tmp dirs, with a peak FLOP/s so MFU is logged.
+    No MASTER_PORT: a lone process must find its own port."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    cmd = [sys.executable, str(MAIN), "--smoke", "--set", f"data.dataset_dir={demo_dataset}",
+           "--set", f"run.output_dir={out}", "--set", "logging.peak_tflops=1.0",
+           "--set", "logging.progress_bar=false"]
+    result = run(cmd, child_env(port=False, threads=None), out.parent / "smoke.log", timeout=300)
+    print(f"\n[smoke] python train/main.py --smoke: exit {result.rc} in {result.wall_s:.1f} s wall")
+    return out, result
+
+
+def test_smoke_exits_0_fast_and_learns(smoke):
+    out, result = smoke
+    assert result.rc == 0, result.explain()
+    assert result.wall_s < SMOKE_LIMIT_S, f"smoke took {result.wall_s:.1f} s (limit {SMOKE_LIMIT_S})"
+    s = summary(out)
+    assert s["status"] == "completed" and s["steps"] == 30 and s["world_size"] == 1, s
+    assert s["loss_final"] < s["loss_first"] - 0.5, s
+    assert s["mod_flops_saved_pct"] > 0, s
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "hf", "tensorboard"):
+        assert (out / name).exists(), name
+    assert latest(out) == "step_00000030" and complete_checkpoints(out) == ["step_00000015", "step_00000030"]
+
+
+def _scalars(out: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_has_every_tag(smoke):
+    out, result = smoke
+    assert result.rc == 0, result.explain()
+    from train.config import RunConfig
+
+    cfg = RunConfig.load(out / "config.yaml")
+    tb = _scalars(out)
+    steps = set(range(1, 31))
+    tasks_seen = [t for t in cfg.model.mod.tasks if f"loss/{t}" in tb]
+    assert {"t2i", "mmu"} <= set(tasks_seen), sorted(tb)
+    required = ["loss/total", "optim/lr", "optim/grad_norm", "throughput/tokens_per_s", "throughput/samples_per_s",
+                "throughput/tflops_per_device", "throughput/mfu_pct", "flops/actual_per_step",
+                "flops/dense_per_step", "flops/mod_saved_pct", "mod/aux_loss", "time/step_s", "time/data_pct",
+                "data/skipped_samples"] + [f"loss/{t}" for t in tasks_seen]
+    required += [f"mod/capacity/{t}/layer_{i}" for t in tasks_seen for i in cfg.model.mod.mod_layers()
+                 if cfg.model.mod.capacity_of(i, t) < 1.0]
+    missing = [t for t in required if t not in tb]
+    assert not missing, f"missing tags {missing}; have {sorted(tb)}"
+    assert any(t.startswith("memory/") for t in tb), sorted(tb)
+    for tag in required:
+        if not tag.startswith(("loss/t2i", "loss/mmu", "loss/lm", "mod/capacity/")):
+            assert set(tb[tag]) == steps, f"{tag} logged at steps {sorted(tb[tag])}"
+    # Every step's task loss is the total minus the aux loss (one task-homogeneous micro-batch per step).
+    for step in steps:
+        per_task = [tb[f"loss/{t}"][step] for t in tasks_seen if step in tb[f"loss/{t}"]]
+        assert len(per_task) == 1, (step, per_task)
+        assert per_task[0] + tb["mod/aux_loss"][step] == pytest.approx(tb["loss/total"][step], rel=1e-5)
+    for tag in [t for t in required if t.startswith("mod/capacity/")]:
+        assert all(0.0 < v <= 0.5 for v in tb[tag].values()), (tag, tb[tag])  # planned 0.25 of image tokens
+    lrs = [tb["optim/lr"][s] for s in sorted(steps)]
+    assert max(lrs) == pytest.approx(cfg.optim.lr, rel=0.05) and lrs[0] < lrs[cfg.optim.warmup_steps - 1]
+    assert all(v > 0 and math.isfinite(v) for v in tb["optim/grad_norm"].values())
+
+
+def test_flops_scalars_equal_the_flops_model(smoke):
+    """flops/* and the rates derived from them are model.flops.step_flops of that step's micro-batch: the
+    run's seq_len, micro-batch size, and the task its loss/<task> tag says it held."""
+    out, result = smoke
+    assert result.rc == 0, result.explain()
+    from model.flops import step_flops
+    from train.config import RunConfig
+
+    cfg = RunConfig.load(out / "config.yaml")
+    B, S = cfg.data.micro_batch_size, cfg.data.seq_len
+    tb = _scalars(out)
+    records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    assert sorted(records) == list(range(1, 31))
+    saved_any = False
+    for step, r in records.items():
+        (task,) = [t for t in cfg.model.mod.tasks if f"loss/{t}" in r]
+        want = step_flops(cfg.model, S, [[task] * B])
+        assert r["flops/actual_per_step"] == want.actual and r["flops/dense_per_step"] == want.dense, (step, task)
+        assert r["flops/mod_saved_pct"] == pytest.approx(want.saved_pct, rel=1e-12)
+        assert tb["flops/actual_per_step"][step] == pytest.approx(want.actual, rel=1e-6)  # TB keeps float32
+        assert tb["flops/dense_per_step"][step] == pytest.approx(want.dense, rel=1e-6)
+        assert tb["flops/mod_saved_pct"][step] == pytest.approx(want.saved_pct, rel=1e-5)
+        step_s = r["time/step_s"]
+        assert r["throughput/tokens_per_s"] == pytest.approx(B * S / step_s, rel=1e-9)
+        assert r["throughput/samples_per_s"] == pytest.approx(B / step_s, rel=1e-9)
+        assert r["throughput/tflops_per_device"] == pytest.approx(want.actual / step_s / 1e12, rel=1e-9)
+        assert r["throughput/mfu_pct"] == pytest.approx(100 * want.actual / step_s / 1e12, rel=1e-9)
+        saved_any |= want.actual < want.dense
+    assert saved_any  # image-task steps ran their MoD layers on a quarter of the image tokens
+
+
+def test_smoke_hf_export_loads_in_both_libraries(smoke):
+    out, result = smoke
+    assert result.rc == 0, result.explain()
+    assert_hf_export_loads(out / "hf")
+
+
+# ----- stop signals, SIGKILL, crash mid-save, exact resume ----------------------------------------------------
+CHAIN = dict(run__max_steps=12, data__num_workers=1, checkpoint__keep_last=2)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_dataset, tmp_path_factory):
+    """The uninterrupted run: per-step losses, no checkpoint until the end."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run(single_cmd(_sets(demo_dataset, out, checkpoint__save_every=0)), child_env(), out.parent / "log")
+    assert result.rc == 0, result.explain()
+    return losses(out / "metrics.jsonl")
+
+
+def _sets(dataset, out, **kw):
+    items = settings(dataset, out, **{**CHAIN, **kw})
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def interrupted(demo_dataset, tmp_path_factory):
+    """The same run, interrupted three times in one output dir: SIGTERM after step 2 appears, then (resumed)
+    SIGUSR1, then (resumed) SIGKILL of the whole process group once a checkpoint after the SIGUSR1 one is
+    complete; then an incomplete step directory is planted (a crash mid-save) and the run resumes to the end."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    metrics = out / "metrics.jsonl"
+    cmd = single_cmd(_sets(demo_dataset, out, checkpoint__save_every=2))
+    stages = {}
+
+    def stage(name, until_step, sig, group=False):
+        proc = start(cmd, child_env(), out.parent / f"{name}.log")
+        try:
+            wait_for_step(proc, metrics, until_step)
+            if group:
+                kill_group(proc, sig)
+            else:
+                os.kill(proc.pid, sig)  # the trainer only; its loader worker is its own business
+        except BaseException:
+            kill_group(proc)
+            raise
+        result = finish(proc, cmd, timeout=120)
+        stages[name] = {"result": result, "summary": summary(out), "latest": latest(out),
+                        "complete": complete_checkpoints(out), "steps": sorted(losses(metrics))}
+        return stages[name]
+
+    s1 = stage("sigterm", 2, signal.SIGTERM)["summary"]["steps"]
+    s2 = stage("sigusr1", s1 + 1, signal.SIGUSR1)["summary"]["steps"]
+    even = s2 + 1 if (s2 + 1) % 2 == 0 else s2 + 2  # the next periodic checkpoint after s2
+    stages["kill_after"] = even
+    stage("sigkill", even + 1, signal.SIGKILL, group=True)
+    # A crash while saving the final step: its directory exists without COMPLETE and nothing points at it.
+    stale = out / "checkpoints" / "step_00000012"
+    stale.mkdir(exist_ok=True)
+    (stale / "half_written.pt").write_bytes(b"\x00" * 100)
+    stages["latest_before_final"] = latest(out)
+    proc = start(cmd, child_env(), out.parent / "final.log")
+    stages["final"] = {"result": finish(proc, cmd, timeout=120), "summary": summary(out), "latest": latest(out),
+                       "complete": complete_checkpoints(out)}
+    stages["losses"] = losses(metrics)
+    stages["records"] = read_metrics(metrics)
+    stages["out"] = out
+    return stages
+
+
+def test_sigterm_checkpoints_and_exits_75(interrupted):
+    st = interrupted["sigterm"]
+    r, s = st["result"], st["summary"]
+    assert r.rc == 75, r.explain()
+    assert s["status"] == "preempted" and s["steps"] >= 2, s
+    tag = f"step_{s['steps']:08d}"
+    assert st["latest"] == tag and tag in st["complete"], st
+    assert st["steps"] == list(range(1, s["steps"] + 1))  # it stopped at the step it checkpointed
+    assert f"stop signal received: checkpointing at step {s['steps']}" in r.output, r.explain()
+
+
+def test_sigusr1_checkpoints_and_resume_continues(interrupted):
+    s1 = interrupted["sigterm"]["summary"]["steps"]
+    st = interrupted["sigusr1"]
+    r, s = st["result"], st["summary"]
+    assert r.rc == 75, r.explain()
+    assert f"resumed from {interrupted['out'] / 'checkpoints' / f'step_{s1:08d}'} at step {s1}" in r.output
+    assert s["status"] == "preempted" and s["steps"] > s1 and s["steps_this_run"] == s["steps"] - s1, s
+    assert st["latest"] == f"step_{s['steps']:08d}" and st["latest"] in st["complete"]
+    assert st["steps"] == list(range(1, s["steps"] + 1))  # metrics.jsonl continued, no step twice
+
+
+def test_sigkill_then_resume_ignores_incomplete_checkpoint(interrupted):
+    kill = interrupted["sigkill"]
+    assert kill["result"].rc == -signal.SIGKILL, kill["result"].explain()
+    resumed_at = int(interrupted["latest_before_final"].removeprefix("step_"))
+    assert resumed_at >= interrupted["kill_after"]  # the checkpoint before the step it saw was complete
+    fin = interrupted["final"]
+    r = fin["result"]
+    assert r.rc == 0, r.explain()
+    assert f"at step {resumed_at}" in r.output and "step_00000012 at step" not in r.output, r.explain()
+    assert fin["summary"]["status"] == "completed" and fin["summary"]["steps"] == 12
+    assert fin["summary"]["steps_this_run"] == 12 - resumed_at
+    # The planted half-written step_00000012 was replaced by a complete one.
+    assert fin["latest"] == "step_00000012" and "step_00000012" in fin["complete"]
+    assert not (interrupted["out"] / "checkpoints" / "step_00000012" / "half_written.pt").exists()
+    assert len(fin["complete"]) == 2  # keep_last
+
+
+def test_interrupted_run_has_the_uninterrupted_losses(interrupted, reference):
+    steps = [r["step"] for r in interrupted["records"]]
+    assert steps == list(range(1, 13)), steps  # every step logged once, in order, across four processes
+    got = interrupted["losses"]
+    assert sorted(reference) == list(range(1, 13))
+    diffs = {s: abs(got[s] - reference[s]) for s in reference}
+    assert max(diffs.values()) <= 1e-6, diffs
+    assert reference[12] < reference[1]
+    # TensorBoard, too, holds each step once: a resumed writer purges what a killed one logged past its checkpoint.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(interrupted["out"] / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("loss/total")
+    assert [e.step for e in events] == list(range(1, 13)), [e.step for e in events]
+    assert all(e.value == pytest.approx(got[e.step], rel=1e-6) for e in events)
+
+
+def test_latest_naming_an_incomplete_checkpoint_is_not_used(tmp_path):
+    from train.checkpoint import CheckpointManager
+
+    root = tmp_path / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        d = root / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / "COMPLETE").write_text(f"{step}\n")
+    (root / "latest").write_text("step_00000006\n")  # as if a crash had moved it early
+    assert CheckpointManager(root, 2, 0).latest() == "step_00000004"
+    assert CheckpointManager.resolve("auto", root) == (root, "step_00000004")
+    assert CheckpointManager.resolve(str(root), root) == (root, "step_00000004")
+    assert CheckpointManager.resolve("none", root) is None
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        CheckpointManager.resolve(str(tmp_path / "elsewhere"), root)
+
+
+# ----- non-finite losses (in-process, loss function patched) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def in_process():
+    """`train.main.main` in this process: a free MASTER_PORT for its world-of-1 gloo group; the environment
+    it exports (RANK, WORLD_SIZE, ...) and the process group are undone afterwards for later tests."""
+    import torch.distributed as dist
+
+    saved = dict(os.environ)
+    os.environ["MASTER_PORT"] = str(free_port())
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _patch_loss(monkeypatch, bad_calls):
+    import train.loop
+
+    real = train.loop.causal_lm_loss
+    calls = []
+
+    def flaky(logits, labels):
+        calls.append(len(calls) + 1)
+        loss = real(logits, labels)
+        return loss * float("nan") if bad_calls(len(calls)) else loss
+
+    monkeypatch.setattr(train.loop, "causal_lm_loss", flaky)
+    return calls
+
+
+def _main(dataset, out, **kw):
+    from train.main import main
+
+    argv = ["--config", str(SMOKE), "--deepspeed_config", str(DS_SINGLE)]
+    for item in settings(dataset, out, **kw):
+        argv += ["--set", item]
+    return main(argv)
+
+
+def test_isolated_nonfinite_losses_are_skipped(in_process, demo_dataset, tmp_path, monkeypatch, capsys):
+    calls = _patch_loss(monkeypatch, lambda n: n in (2, 4))
+    out = tmp_path / "run"
+    rc = _main(demo_dataset, out, run__max_steps=4, checkpoint__resume="none")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert len(calls) == 6  # 4 steps + 2 skipped micro-batches, each replaced by the next one
+    assert "step 2: non-finite loss, micro-batch skipped (1 in a row)" in err, err
+    assert "step 3: non-finite loss, micro-batch skipped (1 in a row)" in err, err
+    s = summary(out)
+    assert s["status"] == "completed" and s["steps"] == 4 and s["skipped_nonfinite_microbatches"] == 2, s
+    assert all(math.isfinite(v) for v in losses(out / "metrics.jsonl").values())
+
+
+def test_repeated_nonfinite_losses_save_and_exit_3(in_process, demo_dataset, tmp_path, monkeypatch, capsys):
+    _patch_loss(monkeypatch, lambda n: n >= 3)
+    out = tmp_path / "run"
+    rc = _main(demo_dataset, out, run__max_steps=10, checkpoint__max_consecutive_nonfinite=3,
+               checkpoint__export_hf="true", checkpoint__resume="none")
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "3 consecutive non-finite losses at step 3: saving and stopping; lower optim.lr or check the data" in err
+    s = summary(out)
+    assert s["status"] == "stopped_nonfinite" and s["steps"] == 2 and s["skipped_nonfinite_microbatches"] == 3, s
+    assert latest(out) == "step_00000002" and complete_checkpoints(out) == ["step_00000002"]
+    assert not (out / "hf").exists()  # a diverged run is not exported
