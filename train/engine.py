@@ -73,7 +73,10 @@ def build_zero_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str,
     """-> (engine, model). Model built under zero.Init when the JSON asks for ZeRO-3."""
     stage = ds_config["zero_optimization"].get("stage", 0)
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (zero.Init also broadcasts rank 0's)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3, dtype=torch_dtype(precision)):
+    # No dtype= here: zero.Init derives it from the config's bf16/fp16 flags (reconcile_ds_config set them
+    # from the precision). An explicit dtype is dropped on accelerators without fp16, a precedence slip in
+    # DeepSpeed 0.19's _set_dtype: on CPU, float32 silently became bfloat16 parameters.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3):
         model = UnifiedTransformer(cfg.model)
     if stage != 3:
         model.to(device)
