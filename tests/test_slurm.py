@@ -9,6 +9,7 @@ at the end. Every job runs 2 CPU ranks (CPU_MODE=1) of the smoke configuration f
   - preemption: `scancel --signal=USR1` (what `#SBATCH --signal=USR1@300` does, to every task of every
     step and not the batch shell) makes the ranks checkpoint and exit 75; the script requeues the job;
     the requeued run resumes from that step and its per-step losses equal an uninterrupted run's;
+  - `scancel` (SIGTERM to everything): the ranks checkpoint, and the job is not requeued;
   - bad settings (missing config, non-numeric or mismatched GPUS_PER_NODE, no GPUs without CPU_MODE, a
     bad config value) fail fast with a clear message in the job log;
   - `mpirun -np 2` of the trainer outside Slurm, and inside an sbatch allocation (Slurm's own variables
@@ -35,7 +36,7 @@ SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
-STEPS = 12
+STEPS = 16
 # Few steps, no data workers (2 cores), no periodic checkpoint: the only mid-run checkpoint in the
 # preemption test is the one the signal asks for.
 TRAIN_SETS = f"run.max_steps={STEPS} checkpoint.save_every=0 data.num_workers=0"
@@ -116,10 +117,18 @@ def wait_job(env: dict[str, str], job_id: str, timeout: float, restarts: int = 0
     """Poll (0.5 s; `sbatch --wait` polls at 2, 8, 32 s) until the job is final after `restarts` requeues."""
     deadline = time.monotonic() + timeout
     info: dict[str, str] = {}
+    final_since = None
     while time.monotonic() < deadline:
         info = job_info(env, job_id)
-        if info.get("JobState") in FINAL_STATES and int(info.get("Restarts", "0")) >= restarts:
-            return info
+        if info.get("JobState") in FINAL_STATES:
+            if int(info.get("Restarts", "0")) >= restarts:
+                return info
+            # Final without the expected requeue; allow a moment in case the requeue is in flight.
+            final_since = final_since or time.monotonic()
+            if time.monotonic() - final_since > 5:
+                pytest.fail(f"job {job_id} ended without being requeued {restarts} time(s): {info}")
+        else:
+            final_since = None
         time.sleep(0.5)
     subprocess.run(["scancel", job_id], env=env, timeout=30)
     pytest.fail(f"job {job_id} not done after {timeout:.0f} s: {info}")
@@ -144,6 +153,17 @@ def read_metrics(out: Path) -> dict[int, float]:
 def assert_complete_checkpoint(out: Path, step: int) -> None:
     tag = out / "checkpoints" / f"step_{step:08d}"
     assert (tag / "COMPLETE").is_file(), f"no complete checkpoint {tag}: {sorted((out / 'checkpoints').iterdir())}"
+
+
+def wait_for_training(env: dict[str, str], job: str, out: Path, log_dir: Path, steps: int = 2) -> None:
+    """Return once the ranks have logged `steps` steps, so their signal handlers are installed (before
+    that, SIGUSR1's default action would just kill them)."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert time.monotonic() < deadline, f"job {job} never started training: {job_info(env, job)}"
+        assert job_info(env, job).get("JobState") not in FINAL_STATES, job_log(log_dir, job)[-3000:]
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -179,14 +199,7 @@ def test_sbatch_smoke_run_completes(completed_run):
 def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, demo_dataset, completed_run, tmp_path):
     out = tmp_path / "run"
     job = sbatch(cluster, train_env(demo_dataset, out), CPU_JOB, tmp_path)
-    # Signal once the ranks are training (their handlers are installed): before that, SIGUSR1's default
-    # action would just kill them, which is not what this test is about.
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert time.monotonic() < deadline, f"job {job} never started training: {job_info(cluster, job)}"
-        assert job_info(cluster, job).get("JobState") not in FINAL_STATES, job_log(tmp_path, job)[-3000:]
-        time.sleep(0.2)
+    wait_for_training(cluster, job, out, tmp_path)
     # Without --batch/--full, scancel signals every task of every step but not the batch shell: exactly
     # what `#SBATCH --signal=USR1@300` does before the time limit.
     subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True, timeout=30)
@@ -214,6 +227,25 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, demo_dataset, co
     for step in range(1, STEPS + 1):
         assert math.isclose(interrupted[step], reference[step], rel_tol=1e-4), \
             f"step {step}: loss {interrupted[step]} after resume at {k}, {reference[step]} uninterrupted"
+
+
+@pytest.mark.slow
+def test_scancel_checkpoints_and_is_not_requeued(cluster, demo_dataset, tmp_path):
+    # scancel sends SIGTERM to the ranks and to the batch shell: the ranks checkpoint within KillWait,
+    # and the script must not requeue a job its user cancelled.
+    out = tmp_path / "run"
+    job = sbatch(cluster, train_env(demo_dataset, out), CPU_JOB, tmp_path)
+    wait_for_training(cluster, job, out, tmp_path)
+    subprocess.run(["scancel", job], env=cluster, check=True, timeout=30)
+    info = wait_job(cluster, job, timeout=120)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", f"{info}\n{log[-3000:]}"
+    stopped = re.search(r"stop signal received: checkpointing at step (\d+)", log)
+    assert stopped, log[-3000:]
+    assert_complete_checkpoint(out, int(stopped.group(1)))
+    assert "not requeueing" in log and "requeueing job" not in log, log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["steps"] == int(stopped.group(1))
 
 
 def test_bad_settings_fail_fast_with_a_clear_message(cluster, demo_dataset, tmp_path):
