@@ -1,0 +1,394 @@
+"""Evaluate a model on a dataset's validation split: understanding accuracy, generation accuracy, text
+perplexity, and agreement of causal router decisions with top-k routing.
+
+    python -m train.evaluate --checkpoint runs/smoke --data demo_data --out eval.json
+    python -m train.evaluate --data demo_data --images real --out real.json    # the metric's ceiling, no model
+    python -m train.evaluate --data demo_data --images noise --out noise.json  # its floor (chance, ~10%)
+
+Metrics (keys of the JSON / TensorBoard scalars):
+- `understanding/accuracy`: greedy answers to the validation understanding samples (image + question)
+  that name the right digit, as a word or a numeral, and no other digit (demo data; labels in the json).
+- `generation/accuracy` (+ `generation/accuracy_digit_<d>`): images sampled for captions naming each digit
+  (classifier-free guidance, constrained decoding), decoded to pixels by the dataset's image tokenizer and
+  read by an independent classifier: a scikit-learn SVM fit on the TRAINING split of the original digit
+  images (never on model output, never on validation images). Fed the real validation images through the
+  tokenizer round trip it scores ~100%; fed noise, 10% in expectation (the prompts are balanced over digits).
+- `text/perplexity` (causal routing, as sampled) and `text/perplexity_topk` (training routing) on the
+  validation plain-text samples.
+- `router/agreement/<task>/layer_<i>` and `router/agreement/layer_<i>`: over routable tokens, how often
+  "router logit > 0" (the causal decision) equals top-k membership, in the top-k forward; plus
+  `router/causal_keep/<task>/layer_<i>`, the fraction the causal rule keeps (compare with the capacity).
+
+Training calls `Evaluator(dataset_dir, EvalConfig(...)).run(model)` every N steps (the classifier and the
+validation samples are loaded once) and logs `result.metrics` and `result.grid()` to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.demo import CAPTIONS, NAMES, load_digit_images, split_indices
+from data.imagetok import PatchVQ
+from data.layout import make_labels
+from data.shards import iter_samples
+from data.validate import load_manifest
+from model.mod import routable_table, token_kinds
+from train.generate import Sampler, SamplingConfig, image_grid
+
+IMAGE_SOURCES = ("model", "real", "noise")
+_DIGIT_WORDS = {name: d for d, name in enumerate(NAMES)}
+_DIGIT_RE = re.compile(r"\b(" + "|".join(NAMES) + r"|[0-9])\b", re.IGNORECASE)
+
+
+@dataclass
+class EvalConfig:
+    """What the evaluator measures and on how much data."""
+
+    max_samples: int = 50
+    """Validation samples per measurement: understanding questions, lm texts, and sequences per task for
+    router agreement (the first ones of each split, in shard order)."""
+    images_per_digit: int = 4
+    """Images generated per digit for generation accuracy (10 digits)."""
+    batch_size: int = 16
+    """Sequences per forward / decoding batch."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Image sampling (guidance scale, temperature, top-k, seed) and the answer length cap."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+        for name in ("max_samples", "images_per_digit", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"eval.{name} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    """Scalar metrics (see the module docstring)."""
+    images: np.ndarray | None
+    """[10 * images_per_digit, H, W] generated images in [0, 1] (ink high), digit-major; None without demo data."""
+    images_per_digit: int = 1
+
+    def grid(self) -> np.ndarray:
+        """uint8 [H, W, 3] grid, one row per digit, ink dark on white: for `add_image(..., dataformats="HWC")`."""
+        if self.images is None:
+            raise ValueError("no generated images to show (generation accuracy needs the demo data)")
+        return image_grid(list(1.0 - self.images), ncols=self.images_per_digit)
+
+
+def names_digits(text: str) -> set[int]:
+    """Digits a text names, as words ("seven") or numerals ("7")."""
+    return {int(m) if m.isdigit() else _DIGIT_WORDS[m.lower()] for m in _DIGIT_RE.findall(text)}
+
+
+class DigitClassifier:
+    """The independent judge of generated digits: an RBF SVM on raw pixels of the original training images."""
+
+    def __init__(self, images_NHW: np.ndarray, labels: np.ndarray) -> None:
+        from sklearn.svm import SVC
+
+        self.shape = images_NHW.shape[1:]
+        self.svm = SVC(C=10.0, gamma="scale").fit(images_NHW.reshape(len(images_NHW), -1), labels)
+
+    def predict(self, images_NHW: np.ndarray) -> np.ndarray:
+        images_NHW = np.asarray(images_NHW, dtype=np.float32)
+        if images_NHW.shape[1:] != self.shape:
+            raise ValueError(f"classifier expects images of shape {self.shape}, got {images_NHW.shape[1:]}")
+        return self.svm.predict(images_NHW.reshape(len(images_NHW), -1))
+
+
+class Evaluator:
+    """Loads one dataset's validation samples, tokenizers and (demo data) the digit classifier once."""
+
+    def __init__(self, dataset_dir: str | Path, cfg: EvalConfig = EvalConfig(), split: str = "validation") -> None:
+        from data.imagetok import load_image_tokenizer
+        from data.shards import read_manifest
+        from data.vocab import UnifiedVocab
+
+        self.dataset_dir, self.cfg, self.split = Path(dataset_dir), cfg, split
+        raw = read_manifest(self.dataset_dir)
+        manifest = load_manifest(str(self.dataset_dir))
+        if split not in manifest.shards:
+            raise ValueError(f"{self.dataset_dir / 'manifest.json'}: field splits has no {split!r} split")
+        self.vocab = UnifiedVocab.from_manifest(self.dataset_dir, raw)
+        self.image_tokenizer = load_image_tokenizer(self.dataset_dir, raw)
+        self.samples = {task: self._read(manifest.shards[split].get(task, [])) for task in ("t2i", "mmu", "lm")}
+        demo = raw.get("demo")
+        self.demo = isinstance(demo, dict) and isinstance(self.image_tokenizer, PatchVQ)
+        if self.demo:
+            images, labels = load_digit_images(int(demo.get("image_size", 32)))
+            train_idx, val_idx = split_indices(labels, float(demo["val_fraction"]), int(demo["seed"]))
+            self.classifier = DigitClassifier(images[train_idx], labels[train_idx])
+            self.val_images, self.val_labels = images[val_idx], labels[val_idx]
+
+    def _read(self, shards: Sequence[str]) -> list[tuple[str, np.ndarray, dict[str, Any], str]]:
+        out = []
+        for shard in shards:
+            for key, ids, meta in iter_samples(shard):
+                out.append((key, np.asarray(ids, dtype=np.int64), meta, shard))
+                if len(out) >= self.cfg.max_samples:
+                    return out
+        return out
+
+    # ----- everything ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, model, images: str = "model") -> EvalResult:
+        """All metrics for `model` (restored to its train/eval mode afterwards). `images` picks what the
+        generation classifier reads: model samples, or the real / noise references."""
+        was_training = model.training
+        model.eval()
+        try:
+            metrics: dict[str, float] = {}
+            sampler = Sampler(model, self.vocab, self.image_tokenizer)
+            generated = None
+            if self.demo:
+                metrics.update(self.understanding(sampler))
+                gen_metrics, generated = self.generation(images, sampler)
+                metrics.update(gen_metrics)
+            metrics.update(self.perplexity(model))
+            metrics.update(self.router_agreement(model))
+        finally:
+            model.train(was_training)
+        return EvalResult(metrics, generated, self.cfg.images_per_digit)
+
+    # ----- understanding -------------------------------------------------------------------------------
+    def understanding(self, sampler: Sampler) -> dict[str, float]:
+        samples = self.samples["mmu"]
+        if not samples:
+            return {}
+        correct = 0
+        for lo in range(0, len(samples), self.cfg.batch_size):
+            batch = samples[lo:lo + self.cfg.batch_size]
+            prompts = []
+            for key, ids, meta, shard in batch:
+                start, label = meta.get("answer_start"), meta.get("label")
+                if not isinstance(start, int) or not 0 < start < len(ids):
+                    raise ValueError(f"{shard}: sample {key!r}: field json.answer_start {start!r} is not an index of ids")
+                if not isinstance(label, int) or not 0 <= label <= 9:
+                    raise ValueError(f"{shard}: sample {key!r}: field json.label {label!r} is not a digit")
+                prompts.append(ids[:start].tolist())
+            answers = sampler.continue_mmu(prompts, self.cfg.sampling.max_new_tokens)
+            for (_, _, meta, _), ans in zip(batch, answers):
+                correct += names_digits(ans) == {meta["label"]}
+        return {"understanding/accuracy": correct / len(samples)}
+
+    # ----- generation ----------------------------------------------------------------------------------
+    def prompts(self) -> tuple[list[int], list[str]]:
+        """(digit, caption) for every image to generate: each digit `images_per_digit` times, captions
+        cycling through the demo's templates."""
+        digits, captions = [], []
+        for d in range(10):
+            for j in range(self.cfg.images_per_digit):
+                digits.append(d)
+                captions.append(CAPTIONS[j % len(CAPTIONS)].format(d=d, name=NAMES[d]))
+        return digits, captions
+
+    def reference_images(self, digits: Sequence[int], kind: str) -> np.ndarray:
+        """real: the first validation images of each digit through the tokenizer round trip; noise: uniformly
+        random code grids, decoded. [N, H, W] in [0, 1]."""
+        tok = self.image_tokenizer
+        if kind == "real":
+            picked, seen = [], {d: 0 for d in set(digits)}
+            for d in digits:
+                idx = np.flatnonzero(self.val_labels == d)
+                if seen[d] >= len(idx):
+                    raise ValueError(f"only {len(idx)} validation images of digit {d}; lower images_per_digit")
+                picked.append(idx[seen[d]])
+                seen[d] += 1
+            return tok.decode(tok.encode(self.val_images[picked]))
+        if kind == "noise":
+            rng = np.random.default_rng(self.cfg.sampling.seed)
+            g = tok.cfg.grid
+            return tok.decode(rng.integers(0, tok.codebook_size, size=(len(digits), g, g)))
+        raise ValueError(f"image source {kind!r} is not one of {IMAGE_SOURCES}")
+
+    def generation(self, source: str, sampler: Sampler | None = None) -> tuple[dict[str, float], np.ndarray]:
+        """Generation accuracy of images from `source` (model needs `sampler`) and the images themselves."""
+        if not self.demo:
+            raise ValueError(f"{self.dataset_dir}: generation accuracy needs the demo digits dataset")
+        digits, captions = self.prompts()
+        if source == "model":
+            if sampler is None:
+                raise ValueError("image source 'model' needs a sampler")
+            codes = [sampler.text_to_image(captions[lo:lo + self.cfg.batch_size], self.cfg.sampling)
+                     for lo in range(0, len(captions), self.cfg.batch_size)]
+            images = self.image_tokenizer.decode(np.concatenate(codes))
+        else:
+            images = self.reference_images(digits, source)
+        pred = self.classifier.predict(images)
+        digits_arr = np.asarray(digits)
+        metrics = {"generation/accuracy": float((pred == digits_arr).mean())}
+        for d in range(10):
+            metrics[f"generation/accuracy_digit_{d}"] = float((pred[digits_arr == d] == d).mean())
+        return metrics, images
+
+    # ----- perplexity ----------------------------------------------------------------------------------
+    def _batches(self, task: str):
+        """Right-padded (ids [B,S], samples) batches; right padding never changes earlier positions."""
+        samples = self.samples[task]
+        for lo in range(0, len(samples), self.cfg.batch_size):
+            batch = samples[lo:lo + self.cfg.batch_size]
+            S = max(len(ids) for _, ids, _, _ in batch)
+            ids = torch.full((len(batch), S), self.vocab.layout.pad_id, dtype=torch.long)
+            for b, (_, x, _, _) in enumerate(batch):
+                ids[b, :len(x)] = torch.as_tensor(x)
+            yield ids, batch
+
+    @torch.no_grad()
+    def perplexity(self, model) -> dict[str, float]:
+        if not self.samples["lm"]:
+            return {}
+        if "lm" not in model.config.mod.tasks:
+            return {}
+        device = next(model.parameters()).device
+        task = torch.tensor(model.config.mod.tasks.index("lm"), device=device)
+        out = {}
+        for routing, name in (("causal", "text/perplexity"), ("topk", "text/perplexity_topk")):
+            nll, count = 0.0, 0
+            for ids, batch in self._batches("lm"):
+                labels = torch.full_like(ids, -100)
+                for b, (key, x, meta, _) in enumerate(batch):
+                    labels[b, :len(x)] = torch.as_tensor(make_labels(x, "lm", meta, self.vocab.layout, key=key))
+                ids, labels = ids.to(device), labels.to(device)
+                logits = model(ids, task_ids=task.expand(len(batch)), routing=routing).logits.float()
+                nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum"))
+                count += int((labels[:, 1:] != -100).sum())
+            out[name] = float(np.exp(nll / max(count, 1)))
+        return out
+
+    # ----- router agreement ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def router_agreement(self, model) -> dict[str, float]:
+        """Per MoD layer and task: in the top-k forward, the fraction of routable tokens whose causal
+        decision (logit > 0) equals top-k membership. Membership is read from the layer's own output: a
+        selected token's hidden state changes, a skipped one rides the residual stream bit for bit."""
+        cfg = model.config
+        mod_layers = cfg.mod.mod_layers()
+        if not mod_layers:
+            return {}
+        device = next(model.parameters()).device
+        tbl = routable_table(cfg, device)
+        counts: dict[tuple[int, int], list[float]] = {}  # (layer, task) -> [agree, causal_kept, routable]
+        current: dict[str, torch.Tensor] = {}
+
+        def hook(layer_idx):
+            def fn(module, args, output):
+                x, x_out = args[0], output[0]
+                r = module.mod_router(x).gather(-1, current["task"].view(-1, 1, 1).expand(*x.shape[:2], 1)).squeeze(-1)
+                routable = current["routable"] & (torch.tensor(module.capacities, device=device)[current["task"]] < 1)[:, None]
+                selected = (x_out != x).any(-1)
+                causal = r > 0
+                for t in current["task"].unique().tolist():
+                    m = routable & (current["task"] == t)[:, None]
+                    c = counts.setdefault((layer_idx, t), [0.0, 0.0, 0.0])
+                    c[0] += float(((causal == selected) & m).sum())
+                    c[1] += float((causal & m).sum())
+                    c[2] += float(m.sum())
+            return fn
+
+        handles = [model.model.layers[i].register_forward_hook(hook(i)) for i in mod_layers]
+        try:
+            for task in ("t2i", "mmu", "lm"):
+                if task not in cfg.mod.tasks:
+                    continue
+                t = cfg.mod.tasks.index(task)
+                for ids, batch in self._batches(task):
+                    ids = ids.to(device)
+                    current["task"] = torch.full((len(batch),), t, dtype=torch.long, device=device)
+                    current["routable"] = tbl[current["task"]][torch.arange(len(batch), device=device)[:, None],
+                                                               token_kinds(ids, cfg.vocab).long()]
+                    model(ids, task_ids=current["task"], routing="topk")
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for layer in mod_layers:
+            agree = total = 0.0
+            for t, task in enumerate(cfg.mod.tasks):
+                a, kept, n = counts.get((layer, t), (0.0, 0.0, 0.0))
+                if n > 0:
+                    out[f"router/agreement/{task}/layer_{layer}"] = a / n
+                    out[f"router/causal_keep/{task}/layer_{layer}"] = kept / n
+                    agree, total = agree + a, total + n
+            if total > 0:
+                out[f"router/agreement/layer_{layer}"] = agree / total
+        return out
+
+
+def evaluate_model(model, dataset_dir: str | Path, *, max_samples: int = 50, images_per_digit: int = 4,
+                   seed: int = 0) -> dict[str, float]:
+    """One-shot evaluation (builds an `Evaluator`; keep one instead when evaluating repeatedly)."""
+    cfg = EvalConfig(max_samples=max_samples, images_per_digit=images_per_digit, sampling=SamplingConfig(seed=seed))
+    return Evaluator(dataset_dir, cfg).run(model).metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="run dir, checkpoints/ root, step_N dir, or HF dir (not needed for "
+                                        "--images real|noise)")
+    p.add_argument("--data", help="dataset directory (default: the run config's data.dataset_dir)")
+    p.add_argument("--out", required=True, help="JSON file for the metrics")
+    p.add_argument("--grid", help="PNG for the grid of generated images (one row per digit)")
+    p.add_argument("--images", choices=IMAGE_SOURCES, default="model",
+                   help="what generation accuracy classifies: model samples, or the real/noise references")
+    p.add_argument("--max-samples", type=int, default=EvalConfig.max_samples)
+    p.add_argument("--images-per-digit", type=int, default=EvalConfig.images_per_digit)
+    p.add_argument("--cfg-scale", type=float, default=SamplingConfig.cfg_scale)
+    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
+    p.add_argument("--top-k", type=int, default=SamplingConfig.top_k)
+    p.add_argument("--seed", type=int, default=SamplingConfig.seed)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    from train.generate import dataset_dir_of, load_model
+
+    t0 = time.perf_counter()
+    try:
+        cfg = EvalConfig(max_samples=args.max_samples, images_per_digit=args.images_per_digit,
+                         sampling=SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature,
+                                                 top_k=args.top_k, seed=args.seed))
+        if args.checkpoint:
+            loaded = load_model(args.checkpoint, args.device)
+            evaluator = Evaluator(dataset_dir_of(loaded.run_config, args.data), cfg)
+            result = evaluator.run(loaded.model, images=args.images)
+        else:
+            if args.images == "model":
+                raise ValueError("--checkpoint is required unless --images is real or noise")
+            if not args.data:
+                raise ValueError("--data is required without --checkpoint")
+            evaluator = Evaluator(args.data, cfg)
+            metrics, images = evaluator.generation(args.images)
+            result = EvalResult(metrics, images, cfg.images_per_digit)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.metrics, indent=2, sort_keys=True) + "\n")
+    if args.grid and result.images is not None:
+        from PIL import Image
+
+        Image.fromarray(result.grid()).save(args.grid)
+    for k, v in sorted(result.metrics.items()):
+        print(f"{k}: {v:.4f}")
+    print(f"wrote {out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
