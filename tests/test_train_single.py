@@ -168,7 +168,7 @@ def interrupted(demo_dataset, tmp_path_factory):
         except BaseException:
             kill_group(proc)
             raise
-        result = finish(proc, cmd, timeout=120)
+        result = finish(proc, timeout=120)
         stages[name] = {"result": result, "summary": summary(out), "latest": latest(out),
                         "complete": complete_checkpoints(out), "steps": sorted(losses(metrics))}
         return stages[name]
@@ -184,7 +184,7 @@ def interrupted(demo_dataset, tmp_path_factory):
     (stale / "half_written.pt").write_bytes(b"\x00" * 100)
     stages["latest_before_final"] = latest(out)
     proc = start(cmd, child_env(), out.parent / "final.log")
-    stages["final"] = {"result": finish(proc, cmd, timeout=120), "summary": summary(out), "latest": latest(out),
+    stages["final"] = {"result": finish(proc, timeout=120), "summary": summary(out), "latest": latest(out),
                        "complete": complete_checkpoints(out)}
     stages["losses"] = losses(metrics)
     stages["records"] = read_metrics(metrics)

@@ -99,54 +99,74 @@ class Run:
         return f"command: {' '.join(self.cmd)}\nexit code {self.rc}\n--- output (tail) ---\n{self.output[-6000:]}"
 
 
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start `cmd` in its own session (so the whole launcher tree can be signalled), output to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    f = open(log, "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    proc._log_file = f  # closed by finish()
-    proc._log_path = log
-    proc._t0 = time.perf_counter()
-    return proc
+class Launched:
+    """A running subprocess in its own session (so the whole launcher tree can be signalled), output to a log."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.cmd, self.log = cmd, log
+        self._log_file = open(log, "w")
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
 
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+def start(cmd: list[str], env: dict[str, str], log: Path) -> Launched:
+    return Launched(cmd, env, log)
+
+
+def kill_group(launched: Launched, sig: int = signal.SIGKILL) -> None:
     try:
-        os.killpg(proc.pid, sig)
+        os.killpg(launched.pid, sig)
     except ProcessLookupError:
         pass
 
 
-def finish(proc: subprocess.Popen, cmd: list[str], timeout: float) -> Run:
-    """Wait for `proc` (killing its process group past `timeout`) and return what it did."""
+def finish(launched: Launched, timeout: float) -> Run:
+    """Wait for the process (killing its process group past `timeout`, or on any error here) and return what
+    it did. Whatever it left behind in its group (launcher children, loader workers) is killed too."""
     try:
-        rc = proc.wait(timeout=timeout)
+        rc = launched.proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_group(proc)
-        proc.wait()
-        rc = -9
+        kill_group(launched)
+        launched.proc.wait()
+        rc = None
+    except BaseException:
+        kill_group(launched)
+        raise
     finally:
-        proc._log_file.close()
-    wall = time.perf_counter() - proc._t0
-    out = proc._log_path.read_text(errors="replace")
-    if rc == -9 and "timed out" not in out:
-        out += f"\n[test] killed after {timeout} s timeout"
-    return Run(cmd, rc, out, wall)
+        launched._log_file.close()
+    kill_group(launched)
+    out = launched.output()
+    if rc is None:
+        rc = -signal.SIGKILL
+        out += f"\n[test] killed after the {timeout} s timeout"
+    return Run(launched.cmd, rc, out, time.perf_counter() - launched.t0)
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 240) -> Run:
-    return finish(start(cmd, env, log), cmd, timeout)
+    return finish(start(cmd, env, log), timeout)
 
 
-def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 180) -> None:
+def wait_for_step(proc: Launched, metrics: Path, step: int, timeout: float = 180) -> None:
     """Block until metrics.jsonl holds `step` (or fail if the process exits or time runs out)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(r["step"] >= step for r in read_metrics(metrics, missing_ok=True)):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the run exited with {proc.returncode} before logging step {step}:\n"
-                                 f"{proc._log_path.read_text(errors='replace')[-4000:]}")
+            raise AssertionError(f"the run exited with {proc.poll()} before logging step {step}:\n"
+                                 f"{proc.output()[-4000:]}")
         time.sleep(0.05)
     kill_group(proc)
     raise AssertionError(f"step {step} did not appear in {metrics} within {timeout} s")
