@@ -1,0 +1,129 @@
+"""The MoD plan (UniMoD's layer switch) from measured ARank, in exactly the model's `mod:` schema.
+
+Per planned task t (our choices where UniMoD is silent are marked):
+  1. MoD layers: the round(mod_fraction * L) layers with the lowest ARank ratio for t (ties: the
+     deeper layer first, since deep layers are the usual redundant ones).
+  2. Capacity of such a layer: its ARank ratio (ARank / positions in the map, the "ARank normalised by
+     sequence length") clipped to [capacity_min, capacity_max]. Ours: capacity is a fraction of the
+     whole sequence (model/mod.py) and tokens that may not be skipped (structural tokens, and text for
+     tasks that route images only) always take a slot first, so the capacity is raised to at least
+     floor + capacity_min * (1 - floor), floor = the largest non-routable fraction among t's
+     calibration samples: every sample keeps at least capacity_min of its routable tokens. A layer
+     whose capacity would then exceed capacity_max stays a full layer for t.
+  A layer routed for several tasks is a shared MoD layer, one routed for only t a t-MoD layer.
+
+The written file `mod_plan.yaml` is `{model: {mod: {...}}}`; `ModelConfig.from_dict({"preset": ...,
+"mod": doc["model"]["mod"]})` accepts it as is, and `set_mod.txt` holds the same plan as one
+`model.mod={...}` override for `python train/main.py --config X.yaml --set "$(cat set_mod.txt)"`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+
+from analysis.config import AnalysisConfig
+from model.config import ModelConfig, MoDConfig, VocabLayout
+
+_ROUTABLE_IDS = {"image": ("image",), "text": ("text",), "all": ("text", "image")}
+
+
+def nonroutable_fraction(ids: np.ndarray, routable: str, layout: VocabLayout) -> float:
+    """Fraction of a sample's tokens that a task with routable kind `routable` never skips."""
+    ids = np.asarray(ids)
+    is_text = ids < layout.text_size
+    is_image = (ids >= layout.visual_start) & (ids < layout.visual_end)
+    may_skip = np.zeros(len(ids), dtype=bool)
+    for kind in _ROUTABLE_IDS[routable]:
+        may_skip |= is_text if kind == "text" else is_image
+    return float(1.0 - may_skip.mean())
+
+
+def _ceil_cent(x: float) -> float:
+    # Round capacities up to 0.01: never below what was measured, and readable in YAML.
+    return math.ceil(x * 100 - 1e-9) / 100
+
+
+def plan_mod(arank_ratio: Mapping[str, list[float]], floors: Mapping[str, float], source_mod: Mapping[str, Any],
+             cfg: AnalysisConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """-> (the `mod:` mapping, per-task details for the report).
+
+    `arank_ratio[task]` is [L]; `floors[task]` the non-routable fraction floor; `source_mod` the
+    checkpoint's mod section (its tasks, routable kinds and routing settings are kept)."""
+    tasks = list(source_mod["tasks"])
+    planned = list(cfg.plan_tasks) if cfg.plan_tasks is not None else [t for t in tasks if t in arank_ratio]
+    capacity: dict[int, dict[str, float]] = {}
+    details: dict[str, Any] = {}
+    for task in planned:
+        if task not in tasks or task not in arank_ratio:
+            raise ValueError(f"analysis.plan_tasks: task {task!r} was not analysed (model tasks {tasks}, "
+                             f"analysed {sorted(arank_ratio)})")
+        ratio = arank_ratio[task]
+        L = len(ratio)
+        n_mod = min(L, max(1, round(cfg.mod_fraction * L)))
+        chosen = sorted(sorted(range(L), key=lambda i: (ratio[i], -i))[:n_mod])
+        floor = floors[task]
+        least = floor + cfg.capacity_min * (1 - floor)
+        per_layer, full = {}, []
+        for layer in chosen:
+            cap = _ceil_cent(max(min(max(ratio[layer], cfg.capacity_min), cfg.capacity_max), least))
+            if cap > cfg.capacity_max:
+                full.append(layer)
+                continue
+            per_layer[layer] = cap
+            capacity.setdefault(layer, {})[task] = cap
+        details[task] = {"mod_layers": sorted(per_layer), "capacity": {str(k): v for k, v in per_layer.items()},
+                         "lowest_arank_layers": chosen, "nonroutable_floor": floor,
+                         "left_full_capacity_above_max": full}
+    mod = {
+        "tasks": tasks,
+        "capacity": {str(layer): dict(sorted(per.items(), key=lambda kv: tasks.index(kv[0])))
+                     for layer, per in sorted(capacity.items())},
+        "routable": dict(source_mod.get("routable") or {}),
+        "aux_loss_weight": float(source_mod.get("aux_loss_weight", MoDConfig.aux_loss_weight)),
+        "routing": source_mod.get("routing", "topk"),
+    }
+    MoDConfig(**mod)  # the plan must be one the model accepts; raises ValueError naming the field
+    return mod, details
+
+
+def write_plan(out_dir: str | Path, mod: Mapping[str, Any], header: str) -> tuple[Path, Path]:
+    """Write `mod_plan.yaml` ({model: {mod: ...}}) and `set_mod.txt` (a --set override); -> paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump({"model": {"mod": dict(mod)}}, sort_keys=False)
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    plan_path = out_dir / "mod_plan.yaml"
+    plan_path.write_text(comment + body)
+    set_path = out_dir / "set_mod.txt"
+    flow = yaml.safe_dump(dict(mod), default_flow_style=True, sort_keys=False, width=1 << 30).strip()
+    set_path.write_text(f"model.mod={flow}\n")
+    return plan_path, set_path
+
+
+def load_plan(path: str | Path) -> dict[str, Any]:
+    """The `mod:` mapping of a plan file, checked: the file holds exactly `{model: {mod: {...}}}`."""
+    doc = yaml.safe_load(Path(path).read_text())
+    if not isinstance(doc, dict) or set(doc) != {"model"} or not isinstance(doc["model"], dict) \
+            or set(doc["model"]) != {"mod"} or not isinstance(doc["model"]["mod"], dict):
+        raise ValueError(f"{path}: a MoD plan file must hold exactly a model: {{mod: {{...}}}} mapping")
+    MoDConfig(**doc["model"]["mod"])
+    return doc["model"]["mod"]
+
+
+def plan_flops(model_cfg: ModelConfig, mod: Mapping[str, Any], mean_len: Mapping[str, float]) -> dict[str, Any]:
+    """Forward FLOPs per task at its mean calibration length, dense vs planned (causal attention)."""
+    from model.flops import flops_forward
+
+    planned = model_cfg.replace(mod=dict(mod))
+    out = {}
+    for task, length in mean_len.items():
+        S = max(1, round(length))
+        dense = flops_forward(planned, S, [task], dense=True, causal_attention=True).total
+        mod_f = flops_forward(planned, S, [task], causal_attention=True).total
+        out[task] = {"seq_len": S, "dense": dense, "planned": mod_f, "saved_fraction": 1 - mod_f / dense}
+    return out
