@@ -12,8 +12,9 @@ at the end. Every job runs 2 CPU ranks (CPU_MODE=1) of the smoke configuration f
   - `scancel` (SIGTERM to everything): the ranks checkpoint, and the job is not requeued;
   - bad settings (missing config, non-numeric or mismatched GPUS_PER_NODE, no GPUs without CPU_MODE, a
     bad config value) fail fast with a clear message in the job log;
-  - `mpirun -np 2` of the trainer outside Slurm, and inside an sbatch allocation (Slurm's own variables
-    are then the batch shell's, and the MPI ones must win).
+  - `mpirun -np 2` of the trainer inside an sbatch allocation, with the Slurm-installed Open MPI (Slurm's
+    own variables are then the batch shell's, and the MPI ones must win). `mpirun` outside Slurm is
+    tested in tests/test_train_distributed.py.
 """
 
 from __future__ import annotations
@@ -271,28 +272,12 @@ def test_bad_settings_fail_fast_with_a_clear_message(cluster, demo_dataset, tmp_
     assert "bad configuration (exit 2)" in job_log(tmp_path, jobs["bad config value"])
 
 
-# ----- mpirun ------------------------------------------------------------------------------------------
+# ----- mpirun inside an allocation ----------------------------------------------------------------------
 def _mpi_train_cmd(demo_dataset: Path, out: Path) -> list[str]:
     return [str(REPO / ".venv" / "bin" / "python"), "train/main.py", "--config", "train/configs/smoke.yaml",
             "--deepspeed_config", "ds_configs/zero3_cpu.json", "--set", "run.max_steps=3",
             "--set", "checkpoint.save_every=0", "--set", "data.num_workers=0", "--set", f"run.output_dir={out}",
             "--set", f"data.dataset_dir={demo_dataset}", "--set", "run.device=cpu"]
-
-
-@pytest.mark.slow
-def test_mpirun_two_ranks_outside_slurm(cluster, demo_dataset, tmp_path):
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        pytest.skip("no mpirun: scripts/system_deps.sh installs Open MPI")
-    out = tmp_path / "run"
-    env = {k: v for k, v in cluster.items() if k != "SLURM_CONF"}
-    proc = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2",
-                           *_mpi_train_cmd(demo_dataset, out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "2 process(es) via openmpi" in proc.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 3 and summary["world_size"] == 2
 
 
 @pytest.mark.slow
