@@ -22,6 +22,7 @@ def _heat(ax, values_LT: np.ndarray, tasks: list[str], title: str, fmt: str = "{
     im = ax.imshow(values_LT, aspect="auto", cmap="viridis")
     ax.set_title(title, fontsize=9)
     ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(values_LT.shape[0]))
     ax.set_ylabel("layer")
     ax.figure.colorbar(im, ax=ax, fraction=0.046)
     if values_LT.size <= 200:  # numbers stay readable only on small grids

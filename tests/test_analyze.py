@@ -27,6 +27,15 @@ from tests.conftest import run_module
 IDENTITY = 2  # the layer made an identity in the known-answer tests
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The debug model's matmuls are tiny: one thread is faster than two fighting a shared CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _net(identity: int | None = None, seed: int = 0) -> UnifiedTransformer:
     torch.manual_seed(seed)
     net = UnifiedTransformer(ModelConfig.from_preset("debug", initializer_range=0.2)).eval()
@@ -299,7 +308,7 @@ def test_cli_end_to_end_on_the_demo_data(demo_dataset, tmp_path):
     proc = run_module("train.analyze", "--checkpoint", str(hf), "--data", str(demo_dataset), "--out", str(out),
                       "--device", "cpu", "--calib-samples", "4", "--eval-samples", "3", "--batch-size", "4",
                       "--arank-max-tokens", "48", "--moe-experts", "2", "--width-fractions", "0.5",
-                      "--prune-max-layers", "1", timeout=240)
+                      "--prune-max-layers", "1", "--threads", "1", timeout=240)
     assert proc.returncode == 0, proc.stderr
     for name in ("mod_plan.yaml", "set_mod.txt", "measurements.json", "heatmaps.png", "interaction.png", "probes.png"):
         assert (out / name).stat().st_size > 0, name

@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory for the plan, measurements and plots")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); tiny models on a "
+                   "busy CPU run faster with 1")
     p.add_argument("--tasks", type=_names)
     p.add_argument("--calib-samples", type=int, default=AnalysisConfig.calib_samples)
     p.add_argument("--eval-samples", type=int, default=AnalysisConfig.eval_samples)
@@ -185,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moe-layers", type=_ints, default=None, help="e.g. 4,5,6 (default: all)")
     p.add_argument("--no-probes", action="store_true", help="skip the depth/width/MoE pruning probes")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         cfg = AnalysisConfig(
             tasks=args.tasks, calib_samples=args.calib_samples, eval_samples=args.eval_samples,
