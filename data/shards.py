@@ -150,6 +150,10 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _all_urls(urls):
+    return urls
+
+
 def iter_samples(shard: str | os.PathLike):
     """(key, ids int32, meta dict) for every sample of one shard, read with webdataset.
 
@@ -159,7 +163,9 @@ def iter_samples(shard: str | os.PathLike):
 
     import webdataset as wds
 
-    ds = wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)
+    # Every caller wants the whole shard (inspection, evaluation), also inside a multi-rank job, where
+    # webdataset's default node splitter would refuse: keep all URLs on every node.
+    ds = wds.WebDataset(str(shard), shardshuffle=False, empty_check=False, nodesplitter=_all_urls)
     for sample in ds:
         key = sample["__key__"]
         if "ids.npy" not in sample or "json" not in sample:

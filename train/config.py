@@ -116,9 +116,21 @@ class LoggingConfig:
     MFU is left out unless this is set)."""
     progress_bar: bool = True
     """tqdm bar with ETA on rank 0 (off when stderr is not a terminal is fine: it then prints lines)."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations on the validation split (train/evaluate.py); 0: never during
+    training. Metrics and a grid of generated images go to TensorBoard under eval/."""
+    eval_at_end: bool = False
+    """Evaluate the final model: <output_dir>/eval.json, the summary's "eval" entry, printed."""
+    eval_samples: int = 50
+    """Validation samples per task for understanding accuracy and perplexity."""
+    eval_images_per_digit: int = 4
+    """Demo data: images generated per digit for generation accuracy (and the TensorBoard grid)."""
 
     def __post_init__(self) -> None:
         _check_int("logging.log_every", self.log_every, 1)
+        _check_int("logging.eval_every", self.eval_every, 0)
+        _check_int("logging.eval_samples", self.eval_samples, 1)
+        _check_int("logging.eval_images_per_digit", self.eval_images_per_digit, 1)
         if self.peak_tflops is not None:
             _check_float("logging.peak_tflops", self.peak_tflops, 0.0, lo_open=True)
 

@@ -26,6 +26,7 @@ from train.checkpoint import (EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager,
                               set_rng_state)
 from train.config import RunConfig
 from train.launch import DistEnv
+from train.engine import consolidated_state_dict
 from train.metrics import MetricsLogger, StepTimer, memory_scalars, throughput_scalars
 
 
@@ -87,6 +88,7 @@ class Trainer:
         self.step = 0
         self.last_loss: dict[str, float] = {}
         self.first_loss: float | None = None
+        self._evaluator = None  # built at the first evaluation (it fits the digit judge once)
         self._grad_norm: float | None = None  # ZeRO-0's, which DeepSpeed does not report
 
     # ----- data ------------------------------------------------------------------------------------------
@@ -218,12 +220,13 @@ class Trainer:
                 packed = torch.cat([rec.loss_sum, rec.loss_count, rec.aux_sum.reshape(1), rec.routing.flatten()])
                 if not self.pipeline:
                     _all_reduce(packed)
+                elif self.engine.is_last_stage() and self.dp_world > 1:
+                    # Only the last stage holds losses: sum its data-parallel replicas.
+                    dist.all_reduce(packed, group=self.engine.grid.get_data_parallel_group())
                 T = cfg.model.num_tasks
                 loss_sum, loss_count = packed[:T], packed[T:2 * T]
                 aux_sum, routing = packed[2 * T], packed[2 * T + 1:].view_as(rec.routing)
-                micro_per_task = loss_count.tolist() if not self.pipeline else None
-                if self.pipeline:  # every data-parallel replica runs the same number of micro-batches
-                    micro_per_task = [c * self.dp_world for c in loss_count.tolist()]
+                micro_per_task = loss_count.tolist()
                 B = cfg.data.micro_batch_size
                 mbs = [[t] * B for t, n in enumerate(micro_per_task) for _ in range(int(round(n)))]
                 flops = step_flops(cfg.model, S, mbs, recompute=recompute) if mbs else None
@@ -255,6 +258,8 @@ class Trainer:
                     break
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     self._save()
+                if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < cfg.run.max_steps:
+                    self.evaluate()
             else:
                 if self.ckpt.latest() != f"step_{self.step:08d}":
                     self._save()
@@ -264,9 +269,61 @@ class Trainer:
 
         if exit_code == 0 and cfg.checkpoint.export_hf:
             self.export_hf(self.out / "hf")
+        eval_metrics = self.evaluate(final=True) if exit_code == 0 and cfg.logging.eval_at_end else None
         if self.logs_here:  # the loss owner: rank 0, or the last pipeline stage's first replica
-            self._write_summary(totals, time.perf_counter() - t_run, exit_code, start_step)
+            self._write_summary(totals, time.perf_counter() - t_run, exit_code, start_step, eval_metrics)
         return exit_code
+
+    # ----- evaluation (train/evaluate.py: understanding, generation, perplexity, router agreement) ----------
+    def evaluate(self, final: bool = False) -> dict[str, float] | None:
+        """Evaluate on the dataset's validation split. The evaluating rank holds a plain, whole model: the
+        trained module itself when it is not partitioned, else one gathered from the shards (every rank
+        takes part in the gather; the others wait). Metrics go to TensorBoard (eval/*) with a grid of
+        generated images, and at the end to <output_dir>/eval.json and the summary."""
+        cfg = self.cfg
+        whole = not self.pipeline and self.zero_stage != 3
+        if whole:
+            model = self.model if self.env.rank == 0 else None
+        else:
+            from model import UnifiedTransformer
+            from train.pipeline import consolidated_pipeline_state_dict
+
+            state = (consolidated_pipeline_state_dict(self.engine, cfg.model) if self.pipeline
+                     else consolidated_state_dict(self.engine, self.model, self.zero_stage))
+            model = None
+            if self.env.rank == 0:
+                with torch.device("meta"):
+                    model = UnifiedTransformer(cfg.model)
+                model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, assign=True)
+        metrics = None
+        if self.env.rank == 0:
+            from train.evaluate import EvalConfig, Evaluator
+            from train.generate import SamplingConfig
+
+            if self._evaluator is None:
+                self._evaluator = Evaluator(cfg.data.dataset_dir, EvalConfig(
+                    max_samples=cfg.logging.eval_samples, images_per_digit=cfg.logging.eval_images_per_digit,
+                    sampling=SamplingConfig(seed=cfg.run.seed)))
+            t0 = time.perf_counter()
+            result = self._evaluator.run(model)
+            metrics = result.metrics
+            summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in
+                                ("understanding/accuracy", "generation/accuracy", "text/perplexity") if k in metrics)
+            print(f"[eval] step {self.step}: {summary} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            writer = MetricsLogger(self.out, True, 0, self.step, False, purge=False) if final or not self.logs_here \
+                else self.log
+            writer.log(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+            if result.images is not None:
+                writer.image("eval/samples", result.grid(), self.step)
+            if writer is not self.log:
+                writer.close()
+            if final:
+                tmp = self.out / "eval.json.tmp"
+                tmp.write_text(json.dumps({"step": self.step, **metrics}, indent=2))
+                os.replace(tmp, self.out / "eval.json")
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return metrics
 
     def _log_step(self, step_s, data_s, total_loss, loss_sum, loss_count, aux_sum, n_micro, routing, flops,
                   flops_model, samples) -> None:
@@ -296,7 +353,7 @@ class Trainer:
         scalars["data/skipped_samples"] = float(self.loader.counters().get("skipped_samples", 0))
         self.log.log(self.step, scalars)
 
-    def _write_summary(self, totals, wall_s, exit_code, start_step) -> None:
+    def _write_summary(self, totals, wall_s, exit_code, start_step, eval_metrics=None) -> None:
         world = self.env.world_size
         train_s = max(totals["train_s"], 1e-9)
         summary = {
@@ -319,6 +376,11 @@ class Trainer:
             "precision": self.precision,
             "device": str(self.device),
         }
+        if eval_metrics is None and exit_code == 0 and self.cfg.logging.eval_at_end and (self.out / "eval.json").exists():
+            eval_metrics = json.loads((self.out / "eval.json").read_text())  # evaluated on another rank
+            eval_metrics.pop("step", None)
+        if eval_metrics is not None:
+            summary["eval"] = {k: v for k, v in eval_metrics.items() if not k.startswith("router/")}
         path = self.out / "summary.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=2))

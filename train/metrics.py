@@ -22,7 +22,9 @@ from model.flops import StepFlops, mfu, peak_flops, tflops_per_device
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, start_step: int,
-                 progress_bar: bool = True) -> None:
+                 progress_bar: bool = True, purge: bool = True) -> None:
+        """`purge` (the run's main logger) drops records a crashed run wrote after `start_step`; a second
+        writer for the same run (evaluation at the end) passes False."""
         self.enabled = enabled
         self._writer = None
         self._bar = None
@@ -33,9 +35,11 @@ class MetricsLogger:
 
         out = Path(output_dir)
         # purge_step hides events a crashed run logged after the checkpoint it resumes from.
-        self._writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self._writer = SummaryWriter(str(out / "tensorboard"),
+                                     purge_step=start_step + 1 if start_step and purge else None)
         self._jsonl_path = out / "metrics.jsonl"
-        _truncate_jsonl(self._jsonl_path, start_step)
+        if purge:
+            _truncate_jsonl(self._jsonl_path, start_step)
         self._jsonl = open(self._jsonl_path, "a")
         if progress_bar:
             from tqdm import tqdm
@@ -58,6 +62,10 @@ class MetricsLogger:
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
+
+    def image(self, tag: str, image_HWC, step: int) -> None:
+        if self.enabled:
+            self._writer.add_image(tag, image_HWC, step, dataformats="HWC")
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:
