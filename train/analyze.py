@@ -61,9 +61,12 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
     loaded = load_dense(checkpoint, device, dtype)
     net, mc = loaded.net, loaded.net.config
     manifest = open_dataset(data, mc.vocab)
-    available = set(manifest.shards.get("train", {}))
-    tasks = [t for t in (cfg.tasks or mc.mod.tasks) if t in available]
     cfg.check_model(mc.num_hidden_layers, mc.mod.tasks)
+    available = set(manifest.shards.get("train", {}))
+    missing = [t for t in (cfg.tasks or []) if t not in available]
+    if missing:
+        raise ValueError(f"{data}/manifest.json: field splits.train.shards has no task {missing[0]!r} (--tasks)")
+    tasks = [t for t in (cfg.tasks or mc.mod.tasks) if t in available]
     if not tasks:
         raise ValueError(f"{data}/manifest.json: the train split holds none of the model's tasks {mc.mod.tasks}")
     L = mc.num_hidden_layers
