@@ -205,6 +205,15 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         try:
             model_doc = dict(doc["model"] or {})
+            if "mod_plan" in model_doc:  # a MoD plan written by `python -m train.analyze`
+                from analysis.plan import load_plan
+
+                plan_path = model_doc.pop("mod_plan")
+                try:
+                    plan = load_plan(plan_path)
+                except FileNotFoundError:
+                    raise ValueError(f"model.mod_plan: {plan_path} does not exist") from None
+                model_doc["mod"] = {**(model_doc.get("mod") or {}), **plan}
             if "vocab" not in model_doc:
                 # The data defines what the ids mean: take the layout its manifest records.
                 manifest = _manifest_vocab(doc["data"] or {})
