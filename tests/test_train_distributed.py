@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import (DS_SINGLE, MAIN, SMOKE, assert_hf_export_loads, child_env,
-                                 complete_checkpoints, deepspeed_cmd, free_port, latest, losses, overrides,
+                                 complete_checkpoints, deepspeed_cmd, latest, losses, overrides,
                                  read_metrics, run, settings, single_cmd, summary, torchrun_cmd)
 
 # A learning rate that moves a fresh debug model visibly within a dozen steps.
@@ -28,8 +28,8 @@ FAST = dict(optim__lr=3e-3, optim__warmup_steps=2)
 @pytest.fixture(scope="module")
 def zero3(demo_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3") / "run"
-    first = run(deepspeed_cmd(overrides(demo_dataset, out, run__max_steps=10, checkpoint__save_every=5, **FAST),
-                              port=free_port()), child_env(), out.parent / "first.log")
+    first = run(lambda port: deepspeed_cmd(overrides(demo_dataset, out, run__max_steps=10, checkpoint__save_every=5,
+                                                     **FAST), port=port), child_env(), out.parent / "first.log")
     state = {"first": first, "out": out}
     if first.rc == 0:
         state["first_summary"] = summary(out)
@@ -37,8 +37,9 @@ def zero3(demo_dataset, tmp_path_factory):
         state["first_complete"] = complete_checkpoints(out)
         state["first_latest"] = latest(out)
     # The same command with more steps: resumes from step_00000010 (checkpoint.resume=auto), then exports HF.
-    state["second"] = run(deepspeed_cmd(overrides(demo_dataset, out, run__max_steps=14, checkpoint__save_every=5,
-                                                  checkpoint__export_hf="true", **FAST), port=free_port()),
+    state["second"] = run(lambda port: deepspeed_cmd(overrides(demo_dataset, out, run__max_steps=14,
+                                                               checkpoint__save_every=5, checkpoint__export_hf="true",
+                                                               **FAST), port=port),
                           child_env(), out.parent / "second.log")
     return state
 
@@ -123,25 +124,43 @@ def pipeline(demo_dataset, tmp_path_factory):
     model_cfg = RunConfig.load(SMOKE, settings(demo_dataset, root)).model
     torch.manual_seed(1234)
     UnifiedTransformer(model_cfg).save_hf(init)
-    common = dict(run__max_steps=4, checkpoint__init_from_hf=init, **FAST)
-    piped = run(torchrun_cmd(overrides(demo_dataset, root / "pipe", parallel__mode="pipeline",
-                                       parallel__pipeline_stages=2, checkpoint__export_hf="true", **common),
-                             port=free_port()), child_env(), root / "pipe.log")
-    single = run(single_cmd(overrides(demo_dataset, root / "single", **common)), child_env(), root / "single.log")
-    return {"root": root, "pipe": piped, "single": single, "init": init}
+    # A constant LR: the schedule then does not depend on max_steps, so 4 steps + 2 resumed ones follow the
+    # same LR as 6 straight ones (a cosine would be stretched by the second invocation's max_steps).
+    common = dict(checkpoint__init_from_hf=init, optim__lr=2e-3, optim__warmup_steps=0, optim__min_lr_ratio=1.0)
+    pipe = dict(parallel__mode="pipeline", parallel__pipeline_stages=2, **common)
+    # 4 steps, then the same command with 6: the pipeline engine's checkpoint round trip (per-stage layer
+    # files, ZeRO-1 optimizer shards) in the exact mode shipped, compared against 6 uninterrupted steps.
+    first = run(lambda port: torchrun_cmd(overrides(demo_dataset, root / "pipe", run__max_steps=4, **pipe), port=port),
+                child_env(), root / "pipe_first.log")
+    piped = run(lambda port: torchrun_cmd(overrides(demo_dataset, root / "pipe", run__max_steps=6,
+                                                    checkpoint__export_hf="true", **pipe), port=port),
+                child_env(), root / "pipe.log")
+    single = run(single_cmd(overrides(demo_dataset, root / "single", run__max_steps=6, **common)), child_env(),
+                 root / "single.log")
+    return {"root": root, "first": first, "pipe": piped, "single": single, "init": init}
 
 
 def test_pipeline_first_loss_equals_single_process(pipeline):
-    piped, single = pipeline["pipe"], pipeline["single"]
-    assert piped.rc == 0, piped.explain()
+    first, single = pipeline["first"], pipeline["single"]
+    assert first.rc == 0, first.explain()
     assert single.rc == 0, single.explain()
-    assert "2 process(es) via torchrun" in piped.output and "mode pipeline" in piped.output, piped.explain()
-    assert "pipeline partition" in piped.output and "stage 1:" in piped.output, piped.explain()
+    assert "2 process(es) via torchrun" in first.output and "mode pipeline" in first.output, first.explain()
+    assert "pipeline partition" in first.output and "stage 1:" in first.output, first.explain()
     p = losses(pipeline["root"] / "pipe" / "metrics.jsonl")
     s = losses(pipeline["root"] / "single" / "metrics.jsonl")
     assert abs(p[1] - s[1]) <= 1e-5, (p[1], s[1])
-    # The same updates follow (both step AdamW on identical gradients), up to float reordering.
-    for step in (2, 3, 4):
+
+
+def test_pipeline_resume_follows_the_single_process_run(pipeline):
+    """Both step AdamW on the same gradients, so the losses stay equal (up to float reordering) through the
+    pipeline's save at step 4 and its resume."""
+    piped = pipeline["pipe"]
+    assert piped.rc == 0, piped.explain()
+    assert f"resumed from {pipeline['root'] / 'pipe' / 'checkpoints' / 'step_00000004'} at step 4" in piped.output
+    p = losses(pipeline["root"] / "pipe" / "metrics.jsonl")
+    s = losses(pipeline["root"] / "single" / "metrics.jsonl")
+    assert sorted(p) == sorted(s) == list(range(1, 7))
+    for step in range(2, 7):
         assert abs(p[step] - s[step]) <= 1e-4, (step, p, s)
 
 
@@ -150,14 +169,14 @@ def test_pipeline_trains_checkpoints_and_exports(pipeline):
     assert piped.rc == 0, piped.explain()
     out = pipeline["root"] / "pipe"
     s = summary(out)
-    assert s["status"] == "completed" and s["steps"] == 4 and s["mode"] == "pipeline", s
+    assert s["status"] == "completed" and s["steps"] == 6 and s["mode"] == "pipeline", s
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["optim/grad_norm"] > 0 and r["flops/actual_per_step"] > 0 for r in records)
     # The router aux loss travelled through both stages into the loss.
     image_steps = [r for r in records if "loss/t2i" in r or "loss/mmu" in r]
     assert image_steps and all(r["mod/aux_loss"] > 0 for r in image_steps)
-    assert latest(out) == "step_00000004"
+    assert latest(out) == "step_00000006"
     assert_hf_export_loads(out / "hf")
     # The export differs from the initial weights (it trained) but keeps every tensor name.
     from safetensors.torch import load_file
@@ -175,7 +194,7 @@ def test_mpirun_two_ranks_train(demo_dataset, tmp_path):
         pytest.skip("no mpirun on PATH: run scripts/system_deps.sh as root (installs Open MPI)")
     out = tmp_path / "run"
     # Debian's Open MPI refuses root without the two ALLOW variables; --oversubscribe lets 2 ranks share cores.
-    env = child_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+    env = child_env(port=True, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                     OMPI_MCA_btl_vader_single_copy_mechanism="none")
     cmd = [mpirun, "--oversubscribe", "-np", "2", sys.executable, str(MAIN), "--config", str(SMOKE),
            "--deepspeed_config", str(DS_SINGLE), *overrides(demo_dataset, out, run__max_steps=3)]

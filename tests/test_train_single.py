@@ -27,12 +27,12 @@ SMOKE_LIMIT_S = 120  # the issue: the first run a user makes finishes in under 2
 @pytest.fixture(scope="module")
 def smoke(demo_dataset, tmp_path_factory):
     """`python train/main.py --smoke` as shipped, pointed at tmp dirs, with a peak FLOP/s so MFU is logged.
-    No MASTER_PORT: a lone process must find its own port."""
+    No MASTER_PORT (child_env's default): a lone process must find its own port."""
     out = tmp_path_factory.mktemp("smoke") / "run"
     cmd = [sys.executable, str(MAIN), "--smoke", "--set", f"data.dataset_dir={demo_dataset}",
            "--set", f"run.output_dir={out}", "--set", "logging.peak_tflops=1.0",
            "--set", "logging.progress_bar=false"]
-    result = run(cmd, child_env(port=False, threads=None), out.parent / "smoke.log", timeout=300)
+    result = run(cmd, child_env(threads=None), out.parent / "smoke.log", timeout=300)
     print(f"\n[smoke] python train/main.py --smoke: exit {result.rc} in {result.wall_s:.1f} s wall")
     return out, result
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "train" / "main.py"
@@ -60,9 +60,10 @@ def overrides(dataset: Path, out: Path, **fields) -> list[str]:
     return args
 
 
-def child_env(port: bool = True, threads: int | None = 1, **extra: str) -> dict[str, str]:
+def child_env(port: bool = False, threads: int | None = 1, **extra: str) -> dict[str, str]:
     """Environment of a training subprocess: CPU accelerator, no launcher variables inherited, one thread
-    per rank (2 shared cores; None keeps torch's default) and a free MASTER_PORT (False: none set)."""
+    per rank (2 shared cores; None keeps torch's default). MASTER_PORT only with `port` (mpirun needs it; a
+    lone process picks its own, the deepspeed launcher and torchrun take --master_port)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "OMP_NUM_THREADS") and not k.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_"))}
@@ -154,8 +155,18 @@ def finish(launched: Launched, timeout: float) -> Run:
     return Run(launched.cmd, rc, out, time.perf_counter() - launched.t0)
 
 
-def run(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 240) -> Run:
-    return finish(start(cmd, env, log), timeout)
+def run(cmd: list[str] | Callable[[int], list[str]], env: dict[str, str], log: Path, timeout: float = 240) -> Run:
+    """Run to the end. `cmd` may be a function of a rendezvous port (a launcher's --master_port). A free port
+    can be taken by another process's connection between `free_port()` and the bind on this busy shared
+    machine, so a run that died of EADDRINUSE is started once more on a fresh port."""
+    for attempt in (1, 2):
+        port = free_port()
+        argv = cmd(port) if callable(cmd) else cmd
+        result = finish(start(argv, {**env, "MASTER_PORT": str(port)} if "MASTER_PORT" in env else env, log),
+                        timeout)
+        if result.rc == 0 or "EADDRINUSE" not in result.output:
+            return result
+    return result
 
 
 def wait_for_step(proc: Launched, metrics: Path, step: int, timeout: float = 180) -> None:
