@@ -124,6 +124,9 @@ class MoDConfig:
     """topk (training: static k per sequence) | causal (sampling: route when the logit > 0)."""
     router_init_std: float = 1e-3
     """Small init keeps the gate 2*sigmoid(r) at ~1 so a dense checkpoint starts unchanged."""
+    shared_router: bool = False
+    """Ablation (UniMoD's "one shared router"): one score per token for every task instead of one per task.
+    Capacities and routable tokens stay per task."""
 
     def __post_init__(self) -> None:
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):

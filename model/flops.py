@@ -184,7 +184,8 @@ def _per_sequence(
     for n, routed in plan:
         fwd += _layer_forward(cfg, n, causal_attention)
         if routed:
-            fwd += FlopsBreakdown(router=2 * seq_len * cfg.hidden_size * cfg.num_tasks)
+            columns = 1 if cfg.mod.shared_router else cfg.num_tasks
+            fwd += FlopsBreakdown(router=2 * seq_len * cfg.hidden_size * columns)
     if include_head:
         fwd += FlopsBreakdown(head=2 * seq_len * cfg.hidden_size * cfg.vocab_size)
     if not train:

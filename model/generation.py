@@ -159,8 +159,7 @@ class CachedDecoder:
             if layer.is_mod:
                 routed_seq = self.cap_tbl[i][self.task_ids] < 1.0  # [B]: is this task routed in this layer
                 routable = routable_kind & routed_seq[:, None] & valid
-                r_all = layer.mod_router(x)  # [B,T,tasks]
-                r = r_all.gather(-1, self.task_ids.view(B, 1, 1).expand(B, ids.shape[1], 1)).squeeze(-1).float()
+                r, _ = layer.router_logits(x, self.task_ids)  # [B,T] each row's own task's logit
                 keep = valid & (~routable | (r > 0))
                 self.routable_seen[i] += routable.sum().cpu()
                 self.routed_kept[i] += (routable & keep).sum().cpu()

@@ -1,7 +1,8 @@
 """Task-aware Mixture-of-Depths (UniMoD) around the Emu3 decoder block.
 
 A MoD layer owns a router bank `mod_router = Linear(hidden, num_tasks)`: every token gets one score per
-task and each sequence reads its own task's column. For a sequence of task t in layer l the layer processes
+task and each sequence reads its own task's column (`mod.shared_router` makes it one shared column, the
+ablation UniMoD compares against). For a sequence of task t in layer l the layer processes
 P = ceil(capacity[l][t] * S) of its S positions; the rest ride the residual stream unchanged.
 
 Which positions fill the P slots (a priority order, highest first):
@@ -80,7 +81,9 @@ class DecoderLayer(Block):
         self.capacities = [cfg.mod.capacity_of(layer_idx, t) for t in range(cfg.num_tasks)]
         self.is_mod = cfg.mod.is_mod_layer(layer_idx)
         self.aux_loss_weight = cfg.mod.aux_loss_weight
-        self.mod_router = Linear(cfg.hidden_size, cfg.num_tasks, cfg.mod.router_init_std) if self.is_mod else None
+        self.shared_router = cfg.mod.shared_router
+        n_scores = 1 if self.shared_router else cfg.num_tasks
+        self.mod_router = Linear(cfg.hidden_size, n_scores, cfg.mod.router_init_std) if self.is_mod else None
 
     def forward(
         self,
@@ -107,8 +110,7 @@ class DecoderLayer(Block):
         if not self.is_mod:
             return self.block(x, cos, sin), zero, self._stats(task_ids, n_routable, n_routable)
 
-        r_all = self.mod_router(x)  # [B,S,T]; every task's score, one small matmul
-        r = r_all.gather(-1, task_ids.view(B, 1, 1).expand(B, S, 1)).squeeze(-1).float()  # [B,S]
+        r, r_all = self.router_logits(x, task_ids)
         if tasks_host is None:
             tasks_host = task_ids.tolist()
         caps = [self.capacities[t] for t in tasks_host]
@@ -162,6 +164,14 @@ class DecoderLayer(Block):
         aux = self._aux_loss(r, selected, routable, r_all)
         n_selected = torch.where(routed_seq, selected.sum(1).to(torch.float32), n_routable)
         return x_out, aux, self._stats(task_ids, n_routable, n_selected)
+
+    def router_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (r [B,S] fp32: each sequence's own task's router logit, r_all [B,S,columns] raw bank output).
+        Every task's score comes from one small matmul, so the graph is the same for every batch."""
+        B, S, _ = x.shape
+        r_all = self.mod_router(x)
+        column = torch.zeros_like(task_ids) if self.shared_router else task_ids
+        return r_all.gather(-1, column.view(B, 1, 1).expand(B, S, 1)).squeeze(-1).float(), r_all
 
     def _forward_causal(self, x, cos, sin, kinds, task_ids, r, routable, n_routable):
         """Sampling-time routing: a routable token goes through the layer iff its logit > 0, a decision

@@ -340,3 +340,14 @@ def test_model_package_does_not_import_deepspeed_or_torch_distributed():
                 assert not name.startswith(("deepspeed", "torch.distributed")), f"{path.name} imports {name}"
     code = "import sys, model, model.hf, model.mod; assert 'deepspeed' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_shared_router_ablation_scores_every_task_with_one_column():
+    cfg = mod_cfg({"2-3": {"t2i": 0.25, "mmu": 0.5}}, shared_router=True)
+    net = UnifiedTransformer(cfg)
+    assert net.model.layers[2].mod_router.weight.shape == (1, cfg.hidden_size)
+    ids, tasks = make_batch(cfg, [T2I, MMU])
+    out = net(ids, task_ids=tasks)
+    (out.logits.square().mean() + out.aux_loss).backward()
+    assert net.model.layers[2].mod_router.weight.grad.abs().sum() > 0
+    assert out.routing[2, MMU, 1] > out.routing[2, T2I, 1]  # capacities stay per task

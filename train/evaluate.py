@@ -290,7 +290,7 @@ class Evaluator:
         def hook(layer_idx):
             def fn(module, args, output):
                 x, x_out = args[0], output[0]
-                r = module.mod_router(x).gather(-1, current["task"].view(-1, 1, 1).expand(*x.shape[:2], 1)).squeeze(-1)
+                r, _ = module.router_logits(x, current["task"])
                 routable = current["routable"] & (torch.tensor(module.capacities, device=device)[current["task"]] < 1)[:, None]
                 selected = (x_out != x).any(-1)
                 causal = r > 0
