@@ -1,0 +1,64 @@
+"""Shared helpers of the bench scripts: a description of the machine a number was measured on, and
+writing Markdown reports (every result file says where it came from)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def load_average() -> list[float]:
+    """1/5/15-minute load: on a shared 2-core machine, the context every timing needs."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine_info() -> dict[str, object]:
+    import torch
+
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": load_average(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        keep = ("Architecture", "Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache",
+                "L3 cache", "Flags")
+        for line in lscpu.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() in keep:
+                val = val.strip()
+                if key.strip() == "Flags":  # only the SIMD flags that decide matmul/attention kernels
+                    val = " ".join(f for f in val.split() if f.startswith(("avx", "amx", "fma")))
+                info[f"lscpu {key.strip()}"] = val
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal"))
+        info["memory_gib"] = round(mem_kib / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("deepspeed", "transformers"):  # metadata only: importing deepspeed costs seconds
+        try:
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def write_markdown(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
