@@ -4,6 +4,7 @@
     python -m data.prepare demo --out DIR
     python -m data.prepare images --manifest items.jsonl --vq-model VQ_DIR --tokenizer TOK --out DIR
     python -m data.prepare text --input corpus.txt --tokenizer TOK --out DIR --visual-size 32768
+    python -m data.prepare merge --out DIR PART_DIR [PART_DIR ...]
 
 `images` reads one JSON object per line: {"image": path (relative to the jsonl file), "caption": ...}
 for text-to-image, or {"image": ..., "question": ..., "answer": ...} for understanding; optional
@@ -198,6 +199,69 @@ def cmd_text(args: argparse.Namespace) -> None:
     _report(out, manifest)
 
 
+# ----- merge ----------------------------------------------------------------------------------------
+def cmd_merge(args: argparse.Namespace) -> None:
+    """Datasets prepared in parts (e.g. by the Slurm array job slurm/prepare_data_array.sh) -> one dataset.
+
+    The parts must agree on the vocabulary layout and the text tokenizer (same sha256): ids of different
+    tokenizers would mean different things. Shards are hard-linked (copied across file systems) as
+    `part<i>-<name>`; the tokenizer, and the image tokenizer when it lives inside the first part, are
+    copied; sample counts add up. The manifest is written last, so a crash leaves no usable half dataset.
+    """
+    import os
+
+    from data.shards import MANIFEST_NAME, read_manifest
+
+    parts = [Path(p) for p in args.parts]
+    out = Path(args.out)
+    if out.resolve() in [p.resolve() for p in parts]:
+        raise ValueError(f"--out {out} is one of the parts")
+    manifests = [read_manifest(p) for p in parts]
+    ref, ref_dir = manifests[0], parts[0]
+    for part, m in zip(parts[1:], manifests[1:]):
+        if m["vocab"] != ref["vocab"]:
+            raise ValueError(f"{part}/{MANIFEST_NAME}: field vocab {m['vocab']} differs from {ref_dir}'s {ref['vocab']}")
+        if m["tokenizer"]["sha256"] != ref["tokenizer"]["sha256"]:
+            raise ValueError(f"{part}/{MANIFEST_NAME}: field tokenizer.sha256 differs from {ref_dir}'s: the parts were "
+                             f"tokenized with different text tokenizers")
+    out.mkdir(parents=True, exist_ok=True)
+    tok_src = ref_dir / ref["tokenizer"]["path"]
+    _copy_tokenizer(str(tok_src), out)
+    image_tok = ref.get("image_tokenizer")
+    if image_tok and image_tok.get("path"):
+        src = (ref_dir / image_tok["path"]).resolve()
+        if src.is_relative_to(ref_dir.resolve()):
+            dst = out / src.relative_to(ref_dir.resolve())
+            if dst.exists():
+                shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
+        else:  # a model directory outside the part (e.g. the Emu3VQVAE): point at it from the new place
+            image_tok = {**image_tok, "path": os.path.relpath(src, out.resolve())}
+    splits: dict[str, Any] = {}
+    for i, (part, m) in enumerate(zip(parts, manifests)):
+        for split, info in m["splits"].items():
+            dst_split = splits.setdefault(split, {"shards": {}, "samples": {}})
+            for task, names in info["shards"].items():
+                for name in names:
+                    new = f"part{i:04d}-{name}"
+                    target = out / new
+                    if target.exists():
+                        target.unlink()
+                    try:
+                        os.link(part / name, target)
+                    except OSError:
+                        shutil.copyfile(part / name, target)
+                    dst_split["shards"].setdefault(task, []).append(new)
+            for task, n in info["samples"].items():
+                dst_split["samples"][task] = dst_split["samples"].get(task, 0) + n
+    manifest = {**ref, "image_tokenizer": image_tok, "splits": splits,
+                "created_by": _command_line("merge", args)}
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out / MANIFEST_NAME)
+    _report(out, manifest)
+
+
 def _report(out: str | Path, manifest: dict[str, Any]) -> None:
     for split, info in manifest["splits"].items():
         counts = ", ".join(f"{t}={n} in {len(info['shards'][t])} shards" for t, n in info["samples"].items())
@@ -253,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     shard_args(p, 1000)
     p.set_defaults(func=cmd_text)
+
+    p = sub.add_parser("merge", help="datasets prepared in parts (same tokenizer) -> one dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("parts", nargs="+", help="dataset directories, each with a manifest.json")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

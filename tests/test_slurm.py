@@ -295,3 +295,34 @@ def test_mpirun_inside_an_sbatch_allocation(cluster, demo_dataset, tmp_path):
     assert "2 process(es) via openmpi" in log, log[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["world_size"] == 2
+
+
+# ----- data preparation array job ---------------------------------------------------------------------
+def test_prepare_data_array_job_then_merge(cluster, demo_dataset, tmp_path):
+    """slurm/prepare_data_array.sh: one array task per input file, each a dataset part; MERGE=1 makes the one
+    dataset training reads. A bad setting fails fast with the variable named in the task's log."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i in range(2):
+        (inputs / f"part_{i}.txt").write_text("".join(f"line {i} number {n} is here.\n" for n in range(12)))
+    out = tmp_path / "dataset"
+    job_env = {"MODE": "text", "INPUT_DIR": str(inputs), "OUT_DIR": str(out),
+               "TOKENIZER": str(demo_dataset / "tokenizer.model"), "VISUAL_SIZE": "256",
+               "EXTRA_ARGS": "--shard-max-count 5"}
+    script = "slurm/prepare_data_array.sh"
+    array = sbatch(cluster, job_env, ["--array=0-1", "--cpus-per-task=1", "--time=5", "--output",
+                                      f"{tmp_path}/prep-%A_%a.out"], tmp_path, script=script)
+    for task in ("0", "1"):
+        info = wait_job(cluster, f"{array}_{task}", timeout=180)
+        assert info.get("JobState") == "COMPLETED", (info, (tmp_path / f"prep-{array}_{task}.out").read_text())
+    merge = sbatch(cluster, {**job_env, "MERGE": "1"}, ["--cpus-per-task=1", "--time=5"], tmp_path, script=script)
+    info = wait_job(cluster, merge, timeout=120)
+    assert info.get("JobState") == "COMPLETED", (info, job_log(tmp_path, merge))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"]["lm"] == 24
+    bad = sbatch(cluster, {**job_env, "INPUT_DIR": str(tmp_path / "missing")}, ["--array=0", "--cpus-per-task=1", "--time=5",
+                                                                               "--output", f"{tmp_path}/bad-%A_%a.out"],
+                 tmp_path, script=script)
+    info = wait_job(cluster, f"{bad}_0", timeout=60)
+    assert info.get("JobState") == "FAILED"
+    assert "no *.txt files in INPUT_DIR" in (tmp_path / f"bad-{bad}_0.out").read_text()
