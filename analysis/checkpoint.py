@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from model.config import ModelConfig
 from model.transformer import UnifiedTransformer
@@ -52,28 +51,12 @@ def load_dense(checkpoint: str | Path, device: torch.device | str = "cpu",
 
 
 def _from_run_checkpoint(path: Path, dtype: torch.dtype | None):
-    from train.checkpoint import CheckpointManager
-    from train.export import checkpoint_state_dict
+    from train.export import load_checkpoint_model
 
-    spec = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = CheckpointManager.resolve(str(spec), spec)
-    if found is None:
-        raise ValueError(f"--checkpoint {path}: no complete checkpoint found")
-    root, tag = found
-    config = root.parent / "config.yaml"
-    if not config.exists():
-        raise ValueError(f"--checkpoint {path}: {config} (the run's resolved config) is needed for the model shape; "
-                         "pass the run's hf/ directory instead")
-    doc = yaml.safe_load(config.read_text()) or {}
-    run_cfg = ModelConfig.from_dict(doc.get("model", doc))
-    state = checkpoint_state_dict(root / tag, run_cfg)
-    state = {k: v for k, v in state.items() if ".mod_router." not in k}
-    dense_cfg = run_cfg.replace(mod={"capacity": {}})
+    trained, tag_dir, config = load_checkpoint_model(path, dtype=dtype)
+    run_cfg = trained.config
+    state = {k: v for k, v in trained.state_dict().items() if ".mod_router." not in k}
     with torch.device("meta"):
-        net = UnifiedTransformer(dense_cfg)
-    expected = {k for k, _ in net.named_parameters()}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"{root / tag}: weights do not match {config}: missing {missing[:4]}, unexpected {extra[:4]}")
-    net.load_state_dict({k: (v.to(dtype) if dtype else v) for k, v in state.items()}, strict=True, assign=True)
-    return net, run_cfg.mod.to_dict(), f"checkpoint {root / tag} (shape from {config})"
+        net = UnifiedTransformer(run_cfg.replace(mod={"capacity": {}}))
+    net.load_state_dict(state, strict=True, assign=True)
+    return net, run_cfg.mod.to_dict(), f"checkpoint {tag_dir} (shape from {config})"

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from data.loader import LoaderConfig, UnimodLoader
 from data.validate import validate_dataset

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from model import ModelConfig, UnifiedTransformer, VocabLayout
+from model import ModelConfig, UnifiedTransformer
 from model.mod import tokens_kept
 
 REPO = Path(__file__).resolve().parents[1]

@@ -51,26 +51,38 @@ def checkpoint_state_dict(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, to
     raise ValueError(f"{tag_dir}: no DeepSpeed model states found (not a checkpoint of this trainer)")
 
 
-def export(checkpoint: str | Path, out: str | Path, config: str | Path | None = None,
-           dtype: torch.dtype | None = None) -> Path:
-    found = CheckpointManager.resolve(str(checkpoint), Path(checkpoint))
+def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = None,
+                          dtype: torch.dtype | None = None) -> tuple[UnifiedTransformer, Path, Path]:
+    """A run directory, its checkpoints/ root (newest complete checkpoint) or one step_N directory ->
+    (the model with that checkpoint's weights, on CPU; the step directory; the config.yaml it was shaped by).
+    The one loader behind export, generation and analysis."""
+    path = Path(checkpoint)
+    spec = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = CheckpointManager.resolve(str(spec), spec) if spec.exists() else None
     if found is None:
         raise ValueError(f"{checkpoint}: no complete checkpoint")
     root, tag = found
     tag_dir = root / tag
     config = Path(config) if config else root.parent / "config.yaml"
     if not config.exists():
-        raise ValueError(f"{config}: the run's config.yaml is needed for the model shape (pass --config)")
+        raise ValueError(f"{config}: the run's config.yaml is needed for the model shape of {tag_dir} (pass --config)")
     doc = yaml.safe_load(config.read_text()) or {}
     model_cfg = ModelConfig.from_dict(doc.get("model", doc))
     state = checkpoint_state_dict(tag_dir, model_cfg)
     with torch.device("meta"):
-        shell = UnifiedTransformer(model_cfg)
-    expected = {k for k, _ in shell.named_parameters()}
+        model = UnifiedTransformer(model_cfg)
+    expected = {k for k, _ in model.named_parameters()}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"{tag_dir}: weights do not match {config}: missing {missing[:4]}, unexpected {extra[:4]}")
-    shell.save_hf(out, state_dict=state, dtype=dtype)
+    model.load_state_dict({k: (v.to(dtype) if dtype else v) for k, v in state.items()}, strict=True, assign=True)
+    return model, tag_dir, config
+
+
+def export(checkpoint: str | Path, out: str | Path, config: str | Path | None = None,
+           dtype: torch.dtype | None = None) -> Path:
+    model, _, _ = load_checkpoint_model(checkpoint, config)
+    model.save_hf(out, dtype=dtype)
     return Path(out)
 
 

@@ -33,7 +33,7 @@ from data.imagetok import Emu3VQ, PatchVQ, load_image_tokenizer
 from data.layout import image_size_text
 from data.shards import read_manifest
 from data.vocab import UnifiedVocab
-from model import ModelConfig, UnifiedTransformer
+from model import UnifiedTransformer
 from model.generation import generate_image_tokens, generate_text
 
 
@@ -89,29 +89,14 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
         run_config = path.parent / "config.yaml"
         return Loaded(model.to(device).eval(), "hf", run_config if run_config.is_file() else None)
 
-    from train.checkpoint import CheckpointManager
-
-    spec = path / "checkpoints" if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir() else path
-    found = CheckpointManager.resolve(str(spec), spec)
-    if found is None:
-        raise ValueError(f"--checkpoint {path}: no complete DeepSpeed checkpoint and not an HF directory")
-    root, tag = found
-    run_config = root.parent / "config.yaml"
-    if not run_config.is_file():
-        raise ValueError(f"{run_config}: the run's config.yaml is needed for the model shape of {root / tag}")
-    doc = yaml.safe_load(run_config.read_text()) or {}
-    model_cfg = ModelConfig.from_dict(doc.get("model") or {})
     if str(device).startswith("cpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported by the reader
-    from train.export import checkpoint_state_dict
+    from train.export import load_checkpoint_model
 
-    state = checkpoint_state_dict(root / tag, model_cfg)
-    with torch.device("meta"):
-        model = UnifiedTransformer(model_cfg)
     try:
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{root / tag}: weights do not match {run_config}: {e}") from None
+        model, _, run_config = load_checkpoint_model(path, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint {path}: not an HF directory, and {e}") from None
     return Loaded(model.to(device).eval(), "deepspeed", run_config)
 
 

@@ -17,7 +17,6 @@ back. Shapes are fixed per run (fixed seq_len, fixed micro-batch): the engine se
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from pathlib import Path
 from typing import Any
