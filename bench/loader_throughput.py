@@ -20,6 +20,7 @@ matmul rate measured here. Goal: the loader's per-worker rate >= 20x a step's ne
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -63,7 +64,6 @@ def write_shards(root: str, layout: VocabLayout, per_task: int, per_shard: int, 
         names[task] = sorted(f for f in os.listdir(root) if f.startswith(f"{task}-train-"))
     for f in os.listdir(root):
         nbytes += os.path.getsize(os.path.join(root, f))
-    import json
     manifest = {"format": "unimod-shards-v1", "vocab": layout.to_dict(),
                 "tokenizer": {"type": "hf", "path": "tokenizer", "sha256": sha}, "image_tokenizer": None,
                 "splits": {"train": {"shards": names, "samples": {t: per_task for t in names}}},
@@ -130,7 +130,9 @@ def main() -> None:
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--demo-tokens", type=int, default=4 * 1024,
                    help="tokens per step per rank of the demo run (its step is smaller than the 8B one)")
+    p.add_argument("--out", help="also write the numbers as JSON here")
     args = p.parse_args()
+    result: dict = {"setting": vars(args)}
 
     layout = VocabLayout()  # Emu3's real id ranges
     with tempfile.TemporaryDirectory() as root:
@@ -144,17 +146,22 @@ def main() -> None:
 
         sec, n, real, first = time_loader(LoaderConfig(**base, num_workers=0), args.batches)
         per_worker = n * tok_per_batch / sec
+        result["per_worker"] = {"micro_batches": n, "seconds": sec, "tokens_per_s": per_worker,
+                                "non_pad_fraction": real / (n * tok_per_batch), "first_batch_s": first}
         print(f"loader, 1 worker (in process): {n} micro-batches in {sec:.2f} s = {n / sec:.1f} batches/s, "
               f"{per_worker / 1e6:.3f} M tokens/s ({real / (n * tok_per_batch):.0%} non-pad); "
               f"first batch after {first:.2f} s")
         if args.workers > 0:
             sec_w, n_w, _, first_w = time_loader(LoaderConfig(**base, num_workers=args.workers), args.batches)
+            result["workers"] = {"workers": args.workers, "micro_batches": n_w, "seconds": sec_w,
+                                 "tokens_per_s": n_w * tok_per_batch / sec_w, "first_batch_s": first_w}
             print(f"loader, {args.workers} workers: {n_w} micro-batches in {sec_w:.2f} s = "
                   f"{n_w * tok_per_batch / sec_w / 1e6:.3f} M tokens/s per rank; first batch after {first_w:.2f} s "
                   f"(on {os.cpu_count()} cores shared with the main process)")
         ld = UnimodLoader(LoaderConfig(**base, num_workers=0), ["t2i", "mmu", "lm"])
         k = len(ld) // 2
         sec_r = time_resume(LoaderConfig(**base, num_workers=0), k)
+        result["resume"] = {"micro_batch": k, "of": len(ld), "seconds": sec_r}
         print(f"resume: replay to micro-batch {k} of {len(ld)} took {sec_r:.2f} s ({k / sec_r:.0f} batches/s)")
 
     tokens_step = args.micro_batch * args.seq_len * args.grad_accum
@@ -171,8 +178,16 @@ def main() -> None:
             ("emu3-8b", n8b, tokens_step, step_8b, f"1 H100 at {H100_MFU:.0%} MFU of {h100 / 1e12:.0f} TFLOP/s"),
             ("demo", n_demo, args.demo_tokens, step_demo, f"this CPU at 40% of {cpu / 1e9:.0f} GFLOP/s measured")):
         need = tokens / step
+        result.setdefault("need", {})[name] = {
+            "params": n_p, "tokens_per_step": tokens, "step_s": step, "where": where, "need_tokens_per_s": need,
+            "loader_per_worker_over_need": per_worker / need}
         print(f"{name:8s} N={n_p / 1e9:.3f}B  {tokens} tokens/step: {step:7.3f} s/step on {where}: "
               f"needs {need / 1e3:8.1f} k tokens/s -> loader per worker = {per_worker / need:7.1f}x (goal >= 20x)")
+    if args.out:
+        result["cpu_matmul_flops"] = cpu
+        result["load_average"] = list(os.getloadavg())
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

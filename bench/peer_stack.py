@@ -121,6 +121,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
             "gpu_peak_allocated_gib": (max(max(r["gpu_max_allocated_gib_by_rank"]) for r in rs)
                                        if rs[0]["gpu_max_allocated_gib_by_rank"] else None),
             "parameters": rs[0]["parameters"],
+            "flops_per_step": rs[0]["flops_per_step"],
+            "tflops_per_device": rs[0]["flops_per_step"] / (step * rs[0]["world_size"]) / 1e12,
+            "mfu": statistics.median(r["mfu"] for r in rs) if rs[0]["mfu"] is not None else None,
             "zero3_partitioned": all(r["zero3_partitioned"] for r in rs),
             "final_loss": rs[-1]["final_loss"],
         }
@@ -171,13 +174,15 @@ def markdown(result: dict, png_name: str) -> str:
              f"{st['seq_len']} x micro-batch {st['micro_batch']} per rank (rank tasks: t2i, mmu), activation "
              f"checkpointing {'on' if st['checkpointing'] else 'off'}, {st['threads'] or 'default'} thread(s) per rank, "
              f"{st['warmup']} warm-up + {st['steps']} timed steps x {st['rounds']} rounds, torch AdamW, `{st['ds_config']}`.", "",
-             "| variant | parameters | median step (s) | min step (s) | tokens/s | speed-up vs HF dense | "
-             "peak RSS/rank (GiB) | RSS above start (GiB) |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | parameters | FLOPs/step | median step (s) | min step (s) | tokens/s | TFLOP/s/rank | MFU | "
+             "speed-up vs HF dense | peak RSS/rank (GiB) | RSS above start (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = s.get("hf_dense")
     for n, x in s.items():
         sp = f"{base['median_step_s'] / x['median_step_s']:.2f}x" if base else "-"
-        lines.append(f"| {n} | {x['parameters'] / 1e6:.2f}M | {x['median_step_s']:.3f} | {x['min_step_s']:.3f} | "
-                     f"{x['tokens_per_s']:.0f} | {sp} | {x['peak_rss_gib']:.2f} | {x['peak_rss_above_start_gib']:.2f} |")
+        mfu = f"{100 * x['mfu']:.1f}%" if x["mfu"] is not None else "-"
+        lines.append(f"| {n} | {x['parameters'] / 1e6:.2f}M | {x['flops_per_step']:.3e} | {x['median_step_s']:.3f} | "
+                     f"{x['min_step_s']:.3f} | {x['tokens_per_s']:.0f} | {x['tflops_per_device']:.4f} | {mfu} | {sp} | "
+                     f"{x['peak_rss_gib']:.2f} | {x['peak_rss_above_start_gib']:.2f} |")
     lines += ["", "Ratios:", ""] + [f"- {k}: {v:.3f}" for k, v in result["ratios"].items()]
     lines += ["", f"Load average before / after: {result['load_before']} / {result['load_after']}", "",
               f"![peer]({png_name})", ""]

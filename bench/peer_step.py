@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from data.layout import IGNORE_INDEX  # noqa: E402
 from model import ModelConfig, UnifiedTransformer  # noqa: E402
+from model.flops import flops_train, mfu, peak_flops, tflops_per_device  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The demo training plan (train/configs/demo.yaml): UniMoD in the last half of the layers.
@@ -175,13 +176,19 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         med = sorted(times)[len(times) // 2]
         tokens = world * args.micro_batch * args.seq_len
+        by_rank = [args.tasks[r % len(args.tasks)] for r in range(world)]
+        # Useful work of the global step (no recompute credited): the MoD FLOPs for ours with a plan.
+        flops = sum(flops_train(cfg, args.seq_len, [t] * args.micro_batch).total for t in by_rank)
+        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         result = {
             "model": args.model, "mod": args.mod, "preset": args.preset, "seq_len": args.seq_len,
-            "micro_batch": args.micro_batch, "world_size": world, "tasks_by_rank": [args.tasks[r % len(args.tasks)] for r in range(world)],
+            "micro_batch": args.micro_batch, "world_size": world, "tasks_by_rank": by_rank,
             "dtype": args.dtype, "checkpointing": args.checkpointing, "threads_per_rank": args.threads,
             "device": str(device), "parameters": n_params, "zero3_partitioned": partitioned,
             "step_times_s": times, "median_step_s": med, "min_step_s": min(times),
             "tokens_per_step": tokens, "tokens_per_s": tokens / med, "final_loss": float(loss.detach()),
+            "flops_per_step": flops, "tflops_per_device": tflops_per_device(flops, med, world),
+            "mfu": mfu(flops, med, world, peak) if peak else None,
             "max_rss_gib_by_rank": [g[0].item() for g in gathered],
             "rss_before_build_gib_by_rank": [g[1].item() for g in gathered],
             "gpu_max_allocated_gib_by_rank": [g[2].item() for g in gathered] if device.type == "cuda" else None,

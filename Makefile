@@ -1,0 +1,41 @@
+# Benchmarks (bench/README.md). `make bench` reruns every part on this machine and rewrites bench/results/;
+# `make bench-quick` runs every script on tiny settings into runs/bench_quick/ (a smoke check, minutes).
+# The CPU numbers need a quiet machine: other jobs on the cores inflate wall-clock times.
+PY ?= .venv/bin/python
+OUT ?= bench/results
+QUICK ?= runs/bench_quick
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: bench bench-quick bench-grid bench-peer bench-quality bench-loader bench-scale
+
+bench: bench-grid bench-peer bench-quality bench-loader bench-scale
+
+# 1. MoD realisation grid (~5 min on 2 cores)
+bench-grid:
+	$(PY) bench/mod_grid.py --threads 1 --out $(OUT)/mod_grid_cpu.json
+
+# 2. HF Emu3ForCausalLM vs ours under ZeRO-3, 2 processes (~8 min)
+bench-peer:
+	$(PY) bench/peer_stack.py --out $(OUT)/peer_cpu.json
+
+# 3. dense vs UniMoD vs shared-router on the demo set with the real trainer (~25 min)
+bench-quality:
+	$(PY) bench/quality_study.py --steps 200 --out $(OUT)/quality_study_cpu.json
+
+# 4. loader throughput against a step's need, emu3-8b and demo shapes (~2 min)
+bench-loader:
+	$(PY) bench/loader_study.py --out $(OUT)/loader_cpu.json
+
+# 5. capacity planner: emu3-8b UniMoD vs dense on 1/4/16 nodes, ZeRO-3 and 4-stage pipeline (seconds)
+bench-scale:
+	$(PY) bench/scale_plan.py --out $(OUT)/scale_plan_emu3_8b.json
+
+bench-quick:
+	$(PY) bench/mod_grid.py --preset debug --seq-lens 128,256 --capacities 0.5 --layers 1,2 --base-seq-len 128 \
+		--repeats 2 --warmup 1 --threads 1 --out $(QUICK)/mod_grid.json
+	$(PY) bench/peer_stack.py --preset debug --mod-layers 2-3 --seq-len 256 --warmup 1 --steps 2 --rounds 1 \
+		--out $(QUICK)/peer.json
+	$(PY) bench/quality_study.py --steps 6 --runs-dir $(QUICK)/runs --set logging.eval_samples=4 \
+		--set logging.eval_images_per_digit=1 --out $(QUICK)/quality_study.json
+	$(PY) bench/loader_study.py --samples 24 --batches 10 --workers 1 --out $(QUICK)/loader.json
+	$(PY) bench/scale_plan.py --nodes 1,2 --out $(QUICK)/scale_plan.json
