@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -101,8 +102,14 @@ def collect(args: argparse.Namespace, name: str, process_wall: float | None) -> 
     ev = json.loads((out / "eval.json").read_text())
     load = {k: json.loads((out / f"bench_load_{k}.json").read_text()) if (out / f"bench_load_{k}.json").exists() else None
             for k in ("before", "after")}
+    # Logged step times (every log_every steps): their median and minimum resist load spikes better
+    # than the run's total wall time does.
+    steps = [json.loads(line).get("time/step_s") for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [t for t in steps if t is not None]
     return {
         "load_average_before_after": [load["before"], load["after"]],
+        "step_time_median_s": statistics.median(steps) if steps else None,
+        "step_time_min_s": min(steps) if steps else None,
         "overrides": VARIANTS[name],
         "steps": summary["steps"],
         "tokens": summary["tokens"],
@@ -133,6 +140,10 @@ def verdict(r: dict[str, dict]) -> dict[str, object]:
         "generation_gap_pts": pts(u, "generation/accuracy") - pts(d, "generation/accuracy"),
         "perplexity_ratio_unimod_over_dense": u["eval"]["text/perplexity"] / d["eval"]["text/perplexity"],
     }
+    if d["step_time_median_s"] and u["step_time_median_s"]:
+        out["step_time_ratio_dense_over_unimod (median logged)"] = d["step_time_median_s"] / u["step_time_median_s"]
+        out["R_in_trainer (time ratio / FLOPs ratio)"] = (out["step_time_ratio_dense_over_unimod (median logged)"]
+                                                          / (d["flops_actual"] / u["flops_actual"]))
     out["within_1pt_of_dense"] = out["understanding_gap_pts"] >= -1 and out["generation_gap_pts"] >= -1
     # A comparison of models that have not learned the task says nothing about MoD: flag it.
     best = max(max(x["eval"]["understanding/accuracy"], x["eval"]["generation/accuracy"]) for x in r.values())
@@ -164,6 +175,11 @@ def plot(r: dict[str, dict], png: Path) -> None:
         ax.tick_params(axis="x", labelsize=8)
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+        if "acc." in title:
+            ax.axhline(100 * CHANCE, color="red", lw=0.8, ls="--", label="chance")
+            ax.legend(fontsize=7)
+        if "perplexity" in title:
+            ax.set_yscale("log")  # early-training perplexities span orders of magnitude
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -171,13 +187,13 @@ def plot(r: dict[str, dict], png: Path) -> None:
 
 def markdown(result: dict, png_name: str) -> str:
     r, v = result["runs"], result["verdict"]
-    rows = ["| variant | steps | train FLOPs (TFLOP) | saved vs dense | wall time (s) | tokens/s | understanding acc. | "
+    rows = ["| variant | steps | train FLOPs (TFLOP) | saved vs dense | wall time (s) | step median / min (s) | tokens/s | understanding acc. | "
             "generation acc. | text ppl (causal) | text ppl (top-k) | final loss | load at start |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, x in r.items():
         e = x["eval"]
         rows.append(f"| {n} | {x['steps']} | {x['flops_actual'] / 1e12:.1f} | {x['mod_flops_saved_pct']:.1f}% | "
-                    f"{x['train_wall_time_s']:.0f} | {x['tokens_per_s']:.0f} | {100 * e['understanding/accuracy']:.1f}% | "
+                    f"{x['train_wall_time_s']:.0f} | {x['step_time_median_s']:.2f} / {x['step_time_min_s']:.2f} | {x['tokens_per_s']:.0f} | {100 * e['understanding/accuracy']:.1f}% | "
                     f"{100 * e['generation/accuracy']:.1f}% | {e['text/perplexity']:.2f} | "
                     f"{e['text/perplexity_topk']:.2f} | {x['loss_final']:.3f} | "
                     f"{(x.get('load_average_before_after') or [None])[0] or '-'} |")
