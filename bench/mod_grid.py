@@ -14,7 +14,6 @@ collected into one JSON with a Markdown table and a plot of R = time ratio / FLO
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import mod_speed  # noqa: E402
-from bench.report import load_average, machine_info, write_markdown  # noqa: E402
+from bench.report import load_average, machine_info, publish  # noqa: E402
 from model import ModelConfig  # noqa: E402
 
 ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -149,13 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         "median_R_causal_attention": statistics.median(r["R_causal_attention"] for r in rows),
         "median_R_cpu_time": statistics.median(r["R_other_estimators"].get("cpu_median", float("nan")) for r in rows),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(rows, out.with_suffix(".png"))
-    text = markdown(result, out.with_suffix(".png").name)
-    write_markdown(out.with_suffix(".md"), text)
-    print(text)
+    publish(args.out, result, lambda png: plot(rows, png), markdown)
     return result
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import machine_info, write_markdown  # noqa: E402
+from bench.report import machine_info, publish  # noqa: E402
 
 # name -> bench/peer_step.py arguments
 VARIANTS = {
@@ -211,13 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "ratios": ratios(summary),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(summary, out.with_suffix(".png"))
-    text = markdown(result, out.with_suffix(".png").name)
-    write_markdown(out.with_suffix(".md"), text)
-    print(text)
+    publish(args.out, result, lambda png: plot(summary, png), markdown)
     return result
 
 

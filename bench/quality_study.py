@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import load_average, machine_info, write_markdown  # noqa: E402
+from bench.report import load_average, machine_info, publish  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "dense": ["model.mod.capacity={}"],
@@ -230,13 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         "verdict": verdict(runs),
         "note": args.note or prior.get("note"),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    png = out.with_suffix(".png")
-    plot(runs, png)
-    write_markdown(out.with_suffix(".md"), markdown(result, png.name))
-    print(markdown(result, png.name))
+    publish(args.out, result, lambda png: plot(runs, png), markdown)
     return result
 
 

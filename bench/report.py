@@ -3,6 +3,7 @@ writing Markdown reports (every result file says where it came from)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -62,3 +63,17 @@ def write_markdown(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def publish(out: str | Path, result: dict, draw, render) -> str:
+    """Write a benchmark's three artefacts side by side: `out` (JSON), `out`.png (`draw(png_path)`) and
+    `out`.md (`render(result, png_name)`); print and return the Markdown."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    png = out.with_suffix(".png")
+    draw(png)
+    text = render(result, png.name)
+    write_markdown(out.with_suffix(".md"), text)
+    print(text)
+    return text
