@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -161,11 +160,10 @@ class Trainer:
 
         stats = PipelineStepStats.attach(self.engine, rec)
         timed = _TimedIter(it, timer)
-        loss = self.engine.train_batch(data_iter=timed)
+        self.engine.train_batch(data_iter=timed)
         stats.detach()
         rec.samples += self.cfg.data.micro_batch_size * self.cfg.optim.grad_accum
-        if self.engine.is_last_stage() and not math.isfinite(float(loss)):
-            rec.skipped_nonfinite += 1
+        # PipeLoss (last stage) counted non-finite micro-batches; every stage learns the count.
         flag = _all_reduce(torch.tensor([float(rec.skipped_nonfinite)], device=self.device), dist.ReduceOp.MAX)
         return int(flag.item())
 
