@@ -265,29 +265,46 @@ class Trainer:
             stop.restore()
             self.log.close()
 
-        if exit_code == 0 and cfg.checkpoint.export_hf:
-            self.export_hf(self.out / "hf")
-        eval_metrics = self.evaluate(final=True) if exit_code == 0 and cfg.logging.eval_at_end else None
+        eval_metrics = None
+        if exit_code == 0 and (cfg.checkpoint.export_hf or cfg.logging.eval_at_end):
+            partitioned = self.pipeline or self.zero_stage == 3
+            # Gathered once, for both the export and the final evaluation (which needs it only when the
+            # trained module is partitioned).
+            state = self._gathered_state() if cfg.checkpoint.export_hf or partitioned else None
+            if cfg.checkpoint.export_hf:
+                self.export_hf(self.out / "hf", state)
+            if cfg.logging.eval_at_end:
+                eval_metrics = self.evaluate(final=True, state=state)
         if self.logs_here:  # the loss owner: rank 0, or the last pipeline stage's first replica
             self._write_summary(totals, time.perf_counter() - t_run, exit_code, start_step, eval_metrics)
         return exit_code
 
     # ----- evaluation (train/evaluate.py: understanding, generation, perplexity, router agreement) ----------
-    def evaluate(self, final: bool = False) -> dict[str, float] | None:
+    def _gathered_state(self) -> dict[str, torch.Tensor]:
+        """The whole weights under HF names on rank 0 ({} on the other ranks, which all take part in the
+        gather from the ZeRO-3 or pipeline shards)."""
+        if self.pipeline:
+            from train.pipeline import consolidated_pipeline_state_dict
+
+            state = consolidated_pipeline_state_dict(self.engine, self.cfg.model, self.out / ".gather")
+        else:
+            state = consolidated_state_dict(self.engine, self.model, self.zero_stage)
+        return state if self.env.rank == 0 else {}
+
+    def evaluate(self, final: bool = False, state: dict[str, torch.Tensor] | None = None) -> dict[str, float] | None:
         """Evaluate on the dataset's validation split. The evaluating rank holds a plain, whole model: the
-        trained module itself when it is not partitioned, else one gathered from the shards (every rank
-        takes part in the gather; the others wait). Metrics go to TensorBoard (eval/*) with a grid of
-        generated images, and at the end to <output_dir>/eval.json and the summary."""
+        trained module itself when it is not partitioned, else one built from `state` (the gathered weights,
+        gathered here with every rank taking part when None; the others wait). Metrics go to TensorBoard
+        (eval/*) with a grid of generated images, and at the end to <output_dir>/eval.json and the summary."""
         cfg = self.cfg
         whole = not self.pipeline and self.zero_stage != 3
         if whole:
             model = self.model if self.env.rank == 0 else None
         else:
             from model import UnifiedTransformer
-            from train.pipeline import consolidated_pipeline_state_dict
 
-            state = (consolidated_pipeline_state_dict(self.engine, cfg.model) if self.pipeline
-                     else consolidated_state_dict(self.engine, self.model, self.zero_stage))
+            if state is None:
+                state = self._gathered_state()
             model = None
             if self.env.rank == 0:
                 with torch.device("meta"):
@@ -385,15 +402,8 @@ class Trainer:
         os.replace(tmp, path)
         print(json.dumps(summary, indent=2), flush=True)
 
-    def export_hf(self, path: Path) -> None:
-        if self.pipeline:
-            from train.pipeline import consolidated_pipeline_state_dict
-
-            state = consolidated_pipeline_state_dict(self.engine, self.cfg.model)
-        else:
-            from train.engine import consolidated_state_dict
-
-            state = consolidated_state_dict(self.engine, self.model, self.zero_stage)
+    def export_hf(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        """Write the gathered weights (`_gathered_state`) as an HF Emu3 directory from rank 0."""
         if self.env.rank == 0:
             from model import UnifiedTransformer
 

@@ -192,14 +192,14 @@ def load_hf_into_pipeline(module: PipelineModule, model_cfg: ModelConfig, path: 
             params[pk].data.copy_(tensor.to(params[pk].dtype))
 
 
-def consolidated_pipeline_state_dict(engine, model_cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
-    """Whole weights under HF names on global rank 0: the first data-parallel replica of every stage writes
-    its stage's tensors (safetensors) next to the run, rank 0 merges them."""
+def consolidated_pipeline_state_dict(engine, model_cfg: ModelConfig, scratch: Path) -> dict[str, torch.Tensor] | None:
+    """Whole weights under HF names on global rank 0 (None elsewhere): the first data-parallel replica of
+    every stage writes its stage's tensors (safetensors) into `scratch` (a directory of the run, which every
+    rank can reach), rank 0 merges them and removes it."""
     from safetensors.torch import load_file, save_file
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     stage = engine.stage_id
-    scratch = Path(os.environ.get("UNIMOD_EXPORT_SCRATCH", ".")) / f".pipeline_export_{os.getpid() if not dist.is_initialized() else 'job'}"
     if engine.grid.get_data_parallel_id() == 0:
         scratch.mkdir(parents=True, exist_ok=True)
         state = {pipe_key_to_hf(k, model_cfg.num_hidden_layers): v.detach().cpu().contiguous()
