@@ -264,13 +264,14 @@ def _manifest_vocab(data: Mapping[str, Any]) -> dict[str, int] | None:
     dataset_dir = data.get("dataset_dir")
     if not dataset_dir:
         return None
-    path = Path(dataset_dir) / "manifest.json"
-    if not path.exists():
+    from data.shards import MANIFEST_NAME, read_manifest
+
+    if not (Path(dataset_dir) / MANIFEST_NAME).exists():
         return None
-    try:
-        return json.loads(path.read_text())["vocab"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path}: cannot read the vocabulary layout ({e})") from None
+    manifest = read_manifest(dataset_dir)  # raises ValueError naming the file
+    if "vocab" not in manifest:
+        raise ValueError(f"{Path(dataset_dir) / MANIFEST_NAME}: field vocab is missing")
+    return manifest["vocab"]
 
 
 def apply_overrides(doc: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
