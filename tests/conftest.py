@@ -30,3 +30,15 @@ def demo_dataset(tmp_path_factory) -> Path:
     proc = run_module("data.prepare", "demo", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: the debug model's matmuls are tiny, and on a shared 2-core machine a
+    second thread only adds contention (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

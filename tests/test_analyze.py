@@ -27,13 +27,7 @@ from tests.conftest import run_module
 IDENTITY = 2  # the layer made an identity in the known-answer tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The debug model's matmuls are tiny: one thread is faster than two fighting a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _net(identity: int | None = None, seed: int = 0) -> UnifiedTransformer:

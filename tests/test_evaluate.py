@@ -14,12 +14,7 @@ from model import ModelConfig, UnifiedTransformer
 from train.evaluate import EvalConfig, Evaluator, names_digits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

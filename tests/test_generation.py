@@ -20,13 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 MOD_PLAN = {"capacity": {"1-3": {"t2i": 0.5, "mmu": 0.5, "lm": 0.5}}, "routable": {"lm": "all"}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second thread only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mod_model(dtype=torch.float64, router_scale: float = 300.0, seed: int = 0) -> UnifiedTransformer:
