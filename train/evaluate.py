@@ -47,7 +47,7 @@ from data.layout import make_labels
 from data.shards import iter_samples
 from data.validate import load_manifest
 from model.mod import routable_table, token_kinds
-from train.generate import Sampler, SamplingConfig, image_grid
+from train.generate import Sampler, SamplingConfig, add_sampling_args, image_grid, sampling_config
 
 IMAGE_SOURCES = ("model", "real", "noise")
 _DIGIT_WORDS = {name: d for d, name in enumerate(NAMES)}
@@ -349,19 +349,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="what generation accuracy classifies: model samples, or the real/noise references")
     p.add_argument("--max-samples", type=int, default=EvalConfig.max_samples)
     p.add_argument("--images-per-digit", type=int, default=EvalConfig.images_per_digit)
-    p.add_argument("--cfg-scale", type=float, default=SamplingConfig.cfg_scale)
-    p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
-    p.add_argument("--top-k", type=int, default=SamplingConfig.top_k)
-    p.add_argument("--seed", type=int, default=SamplingConfig.seed)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_sampling_args(p)
     args = p.parse_args(argv)
     from train.generate import dataset_dir_of, load_model
 
     t0 = time.perf_counter()
     try:
         cfg = EvalConfig(max_samples=args.max_samples, images_per_digit=args.images_per_digit,
-                         sampling=SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature,
-                                                 top_k=args.top_k, seed=args.seed))
+                         sampling=sampling_config(args))
         if args.checkpoint:
             loaded = load_model(args.checkpoint, args.device)
             evaluator = Evaluator(dataset_dir_of(loaded.run_config, args.data), cfg)

@@ -261,20 +261,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="t2i: PNG to write the grid of samples to")
     p.add_argument("--num-samples", type=int, default=8, help="t2i: images to sample for the prompt")
     p.add_argument("--grid", help="t2i: code grid HxW (default: the image tokenizer's)")
+    add_sampling_args(p)
+    return p
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The SamplingConfig options and --device, shared by the generate and evaluate CLIs."""
     p.add_argument("--cfg-scale", type=float, default=SamplingConfig.cfg_scale)
     p.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
     p.add_argument("--top-k", type=int, default=SamplingConfig.top_k)
     p.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
     p.add_argument("--seed", type=int, default=SamplingConfig.seed)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed)
+        cfg = sampling_config(args)
         if args.task == "t2i" and not args.out:
             raise ValueError("--out is required with --task t2i")
         if args.task == "mmu" and not args.image:
