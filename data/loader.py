@@ -8,6 +8,12 @@
         batch["task_ids"]                                           # LongTensor [B], one task
     ckpt["loader"] = loader.state_dict()          # between steps
 
+A row holds one sample (padding) or several whole samples of one task (packing). `position_ids`
+restart at 0 at every sample and continue through the trailing padding, so they mark the document
+boundaries: a new document starts at t = 0 and wherever position_ids[b, t] != position_ids[b, t-1] + 1
+(the model's document mask; see `data/packing.py`). Labels are -100 on padding and wherever the task's
+layout leaves a token unsupervised, so no label asks a sample to predict its neighbour's tokens.
+
 This file holds the configuration, the epoch plan and resume; `data/stream.py` what each worker
 does. How an epoch is laid out (every reader is one (rank, worker) pair, a "slot"; N = world x workers):
 

@@ -9,10 +9,17 @@ Two modes, chosen by `LoaderConfig.pack`:
   samples (pitfalls.md); packing same-task samples avoids it.
 - padding: one sample per row, right-padded (Emu3 trains with right padding).
 
-Padding uses `pad_id` in the inputs and -100 in the labels. Position ids run 0..S-1 over the whole
-row (the micro-batch contract); a packed sample therefore attends to the samples before it in its
-row, as in GPT-style packed pre-training. Every micro-batch is [B, S] so pipeline stages can
-exchange fixed shapes.
+Padding uses `pad_id` in the inputs and -100 in the labels. Every micro-batch is [B, S] so pipeline
+stages can exchange fixed shapes.
+
+Position ids carry the document boundaries (the micro-batch contract): they restart at 0 at the start
+of every sample in a row, and the trailing padding continues the last sample's positions. The model
+derives its document mask from them alone: a new document starts at t = 0 and wherever
+`position_ids[b, t] != position_ids[b, t - 1] + 1`. So every packed sample sees only itself, with the
+RoPE positions it would have alone (Megatron's reset_position_ids / reset_attention_mask), and a
+one-sample row, padded or not, reads 0..S-1 and needs no mask at all. Padding joins the last document
+rather than starting its own: its labels are -100, and causal attention keeps it from affecting any
+real token before it.
 """
 
 from __future__ import annotations
@@ -66,25 +73,30 @@ class RowBuilder:
         return done
 
 
-def rows_to_arrays(rows: list[Row], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids int64 [B, S], labels int64 [B, S]) with pad_id / -100 after each row's samples."""
+def rows_to_arrays(rows: list[Row], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, labels, position_ids), each int64 [B, S]: pad_id / -100 after each row's samples,
+    positions restarting at every sample and running on through the padding."""
     ids_BS = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
     labels_BS = np.full((len(rows), seq_len), IGNORE_INDEX, dtype=np.int64)
+    pos_BS = np.empty((len(rows), seq_len), dtype=np.int64)
     for b, row in enumerate(rows):
+        assert row.ids and row.length <= seq_len, (len(row.ids), row.length, seq_len)
         ids_BS[b, :row.length] = np.concatenate(row.ids)
         labels_BS[b, :row.length] = np.concatenate(row.labels)
-    return ids_BS, labels_BS
+        lengths = [len(x) for x in row.ids]
+        lengths[-1] += seq_len - row.length  # the padding extends the last document
+        pos_BS[b] = np.concatenate([np.arange(n) for n in lengths])
+    return ids_BS, labels_BS, pos_BS
 
 
 def make_batch(rows: list[Row], seq_len: int, pad_id: int, task_id: int) -> dict[str, torch.Tensor]:
     """The micro-batch contract: input_ids, labels, position_ids [B, S] and task_ids [B], all int64."""
-    ids_BS, labels_BS = rows_to_arrays(rows, seq_len, pad_id)
-    b = len(rows)
+    ids_BS, labels_BS, pos_BS = rows_to_arrays(rows, seq_len, pad_id)
     return {
         "input_ids": torch.from_numpy(ids_BS),
         "labels": torch.from_numpy(labels_BS),
-        "task_ids": torch.full((b,), task_id, dtype=torch.long),
-        "position_ids": torch.arange(seq_len, dtype=torch.long).unsqueeze(0).expand(b, seq_len).contiguous(),
+        "task_ids": torch.full((len(rows),), task_id, dtype=torch.long),
+        "position_ids": torch.from_numpy(pos_BS),
     }
 
 

@@ -71,12 +71,15 @@ def test_packing_concatenates_whole_samples_and_pads_the_rest(dataset):
     for batch, keys in run(loader, 12):
         task = tasks[int(batch["task_ids"][0])]
         assert batch["input_ids"].dtype == batch["labels"].dtype == batch["position_ids"].dtype == torch.long
-        assert torch.equal(batch["position_ids"], torch.arange(96).expand(3, 96))
         for b, row in enumerate(keys):
             ids = np.concatenate([samples[k][1] for k in row])
             labels = np.concatenate([make_labels(samples[k][1], task, samples[k][2], SMALL) for k in row])
             n = len(ids)
             assert n <= 96
+            # Positions restart at every sample; the padding continues the last sample's count.
+            last = len(samples[row[-1]][1])
+            positions = [p for k in row[:-1] for p in range(len(samples[k][1]))] + list(range(last + 96 - n))
+            assert batch["position_ids"][b].tolist() == positions
             assert np.array_equal(batch["input_ids"][b, :n].numpy(), ids)
             assert np.array_equal(batch["labels"][b, :n].numpy(), labels)
             assert torch.all(batch["input_ids"][b, n:] == SMALL.pad_id)
