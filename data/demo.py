@@ -1,18 +1,24 @@
 """The embedded demo dataset: scikit-learn's handwritten digits as t2i, mmu and lm samples.
 
 Built offline from `sklearn.datasets.load_digits` (1,797 real 8x8 scans, 10 classes, values 0..16):
-1. each digit is upsampled to 32x32 (bilinear) and scaled to [0, 1];
-2. images are split into train/validation by image, stratified by class and seeded;
-3. a `PatchVQ` codebook (2x2 patches -> a 16x16 code grid, 256 codes) is fit with KMeans on the
-   training images only, and every image is tokenised through it;
-4. a sentencepiece tokenizer (vocab <= 512) is trained on the demo's text templates;
-5. per image one t2i sample (a varied caption naming the digit, dropped for classifier-free
-   guidance with `caption_dropout`) and one mmu sample (a varied question, an answer naming the
-   digit); plus template-generated lm text about digits, counting and arithmetic.
+1. images are split into train/validation by image, stratified by class and seeded;
+2. every image becomes a grid of visual codes, in one of two formats (`DemoConfig.image_format`,
+   `python -m data.prepare demo --image-format ...`, recorded in the manifest's `demo` section):
+   - grey8 (default): the native 8x8 scan, one code per pixel, the code being its grey level 0..16
+     (`PatchVQ.grey_levels`, a fixed 17-entry codebook): lossless, 64 codes + 8 EOLs, a t2i sample
+     of about 90 tokens. The demo model learns to draw digits from captions in this format.
+   - patch16: upsampled to 32x32 (bilinear), 2x2 patches quantised by a KMeans `PatchVQ` codebook
+     of 256 codes fit on the training images: a 16x16 grid, about 290 tokens per t2i sample. Closer
+     to a real image tokenizer, but the demo model stays at chance on it (issue 11): 256 learned
+     codes describe an image that has 64 pixels.
+3. a sentencepiece tokenizer (vocab <= 512) is trained on the demo's text templates;
+4. per image one t2i sample (a varied caption naming the digit) and one mmu sample (a varied question,
+   an answer naming the digit); plus template-generated lm text about digits, counting and arithmetic.
 
-A t2i sequence is about 290 tokens, 272 of them the image's codes and EOLs, so MoD has image tokens
-to prune. Every random choice comes from generators seeded by `DemoConfig.seed`: building twice gives
-byte-identical shards and the same manifest.
+Every caption is written: classifier-free-guidance dropout is the loader's (`data.caption_dropout`),
+drawn per epoch, so each epoch trains a different set of images unconditionally. Every random choice
+comes from generators seeded by `DemoConfig.seed`: building twice gives byte-identical shards and
+the same manifest.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from data.imagetok import PatchVQ, PatchVQConfig
-from data.layout import MMU_ASSISTANT_SUFFIX, MMU_SYSTEM_PREFIX, drop_caption, image_size_text
+from data.layout import MMU_ASSISTANT_SUFFIX, MMU_SYSTEM_PREFIX, image_size_text
 from data.shards import DatasetWriter, ShardConfig
 from data.vocab import SentencePieceTrainConfig, UnifiedVocab, train_sentencepiece
 
@@ -67,24 +73,29 @@ LM_TEMPLATES = (
 """lm templates; a, b in [0, 100) (about 30k distinct texts, so validation can avoid training text), d a digit."""
 
 
+IMAGE_FORMATS = {"grey8": (8, 1, 17), "patch16": (32, 2, 256)}
+"""Image format -> default (image_size, patch_size, codebook_size); grey8's are fixed."""
+
+
 @dataclass
 class DemoConfig:
     """What `build_demo` builds."""
 
     seed: int = 0
-    """Seeds the split, the codebook fit and every template/dropout choice."""
+    """Seeds the split, the codebook fit and every template choice."""
     val_fraction: float = 0.1
     """Fraction of images (stratified by class) held out for validation."""
-    image_size: int = 32
-    """Digits are upsampled from 8x8 to this side before tokenisation."""
-    patch_size: int = 2
-    """PatchVQ patch side: the code grid is (image_size / patch_size) squared."""
-    codebook_size: int = 256
-    """Visual codebook size (vocab.visual_size)."""
+    image_format: str = "grey8"
+    """grey8: the native 8x8 grid, 17 grey levels as codes (learnable by the demo model); patch16: 32x32
+    upsampled, 2x2 patches through a KMeans codebook of 256 (see the module docstring)."""
+    image_size: int | None = None
+    """Side the digits are tokenised at; None: the format's (grey8 8, fixed; patch16 32, a multiple of 8)."""
+    patch_size: int | None = None
+    """PatchVQ patch side, code grid = (image_size / patch_size) squared; None: the format's (grey8 1, fixed)."""
+    codebook_size: int | None = None
+    """Visual codebook size (vocab.visual_size); None: the format's (grey8 17 grey levels, fixed; patch16 256)."""
     text_vocab_size: int = 512
     """Upper bound of the sentencepiece vocabulary (vocab.text_size)."""
-    caption_dropout: float = 0.05
-    """Probability a training t2i caption is dropped (Emu3's classifier-free-guidance rate)."""
     lm_per_image: float = 1.0
     """Number of lm samples per image of the split."""
     shard_max_count: int = 500
@@ -93,24 +104,36 @@ class DemoConfig:
     """Shard size cap in MB."""
 
     def __post_init__(self) -> None:
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"demo.image_format must be one of {sorted(IMAGE_FORMATS)}, got {self.image_format!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"demo.val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"demo.caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if not self.lm_per_image >= 0:
             raise ValueError(f"demo.lm_per_image must be >= 0, got {self.lm_per_image}")
+        for name, default in zip(("image_size", "patch_size", "codebook_size"), IMAGE_FORMATS[self.image_format]):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+            elif self.image_format == "grey8" and getattr(self, name) != default:
+                raise ValueError(f"demo.{name} is {default} in image_format grey8 (the native 8x8 grid, one code "
+                                 f"per grey level 0..16), got {getattr(self, name)!r}; use image_format patch16")
         if self.image_size % 8:
             raise ValueError(f"demo.image_size must be a multiple of 8 (the digits are 8x8), got {self.image_size}")
         # PatchVQConfig / SentencePieceTrainConfig / ShardConfig validate the rest when built.
 
 
-def load_digit_images(image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, S, S) float32 in [0, 1], labels (N,) int64) from scikit-learn's bundled digits."""
+def load_digit_images(image_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, S, S) float32 in [0, 1], labels (N,) int64) from scikit-learn's bundled digits.
+
+    At S = 8 the scans come back as they are (pixel values k / 16, k = 0..16); larger sides are
+    upsampled bilinearly.
+    """
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     small = (digits.images / 16.0).astype(np.float32)
+    if image_size == small.shape[1]:
+        return small, digits.target.astype(np.int64)
     big = np.stack([
         np.asarray(Image.fromarray(x, mode="F").resize((image_size, image_size), Image.BILINEAR)) for x in small
     ])
@@ -143,7 +166,9 @@ def lm_text(rng: np.random.Generator) -> str:
 
 def tokenizer_corpus(seed: int, n_lm: int = 4000) -> list[str]:
     """Every caption, question and answer the demo can produce, plus sampled lm text."""
-    lines = [MMU_SYSTEM_PREFIX, MMU_ASSISTANT_SUFFIX.strip(), image_size_text(16, 16), image_size_text(32, 32)]
+    # The "h*w" texts of both formats' grids (and 32*32), so every format's header encodes compactly.
+    lines = [MMU_SYSTEM_PREFIX, MMU_ASSISTANT_SUFFIX.strip(), image_size_text(8, 8), image_size_text(16, 16),
+             image_size_text(32, 32)]
     for d in range(10):
         lines += [_fill(c, d) for c in CAPTIONS]
         lines += [_fill(q, d) + MMU_ASSISTANT_SUFFIX for q, _ in QUESTIONS]
@@ -160,8 +185,12 @@ def build_demo(out_dir: str | os.PathLike, cfg: DemoConfig = DemoConfig(), creat
     images, labels = load_digit_images(cfg.image_size)
     train_idx, val_idx = split_indices(labels, cfg.val_fraction, cfg.seed)
 
-    vq = PatchVQ.fit(images[train_idx], PatchVQConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
-                                                      codebook_size=cfg.codebook_size, seed=cfg.seed))
+    if cfg.image_format == "grey8":
+        # The scans are integers 0..16: a fixed codebook of those levels is lossless and needs no fit.
+        vq = PatchVQ.grey_levels(cfg.image_size, cfg.codebook_size)
+    else:
+        vq = PatchVQ.fit(images[train_idx], PatchVQConfig(image_size=cfg.image_size, patch_size=cfg.patch_size,
+                                                          codebook_size=cfg.codebook_size, seed=cfg.seed))
     vq_dir = vq.save(out_dir / "image_tokenizer")
     codes = vq.encode(images)
 
@@ -174,19 +203,15 @@ def build_demo(out_dir: str | os.PathLike, cfg: DemoConfig = DemoConfig(), creat
     train_lm: set[str] = set()
     for split_no, (split, idx) in enumerate((("train", train_idx), ("validation", val_idx))):
         # One generator per (split, purpose): adding a template elsewhere does not reshuffle these.
+        # (Tag 2 seeded the write-time caption dropout, now the loader's: data.caption_dropout.)
         rng_cap = np.random.default_rng([cfg.seed, split_no, 1])
-        rng_drop = np.random.default_rng([cfg.seed, split_no, 2])
         rng_q = np.random.default_rng([cfg.seed, split_no, 3])
         rng_lm = np.random.default_rng([cfg.seed, split_no, 4])
-        # Classifier-free guidance is a training-time augmentation; validation keeps every caption.
-        p_drop = cfg.caption_dropout if split == "train" else 0.0
         for n, i in enumerate(idx):
             d = int(labels[i])
             caption = _fill(CAPTIONS[int(rng_cap.integers(len(CAPTIONS)))], d)
-            shown = drop_caption(caption, p_drop, rng_drop)
-            writer.write(split, "t2i", f"t2i-{split}-{n:06d}", vocab.t2i(shown, codes[i]),
-                         {"image_hw": hw, "source": f"digits:{int(i)}", "label": d, "caption": shown,
-                          "caption_dropped": shown == ""})
+            writer.write(split, "t2i", f"t2i-{split}-{n:06d}", vocab.t2i(caption, codes[i]),
+                         {"image_hw": hw, "source": f"digits:{int(i)}", "label": d, "caption": caption})
             q, a = QUESTIONS[int(rng_q.integers(len(QUESTIONS)))]
             ids, answer_start = vocab.mmu(_fill(q, d), _fill(a, d), codes[i])
             writer.write(split, "mmu", f"mmu-{split}-{n:06d}", ids,

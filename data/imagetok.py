@@ -2,9 +2,10 @@
 
 - `PatchVQ`: the demo's tokenizer. A grayscale image is cut into non-overlapping p x p patches and
   each patch is replaced by its nearest codebook vector; the codebook is learned with scikit-learn
-  KMeans on the training images' patches. Decoding pastes the codebook vectors back, so the round
-  trip image -> codes -> image is a real, lossy reconstruction a person can look at. Saved as
-  `codebook.safetensors` + `config.json`.
+  KMeans on the training images' patches (`PatchVQ.fit`), or fixed to n evenly spaced grey levels
+  with 1 x 1 patches (`PatchVQ.grey_levels`: lossless for images quantised to those levels, as the
+  8x8 digits are). Decoding pastes the codebook vectors back, so the round trip image -> codes ->
+  image is a reconstruction a person can look at. Saved as `codebook.safetensors` + `config.json`.
 - `Emu3VQ`: transformers' `Emu3VQVAE` (Emu3's vision tokenizer) loaded from a local directory,
   with pixels prepared exactly as `Emu3ImageProcessor` prepares them (resize to a multiple of the
   VQ's downsampling factor, rescale 1/255, normalise with the processor's mean/std).
@@ -105,6 +106,18 @@ class PatchVQ:
         centers = km.cluster_centers_.astype(np.float32)
         order = np.argsort(centers.sum(1), kind="stable")
         return cls(cfg, centers[order])
+
+    @classmethod
+    def grey_levels(cls, image_size: int, levels: int) -> "PatchVQ":
+        """Pixel-wise quantiser: code k is the grey level k / (levels - 1), one code per pixel.
+
+        Nothing is learned, so the codes mean the same in every build, and an image whose pixels are
+        already on those levels (sklearn's digits: 0..16 / 16 with 17 levels) round-trips exactly.
+        """
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise ValueError(f"image_tokenizer.codebook_size (grey levels) must be an integer >= 2, got {levels!r}")
+        cfg = PatchVQConfig(image_size=image_size, patch_size=1, codebook_size=levels)
+        return cls(cfg, (np.arange(levels, dtype=np.float32) / (levels - 1))[:, None])
 
     # ----- codes --------------------------------------------------------------------------------
     def encode(self, images_NHW: np.ndarray) -> np.ndarray:

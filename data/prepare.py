@@ -12,6 +12,8 @@ for text-to-image, or {"image": ..., "question": ..., "answer": ...} for underst
 `Emu3VQVAE` (local directory) with Emu3's own pixel preparation. `--tokenizer` is a sentencepiece
 `.model` file or an HF tokenizer directory; it is copied into the dataset so the dataset is
 self-contained. Every dataset gets a manifest.json in the shard contract (see data/shards.py).
+Captions are always written whole: classifier-free-guidance caption dropout is the training loader's
+(`data.caption_dropout`), drawn afresh every epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.layout import drop_caption
 from data.shards import DatasetWriter, ShardConfig
 from data.vocab import SentencePieceTrainConfig, UnifiedVocab, train_sentencepiece
 
@@ -79,8 +80,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from data.demo import DemoConfig, build_demo
 
-    cfg = DemoConfig(seed=args.seed, codebook_size=args.codebook_size, text_vocab_size=args.text_vocab_size,
-                     caption_dropout=args.caption_dropout, shard_max_count=args.shard_max_count,
+    cfg = DemoConfig(seed=args.seed, image_format=args.image_format, codebook_size=args.codebook_size,
+                     text_vocab_size=args.text_vocab_size, shard_max_count=args.shard_max_count,
                      shard_max_size_mb=args.shard_size_mb)
     manifest = build_demo(args.out, cfg, created_by=_command_line("demo", args))
     _report(args.out, manifest)
@@ -141,7 +142,6 @@ def cmd_images(args: argparse.Namespace) -> None:
     if vocab.layout.visual_size != vq.codebook_size:
         raise ValueError(f"tokenizer has {vocab.layout.visual_size} visual tokens, the VQ model {vq.codebook_size}")
     writer = DatasetWriter(out, _shard_config(args), vocab)
-    rng_drop = np.random.default_rng([args.seed, 2])
     for (n, item), task in zip(items, tasks):
         split = item.get("split", "train")
         image_path = (items_path.parent / item["image"]).resolve()
@@ -155,10 +155,7 @@ def cmd_images(args: argparse.Namespace) -> None:
         key = f"{task}-{split}-{n:06d}"
         try:
             if task == "t2i":
-                p = args.caption_dropout if split == "train" else 0.0
-                caption = drop_caption(item["caption"], p, rng_drop)
-                meta["caption_dropped"] = caption == ""
-                ids = vocab.t2i(caption, codes)
+                ids = vocab.t2i(item["caption"], codes)
             else:
                 ids, meta["answer_start"] = vocab.mmu(item["question"], item["answer"], codes)
         except ValueError as e:
@@ -254,6 +251,15 @@ def cmd_merge(args: argparse.Namespace) -> None:
                     dst_split["shards"].setdefault(task, []).append(new)
             for task, n in info["samples"].items():
                 dst_split["samples"][task] = dst_split["samples"].get(task, 0) + n
+    # The longest sample of the merge is known only where every part holding the task recorded its own.
+    for split, dst_split in splits.items():
+        longest: dict[str, int] = {}
+        for task in dst_split["shards"]:
+            parts_max = [m["splits"][split].get("max_len", {}).get(task) for m in manifests
+                         if task in m["splits"].get(split, {}).get("shards", {})]
+            if parts_max and None not in parts_max:
+                longest[task] = max(parts_max)
+        dst_split["max_len"] = longest
     manifest = {**ref, "image_tokenizer": image_tok, "splits": splits,
                 "created_by": _command_line("merge", args)}
     tmp = out / (MANIFEST_NAME + ".tmp")
@@ -288,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the embedded handwritten-digits dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--codebook-size", type=int, default=256)
+    p.add_argument("--image-format", default="grey8", choices=("grey8", "patch16"),
+                   help="grey8: native 8x8 grid, 17 grey levels as codes (~90 tokens per t2i sample); "
+                        "patch16: 32x32 through a KMeans 2x2-patch codebook, 16x16 codes (~290 tokens)")
+    p.add_argument("--codebook-size", type=int, default=None, help="patch16: KMeans codebook size (default 256)")
     p.add_argument("--text-vocab-size", type=int, default=512)
-    p.add_argument("--caption-dropout", type=float, default=0.05)
     shard_args(p, 500)
     p.set_defaults(func=cmd_demo)
 
@@ -299,8 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vq-model", required=True, help="local directory of an Emu3VQVAE (save_pretrained)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file or HF tokenizer directory")
     p.add_argument("--out", required=True)
-    p.add_argument("--caption-dropout", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-pixels", type=int, default=None, help="override the image processor's pixel floor")
     p.add_argument("--max-pixels", type=int, default=None, help="override the image processor's pixel cap")
     shard_args(p, 1000)

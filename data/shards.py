@@ -1,7 +1,9 @@
 """Writing datasets in the shard contract: webdataset tar shards per (split, task) plus manifest.json.
 
 Every sample is one `__key__` with `ids.npy` (1-D int32, Emu3 layout, BOS ... EOS) and `json`
-(task, tokenizer_sha256, image_hw, answer_start, source, ...). Shards are written with
+(task, tokenizer_sha256, image_hw, answer_start, source, ...). The manifest lists, per split, the
+shards and sample count of every task and the token count of its longest sample (`max_len`), which
+the loader checks against `data.seq_len` before the first step. Shards are written with
 `webdataset.ShardWriter` and cut by sample count and by size; tar headers get a fixed mtime, owner
 and mode so that building the same data twice gives byte-identical shards.
 
@@ -62,6 +64,7 @@ class DatasetWriter:
         self.vocab = vocab
         self._writers: dict[tuple[str, str], Any] = {}
         self._counts: dict[tuple[str, str], int] = {}
+        self._max_len: dict[tuple[str, str], int] = {}
         self._keys: set[str] = set()
 
     def _writer(self, split: str, task: str):
@@ -106,6 +109,7 @@ class DatasetWriter:
         self._writer(split, task).write({"__key__": key, "ids.npy": ids.astype(np.int32), "json": meta})
         self._keys.add(key)
         self._counts[(split, task)] += 1
+        self._max_len[(split, task)] = max(self._max_len.get((split, task), 0), len(ids))
 
     def finish(self, image_tokenizer: Mapping[str, Any] | None, created_by: str,
                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -114,6 +118,7 @@ class DatasetWriter:
         for split in SPLITS:
             shards: dict[str, list[str]] = {}
             samples: dict[str, int] = {}
+            max_len: dict[str, int] = {}
             for task in TASKS:
                 w = self._writers.get((split, task))
                 if w is None:
@@ -122,7 +127,8 @@ class DatasetWriter:
                 w.close()
                 shards[task] = [f"{task}-{split}-{i:06d}.tar" for i in range(n_shards)]
                 samples[task] = self._counts[(split, task)]
-            splits[split] = {"shards": shards, "samples": samples}
+                max_len[task] = self._max_len[(split, task)]
+            splits[split] = {"shards": shards, "samples": samples, "max_len": max_len}
         self._writers.clear()
         manifest = {
             "format": MANIFEST_FORMAT,

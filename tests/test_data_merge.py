@@ -39,6 +39,10 @@ def test_merge_adds_parts_up_and_trains_from_one_manifest(demo_dataset, tmp_path
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"]["lm"] == 55
     assert len(manifest["splits"]["train"]["shards"]["lm"]) == 6  # 3 + 3 shards of <= 10 samples
+    # The longest sample of the merge, read back from its shards (what data.seq_len is checked against).
+    from data.shards import iter_samples
+    longest = max(len(ids) for s in manifest["splits"]["train"]["shards"]["lm"] for _, ids, _ in iter_samples(merged / s))
+    assert manifest["splits"]["train"]["max_len"] == {"lm": longest}
     validate_dataset(str(merged))
     loader = UnimodLoader(LoaderConfig(dataset_dir=str(merged), tasks={"lm": 1.0}, seq_len=64, micro_batch_size=2,
                                        pack=False, num_workers=0, shuffle_buffer=0), tasks=["t2i", "mmu", "lm"])

@@ -101,7 +101,7 @@ def test_images_command_writes_emu3_codes(tmp_path, tiny_vq):
     out = tmp_path / "ds"
     proc = run_module("data.prepare", "images", "--manifest", str(tmp_path / "items.jsonl"), "--vq-model",
                       str(tiny_vq), "--tokenizer", str(sp), "--out", str(out), "--min-pixels", "1024",
-                      "--max-pixels", "1024", "--caption-dropout", "0")
+                      "--max-pixels", "1024")
     assert proc.returncode == 0, proc.stderr
     m, vocab = _dataset(out)
     assert m["splits"]["train"]["samples"] == {"t2i": 2, "mmu": 1}
