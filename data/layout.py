@@ -47,6 +47,17 @@ def drop_caption(caption: str, prob: float, rng: np.random.Generator) -> str:
     return "" if rng.random() < prob else caption
 
 
+def strip_caption(ids: np.ndarray, layout: VocabLayout) -> np.ndarray:
+    """A t2i sample re-laid with an empty caption: `BOS <image block> EOS`, exactly what `t2i_ids` gives
+    for `caption_ids=[]` (the loader's per-epoch classifier-free-guidance dropout). Same dtype as `ids`."""
+    ids = np.asarray(ids)
+    starts = np.flatnonzero(ids == layout.boi_id)
+    if ids.ndim != 1 or len(ids) == 0 or ids[0] != layout.bos_id or len(starts) == 0:
+        raise ValueError("strip_caption needs a t2i sample: BOS, a caption, then an image block")
+    # Caption ids are text ids, so the first <image start> is where the caption ends.
+    return np.concatenate([ids[:1], ids[starts[0]:]])
+
+
 def image_size_text(h: int, w: int) -> str:
     """The "h*w" string Emu3 writes (as ordinary text tokens) before `<image token>`."""
     return f"{h}*{w}"

@@ -43,10 +43,19 @@ does. How an epoch is laid out (every reader is one (rank, worker) pair, a "slot
 - Bad input. `raise` (default) stops at the first problem with a message naming shard, key and
   field; `skip` drops the sample (or the rest of a broken shard) and counts it. Counters travel
   with the batches from the worker processes, so `counters()` is right with any number of workers.
-- Over-long samples are rejected by default (`overlong="reject"`, handled by the bad-input policy):
-  cutting one would leave an image block without its last rows and `<image end>`, or an mmu sample
-  without its answer, i.e. train on a layout the model never sees at inference. `truncate` is
-  there for plain text, where a cut is harmless.
+- Over-long samples. A t2i or mmu sample is never cut: that would leave an image block without its
+  last rows and `<image end>`, or an mmu sample without its answer, i.e. train on a layout the model
+  never sees at inference. Packing never drops one either: every sample fits a row of its own. Such a
+  sample is rejected (a bad input, see above) whatever `overlong` says; `overlong="truncate"` cuts lm
+  samples only, where a cut is harmless. A manifest records each task's longest sample
+  (`splits.<split>.max_len`), so a data.seq_len too short for the data fails when the loader is built.
+- Caption dropout (`caption_dropout`, classifier-free guidance): a t2i sample is re-laid with an empty
+  caption (`BOS <image block> EOS`, what the sampler's unconditional prompt continues) with
+  probability p, drawn from (seed, epoch, sample key) alone: the same captions drop on every rank
+  count, worker count and resume, and another epoch drops others. The shards keep every caption;
+  validation reads them as written. Dropped captions are counted in `counters()["captions_dropped"]`.
+- Image format (`image_grid`): when set, every t2i/mmu image block must be that [h, w] code grid; a
+  dataset tokenised in another format is refused when the loader is built.
 """
 
 from __future__ import annotations
@@ -94,8 +103,14 @@ class LoaderConfig:
     pack: bool = True
     """Concatenate whole same-task samples into rows (True) or pad one sample per row (False)."""
     overlong: str = "reject"
-    """Sample longer than seq_len: reject (a bad input, see bad_input) or truncate (plain text only
-    survives a cut intact; see the module docstring)."""
+    """lm sample longer than seq_len: reject (a bad input, see bad_input) or truncate it. A t2i or mmu
+    sample is never cut (it would lose its image end or its answer): always rejected."""
+    caption_dropout: float = 0.0
+    """Probability that a t2i sample trains with an empty caption this epoch (classifier-free guidance;
+    Emu3 uses 0.05). Drawn per (seed, epoch, sample key); lm and mmu samples are never touched."""
+    image_grid: list[int] | None = None
+    """[h, w] code grid every t2i/mmu image must have (e.g. [8, 8] for the grey8 demo); None: any grid.
+    A shard whose first sample disagrees fails the start-up check under either bad_input policy."""
     shuffle_buffer: int = 1000
     """Samples held per task stream for shuffling; 0 or 1 keeps shard order."""
     seed: int = 0
@@ -136,6 +151,15 @@ class LoaderConfig:
             raise ValueError(f"data.bad_input must be 'raise' or 'skip', got {self.bad_input!r}")
         if self.overlong not in ("reject", "truncate"):
             raise ValueError(f"data.overlong must be 'reject' or 'truncate', got {self.overlong!r}")
+        p = self.caption_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"data.caption_dropout must be a number in [0, 1], got {p!r}")
+        if self.image_grid is not None:
+            g = self.image_grid
+            if (not isinstance(g, (list, tuple)) or len(g) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g)):
+                raise ValueError(f"data.image_grid must be [h, w] (two positive integers) or null, got {g!r}")
+            self.image_grid = [int(v) for v in g]
         if self.shards is not None:
             if not isinstance(self.shards, Mapping):
                 raise ValueError(f"data.shards must map task -> shard URLs, got {self.shards!r}")
@@ -199,6 +223,7 @@ class UnimodLoader:
                                      f"{cfg.dataset_dir}/manifest.json has no {t} shards")
             shards = {t: list(by_task[t]) for t in cfg.tasks}
             samples = {t: manifest.samples[cfg.split].get(t, 0) for t in cfg.tasks}
+            _check_longest(cfg, manifest.max_len.get(cfg.split, {}))
         else:
             if layout is None:
                 raise ValueError("data.shards without a manifest: pass the model's VocabLayout as layout=")
@@ -207,7 +232,8 @@ class UnimodLoader:
 
         self._start_counters: collections.Counter[str] = collections.Counter()
         if cfg.validate_on_start:
-            report = validate_shards(shards, layout=layout, tokenizer_sha256=sha, bad_input=cfg.bad_input)
+            report = validate_shards(shards, layout=layout, tokenizer_sha256=sha, bad_input=cfg.bad_input,
+                                     image_grid=cfg.image_grid)
             shards = report.usable
             for e in report.skipped:
                 self._start_counters["skipped_shards"] += 1
@@ -318,13 +344,31 @@ class UnimodLoader:
         self._worker_counters = {}
 
     def counters(self) -> dict[str, int]:
-        """{"skipped_samples": n, "skipped_shards": n, "skipped_samples/<reason>": n, ...} on this rank."""
-        total = collections.Counter({"skipped_samples": 0, "skipped_shards": 0})
+        """{"skipped_samples": n, "skipped_shards": n, "skipped_samples/<reason>": n, ..., "captions_dropped": n}
+        on this rank, over every epoch so far (captions_dropped: t2i samples trained without their caption)."""
+        total = collections.Counter({"skipped_samples": 0, "skipped_shards": 0, "captions_dropped": 0})
         total.update(self._start_counters)
         total.update(self._done_counters)
         for c in self._worker_counters.values():
             total.update(c)
         return dict(total)
+
+
+def _check_longest(cfg: LoaderConfig, longest: Mapping[str, int]) -> None:
+    """Refuse a data.seq_len shorter than a task's longest sample (manifest `max_len`) before any step.
+
+    Every such sample would be rejected mid-run (an image sample cannot be cut, and packing never
+    splits a sample); only lm under `overlong: truncate` has a use for it.
+    """
+    for task in cfg.tasks:
+        n = longest.get(task)
+        if n is None or n <= cfg.seq_len or (task == "lm" and cfg.overlong == "truncate"):
+            continue
+        fix = (f"raise data.seq_len to >= {n} or set data.overlong: truncate" if task == "lm" else
+               f"raise data.seq_len to >= {n} ({task} samples are never cut or dropped to fit)")
+        raise ValueError(f"data.seq_len {cfg.seq_len} is shorter than the longest {task} sample of split "
+                         f"{cfg.split!r}: {n} tokens (field splits.{cfg.split}.max_len.{task} of "
+                         f"{cfg.dataset_dir}/manifest.json); {fix}")
 
 
 def _first_lengths(url: str, limit: int = 256) -> list[int]:

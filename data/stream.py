@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import collections
 import math
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.layout import TASKS, make_labels
+from data.layout import TASKS, make_labels, strip_caption
 from data.packing import RowBuilder, make_batch
 from data.validate import SHARD_REASONS, BadInputError, bad, check_sample, read_shard
 from model.config import VocabLayout
@@ -24,8 +25,9 @@ from model.config import VocabLayout
 if TYPE_CHECKING:
     from data.loader import LoaderConfig
 
-# Seed-sequence tags, so the shard order, the shuffle buffer and the schedule never share a stream.
-_SHARD_ORDER, _BUFFER, _SCHEDULE = 1, 2, 3
+# Seed-sequence tags, so the shard order, the shuffle buffer, the schedule and caption dropout never
+# share a stream.
+_SHARD_ORDER, _BUFFER, _SCHEDULE, _CAPTION = 1, 2, 3, 4
 _PASS_END = object()  # marks the end of one pass in a task's sample stream
 
 
@@ -69,6 +71,12 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
+def caption_dropped(seed: int, epoch: int, key: str, p: float) -> bool:
+    """Whether t2i sample `key` trains without its caption in `epoch`: one draw seeded by (seed, epoch,
+    key) alone, so it is the same whichever rank, worker, pass or resume reads the sample."""
+    return p > 0 and _rng(seed, epoch, _CAPTION, zlib.crc32(key.encode())).random() < p
+
+
 def _apportion(n: int, shares: Mapping[str, float]) -> dict[str, int]:
     """Split n micro-batches over tasks in proportion to shares (largest remainder, ties by order)."""
     total = sum(shares.values())
@@ -82,7 +90,7 @@ def _apportion(n: int, shares: Mapping[str, float]) -> dict[str, int]:
 
 # ----- one worker's stream ------------------------------------------------------------------------------
 class Counters:
-    """Skip counts of one worker since the start of the epoch (replayed batches included)."""
+    """Skip and caption-dropout counts of one worker since the start of the epoch (replayed batches included)."""
 
     def __init__(self) -> None:
         self.c: collections.Counter[str] = collections.Counter()
@@ -107,10 +115,12 @@ def _task_samples(plan: Plan, task: str, epoch: int, slot: int, counters: Counte
                 for raw in read_shard(url):
                     try:
                         ids, meta = check_sample(raw, shard=url, task=task, layout=plan.layout,
-                                                 tokenizer_sha256=plan.tokenizer_sha256)
-                        if len(ids) > cfg.seq_len and cfg.overlong == "reject":
+                                                 tokenizer_sha256=plan.tokenizer_sha256, image_grid=cfg.image_grid)
+                        if len(ids) > cfg.seq_len and (task != "lm" or cfg.overlong == "reject"):
+                            why = ("data.overlong: reject" if task == "lm" else
+                                   f"{task} samples are never cut, whatever data.overlong says")
                             raise bad("overlong", url, raw.get("__key__"), "ids.npy",
-                                      f"length {len(ids)} > data.seq_len {cfg.seq_len} (data.overlong: reject)")
+                                      f"length {len(ids)} > data.seq_len {cfg.seq_len} ({why})")
                         labels = make_labels(ids, task, meta, plan.layout, cfg.image_structural_in_loss,
                                              key=raw.get("__key__"))
                     except BadInputError as e:
@@ -170,10 +180,20 @@ class _TaskBatches:
         self._rows = RowBuilder(plan.cfg.seq_len, plan.cfg.pack)
         self._ready: collections.deque = collections.deque()
         self._b = plan.cfg.micro_batch_size
+        self._plan, self._epoch, self._counters = plan, epoch, counters
+        self._drop = plan.cfg.caption_dropout if task == "t2i" else 0.0
 
     def next(self) -> list:
         while len(self._ready) < self._b:
             ids, labels, key = next(self._samples)
+            # After the shuffle buffer, so the count covers samples that reach a row.
+            if caption_dropped(self._plan.cfg.seed, self._epoch, key, self._drop):
+                short = strip_caption(ids, self._plan.layout)
+                if len(short) < len(ids):  # a sample written without a caption has nothing to drop
+                    ids = short
+                    labels = make_labels(ids, "t2i", None, self._plan.layout,
+                                         self._plan.cfg.image_structural_in_loss, key=key)
+                    self._counters.c["captions_dropped"] += 1
             self._ready.extend(self._rows.add(ids, labels, key))
         return [self._ready.popleft() for _ in range(self._b)]
 

@@ -39,6 +39,7 @@ REASONS = (
     "tokenizer_mismatch",  # written with another text tokenizer than the manifest names
     "task_mismatch",       # a sample of another task inside a shard of this task
     "overlong",            # longer than seq_len while the loader rejects over-long samples
+    "image_format",        # an image grid other than the loader's data.image_grid
 )
 """Kinds of bad input; keys of the loader's `skipped_*/<reason>` counters."""
 
@@ -94,6 +95,8 @@ class Manifest:
     """split -> task -> shard paths."""
     samples: dict[str, dict[str, int]] = field(default_factory=dict)
     """split -> task -> number of samples the writer put in the split."""
+    max_len: dict[str, dict[str, int]] = field(default_factory=dict)
+    """split -> task -> tokens of the longest sample (absent for tasks of manifests written without it)."""
 
 
 def load_manifest(dataset_dir: str) -> Manifest:
@@ -120,6 +123,7 @@ def load_manifest(dataset_dir: str) -> Manifest:
         raise ValueError(f"{path}: field splits must be a non-empty mapping, got {splits!r}")
     shards: dict[str, dict[str, list[str]]] = {}
     samples: dict[str, dict[str, int]] = {}
+    max_len: dict[str, dict[str, int]] = {}
     for split, body in splits.items():
         where = f"{path}: field splits.{split}"
         per_task = _get(body, "shards")
@@ -137,7 +141,13 @@ def load_manifest(dataset_dir: str) -> Manifest:
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
             raise ValueError(f"{where}.samples must map task -> non-negative int, got {counts!r}")
         samples[split] = dict(counts)
-    return Manifest(root=dataset_dir, vocab=vocab, tokenizer_sha256=sha, shards=shards, samples=samples)
+        longest = _get(body, "max_len") or {}
+        if not isinstance(longest, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in longest.values()):
+            raise ValueError(f"{where}.max_len must map task -> positive int, got {longest!r}")
+        max_len[split] = dict(longest)
+    return Manifest(root=dataset_dir, vocab=vocab, tokenizer_sha256=sha, shards=shards, samples=samples,
+                    max_len=max_len)
 
 
 def _get(d: Any, key: str) -> Any:
@@ -182,10 +192,12 @@ def _tar_error(url: str, last_key: str | None, e: Exception) -> BadInputError:
 
 # ----- samples ---------------------------------------------------------------------------------------
 def check_sample(raw: Mapping[str, Any], *, shard: str, task: str, layout: VocabLayout,
-                 tokenizer_sha256: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+                 tokenizer_sha256: str | None, image_grid: list[int] | None = None
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode and check one raw sample of a `task` shard; returns (ids int32 [L], json meta).
 
-    `tokenizer_sha256=None` skips the tokenizer check (explicit shard lists without a manifest).
+    `tokenizer_sha256=None` skips the tokenizer check (explicit shard lists without a manifest);
+    `image_grid=None` accepts any image grid, [h, w] only that one.
     """
     key = raw.get("__key__")
     for name in ("ids.npy", "json"):
@@ -227,6 +239,11 @@ def check_sample(raw: Mapping[str, Any], *, shard: str, task: str, layout: Vocab
 
     if task in ("t2i", "mmu"):
         _check_image(ids, meta, shard, key, layout)
+        if image_grid is not None and meta["image_hw"] != list(image_grid):
+            h, w = meta["image_hw"]
+            raise bad("image_format", shard, key, "json.image_hw",
+                      f"the image is a {h}x{w} code grid but data.image_grid is {list(image_grid)}: the dataset "
+                      f"was tokenised in another image format than the run expects")
     if task == "mmu":
         start = meta.get("answer_start")
         if start is None:
@@ -272,11 +289,14 @@ class ValidationReport:
 
 
 def validate_shards(shards: Mapping[str, list[str]], *, layout: VocabLayout, tokenizer_sha256: str | None,
-                    bad_input: str = "raise") -> ValidationReport:
-    """Open every shard and check its first sample (readable, right task, tokenizer, vocabulary).
+                    bad_input: str = "raise", image_grid: list[int] | None = None) -> ValidationReport:
+    """Open every shard and check its first sample (readable, right task, tokenizer, vocabulary, and the
+    image grid when `image_grid` is given).
 
     Catches the dataset-wide mistakes (a shard from another tokenizer or vocabulary, a file that is not
-    a tar) before training; damage deeper inside a shard is caught per sample while training.
+    a tar) before training; damage deeper inside a shard is caught per sample while training. An image
+    grid other than `image_grid` raises under either policy: it is a dataset that does not fit the run,
+    not a damaged sample, and skipping would leave nothing to train on.
     """
     if bad_input not in ("raise", "skip"):
         raise ValueError(f"bad_input must be 'raise' or 'skip', got {bad_input!r}")
@@ -292,9 +312,10 @@ def validate_shards(shards: Mapping[str, list[str]], *, layout: VocabLayout, tok
                     raise bad("empty_shard", url, None, "tar", "the shard holds no sample") from None
                 finally:
                     stream.close()
-                check_sample(raw, shard=url, task=task, layout=layout, tokenizer_sha256=tokenizer_sha256)
+                check_sample(raw, shard=url, task=task, layout=layout, tokenizer_sha256=tokenizer_sha256,
+                             image_grid=image_grid)
             except BadInputError as e:
-                if bad_input == "raise":
+                if bad_input == "raise" or e.reason == "image_format":
                     raise
                 if e.reason in WHOLE_SHARD_REASONS:
                     report.skipped.append(e)

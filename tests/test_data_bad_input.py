@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from data.layout import lm_ids, parse_image_block, t2i_ids
 from data.loader import LoaderConfig, UnimodLoader
 from data.validate import BadInputError, load_manifest, validate_dataset
-from tests.shard_fixtures import OTHER_SHA, SMALL, shard_path, write_dataset
+from tests.shard_fixtures import OTHER_SHA, SHA, SMALL, shard_path, text_ids, write_dataset
 
 TASKS = ["t2i", "mmu", "lm"]
 BAD_KEY = "t2i-train-000001-3"
@@ -46,15 +47,16 @@ def mutate_one(key: str, edit):
     return mutate
 
 
-def check_both_policies(root, samples, *, reason, shard, key, field, gone, count=1, workers=0, kind="samples"):
+def check_both_policies(root, samples, *, reason, shard, key, field, gone, count=1, workers=0, kind="samples",
+                        **loader_kw):
     """raise: the message names shard, key and field. skip: one count, and `gone` keys never appear."""
     with pytest.raises(BadInputError) as err:
-        epoch_keys(loader(root, "raise", workers))
+        epoch_keys(loader(root, "raise", workers, **loader_kw))
     msg = str(err.value)
     assert reason in msg and shard in msg and repr(key) in msg and f"field {field}" in msg, msg
     # The structured fields survive the trip out of a worker process too.
     assert (err.value.reason, err.value.shard, err.value.key, err.value.field) == (reason, shard, key, field)
-    ld = loader(root, "skip", workers)
+    ld = loader(root, "skip", workers, **loader_kw)
     seen = epoch_keys(ld)
     c = ld.counters()
     assert c[f"skipped_{kind}"] == count and c[f"skipped_{kind}/{reason}"] == count, c
@@ -214,3 +216,78 @@ def test_skip_counters_survive_resume(tmp_path):
     resumed.load_state_dict(first.state_dict())
     epoch_keys(resumed)
     assert resumed.counters() == expected
+
+
+# ----- over-long image samples, seq_len vs the manifest, image format vs the config ----------------------
+def test_overlong_image_sample_is_never_cut_even_under_truncate(tmp_path):
+    """overlong: truncate cuts lm only; a t2i sample over seq_len is a bad input under both policies."""
+    def edit(s):
+        codes, _ = parse_image_block(s["ids.npy"], SMALL)
+        h, w = codes.shape
+        s["ids.npy"] = t2i_ids([ord("x")] * 80, codes, SMALL, text_ids(f"{h}*{w}"))  # > 64 tokens
+        return s
+    root, samples = make(tmp_path, mutate_one(BAD_KEY, edit))
+    check_both_policies(root, samples, reason="overlong", shard=shard_path(root, "t2i", 1), key=BAD_KEY,
+                        field="ids.npy", gone=[BAD_KEY], overlong="truncate")
+    with pytest.raises(BadInputError, match="t2i samples are never cut, whatever data.overlong says"):
+        epoch_keys(loader(root, "raise", overlong="truncate"))
+
+
+def test_seq_len_shorter_than_the_manifests_longest_sample_fails_at_build(demo_dataset):
+    """The real writer records each task's longest sample; the loader refuses a data.seq_len below it."""
+    from data.shards import iter_samples
+
+    manifest = load_manifest(str(demo_dataset))
+    longest = {t: max(len(ids) for s in shards for _, ids, _ in iter_samples(s))
+               for t, shards in manifest.shards["train"].items()}
+
+    def build(**kw):
+        c = LoaderConfig(dataset_dir=str(demo_dataset), micro_batch_size=1, num_workers=0, validate_on_start=False, **kw)
+        return UnimodLoader(c, TASKS)
+
+    n = longest["mmu"]
+    with pytest.raises(ValueError, match=rf"data.seq_len {n - 1} is shorter than the longest mmu sample of split "
+                                         rf"'train': {n} tokens \(field splits.train.max_len.mmu of .*manifest.json\); "
+                                         rf"raise data.seq_len to >= {n} \(mmu samples are never cut"):
+        build(tasks={"t2i": 1.0, "mmu": 1.0}, seq_len=n - 1)
+    build(tasks={"t2i": 1.0, "mmu": 1.0}, seq_len=n)
+    n = longest["lm"]
+    with pytest.raises(ValueError, match=r"longest lm sample.*or set data.overlong: truncate"):
+        build(tasks={"lm": 1.0}, seq_len=n - 1)
+    build(tasks={"lm": 1.0}, seq_len=n - 1, overlong="truncate")  # text may be cut
+
+
+def test_dataset_in_another_image_format_refused_at_build(demo_dataset):
+    """data.image_grid against the demo's grey8 8x8 grid: refused before the first step, under either policy."""
+    manifest = load_manifest(str(demo_dataset))
+    for policy in ("raise", "skip"):
+        c = LoaderConfig(dataset_dir=str(demo_dataset), tasks={"t2i": 1.0, "mmu": 1.0}, seq_len=128,
+                         num_workers=0, image_grid=[16, 16], bad_input=policy)
+        with pytest.raises(BadInputError) as err:
+            UnimodLoader(c, TASKS)
+        e = err.value
+        assert (e.reason, e.field, e.shard) == ("image_format", "json.image_hw", manifest.shards["train"]["t2i"][0])
+        assert repr(e.key) in str(e) and "8x8 code grid but data.image_grid is [16, 16]" in str(e)
+    c = LoaderConfig(dataset_dir=str(demo_dataset), tasks={"t2i": 1.0}, seq_len=128, num_workers=0, image_grid=[8, 8],
+                     batches_per_epoch=2)
+    assert len(list(UnimodLoader(c, TASKS))) == 2
+
+
+def test_image_of_another_grid_inside_a_shard(tmp_path):
+    """The per-sample check: one 4x3 image among 3x3 ones, past the start-up check."""
+    def fixed_grid(task, rng, hw=(3, 3)):
+        meta = {"task": task, "tokenizer_sha256": SHA, "image_hw": list(hw), "answer_start": None, "source": "grid"}
+        if task == "lm":
+            return lm_ids([ord("a")] * 5, SMALL), dict(meta, image_hw=None)
+        codes = rng.integers(0, SMALL.visual_size, hw)
+        return t2i_ids([ord("c")], codes, SMALL, text_ids(f"{hw[0]}*{hw[1]}")), meta
+
+    rng = np.random.default_rng(1)
+
+    def edit(s):
+        s["ids.npy"], s["json"] = fixed_grid("t2i", rng, (4, 3))
+        return s
+    samples = write_dataset(str(tmp_path), shards=4, per_shard=4, tasks=("t2i", "lm"), sample_fn=fixed_grid,
+                            mutate=mutate_one(BAD_KEY, edit))
+    check_both_policies(str(tmp_path), samples, reason="image_format", shard=shard_path(str(tmp_path), "t2i", 1),
+                        key=BAD_KEY, field="json.image_hw", gone=[BAD_KEY], image_grid=[3, 3])

@@ -179,6 +179,13 @@ def test_config_and_setup_errors_name_the_field(dataset):
         cfg(root, tasks={"lm": -1.0})
     with pytest.raises(ValueError, match="data.bad_input"):
         cfg(root, bad_input="ignore")
+    for p in (1.5, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="data.caption_dropout must be a number in"):
+            cfg(root, caption_dropout=p)
+    for grid in ([8], [0, 8], "8x8", [8, True]):
+        with pytest.raises(ValueError, match=r"data.image_grid must be \[h, w\]"):
+            cfg(root, image_grid=grid)
+    assert cfg(root, image_grid=(8, 8)).image_grid == [8, 8]
     with pytest.raises(ValueError, match="exactly one of data.dataset_dir and data.shards"):
         LoaderConfig()
     with pytest.raises(ValueError, match="data.batches_per_epoch is required"):
@@ -215,3 +222,137 @@ def test_dataset_from_the_real_writer_loads(demo_dataset):
                 labels = np.concatenate([make_labels(samples[k][0], task, samples[k][1], manifest.vocab) for k in row])
                 assert np.array_equal(batch["labels"][b, :len(labels)].numpy(), labels)
                 assert torch.all(batch["labels"][b, len(labels):] == -100)
+
+
+# ----- packing against an independent next-fit ------------------------------------------------------------
+def test_packing_emits_every_sample_once_in_stream_order(dataset):
+    """pack=True over more than one pass: the first pass's keys are every key exactly once, each shard's
+    keys together and in shard order (shuffle buffer off); each row holds its samples' tokens verbatim
+    with positions 0..n-1 per sample and the padding continuing the last; and a row is closed only by a
+    sample that would not fit (next-fit). A sample that overflows a row and is lost, cut or moved fails."""
+    root, samples = dataset
+    seq_len = 64
+    for task in ("t2i", "lm"):
+        c = cfg(root, tasks={task: 1.0}, pack=True, seq_len=seq_len, micro_batch_size=2, shuffle_buffer=0,
+                batches_per_epoch=32)  # 32 samples never need more than 32 rows: one pass and then some
+        rows = [(batch, b, row) for batch, keys in run(UnimodLoader(c, TASKS)) for b, row in enumerate(keys)]
+        stream = [k for _, _, row in rows for k in row]
+        first_pass = stream[:len([k for k in samples if k.startswith(task)])]
+        assert sorted(first_pass) == sorted(k for k in samples if k.startswith(task)), "a sample lost or repeated"
+        by_shard = [first_pass[i:i + 4] for i in range(0, len(first_pass), 4)]
+        for block in by_shard:  # keys are "<task>-train-<shard>-<i>"; 4 per shard
+            assert len({k.rsplit("-", 1)[0] for k in block}) == 1 and [k[-1] for k in block] == list("0123"), block
+        for i, (batch, b, row) in enumerate(rows):
+            lengths = [len(samples[k][1]) for k in row]
+            n = sum(lengths)
+            assert n <= seq_len
+            assert batch["input_ids"][b, :n].tolist() == [t for k in row for t in samples[k][1].tolist()]
+            assert torch.all(batch["input_ids"][b, n:] == SMALL.pad_id)
+            want_pos = [p for m in lengths[:-1] for p in range(m)] + list(range(lengths[-1] + seq_len - n))
+            assert batch["position_ids"][b].tolist() == want_pos
+            if i + 1 < len(rows):  # next-fit: the row closed because the next sample did not fit
+                assert n + len(samples[rows[i + 1][2][0]][1]) > seq_len
+
+
+@pytest.mark.parametrize("lengths, seq_len, rows", [
+    ([4, 4, 4], 10, 2),               # [4 4] [4 + trailing partial row]
+    ([10, 3, 7, 5, 5, 1], 10, 4),     # [10] [3 7] [5 5] [1]
+    ([6, 5, 5, 6], 10, 3),            # [6] [5 5] [6]
+    ([3, 3, 3], 9, 1),                # exactly one full row, nothing open
+    ([12, 2], 10, 2),                 # over-long counted as a full row (the stream rejects or cuts it)
+    ([1], 10, 1),                     # only a partial row
+])
+def test_rows_per_sample_estimate_on_hand_counted_streams(lengths, seq_len, rows):
+    from data.packing import estimate_rows_per_sample
+
+    assert estimate_rows_per_sample(lengths, seq_len, pack=True) == pytest.approx(rows / len(lengths))
+    assert estimate_rows_per_sample(lengths, seq_len, pack=False) == 1.0
+
+
+# ----- caption dropout ------------------------------------------------------------------------------------
+def _captioned_sample(task, rng):
+    """make_sample, but every t2i caption has 1..8 tokens, so a dropped caption always shows."""
+    from tests.shard_fixtures import make_sample, text_ids
+    from data.layout import t2i_ids
+
+    ids, meta = make_sample(task, rng)
+    if task == "t2i":
+        h, w = meta["image_hw"]
+        codes = rng.integers(0, SMALL.visual_size, (h, w))
+        ids = t2i_ids(rng.integers(0, 256, int(rng.integers(1, 9))).tolist(), codes, SMALL, text_ids(f"{h}*{w}"))
+    return ids, meta
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captions")
+    return root, write_dataset(str(root), shards=4, per_shard=50, sample_fn=_captioned_sample)
+
+
+def _uncaptioned(ids: np.ndarray) -> np.ndarray:
+    """The t2i layout of the same image with caption_ids=[], built from the stored sample's pieces."""
+    from data.layout import parse_image_block, t2i_ids
+    from tests.shard_fixtures import text_ids
+
+    codes, _ = parse_image_block(ids, SMALL)
+    h, w = codes.shape
+    return t2i_ids([], codes, SMALL, text_ids(f"{h}*{w}"))
+
+
+def _dropped_keys(loader: UnimodLoader, samples) -> set[str]:
+    """One epoch (padding: a sample per row); every row must be its sample as written or, t2i only, the
+    same sample with an empty caption, with the labels of that layout. Returns the dropped keys."""
+    dropped = set()
+    for batch, keys in run(loader):
+        task = TASKS[int(batch["task_ids"][0])]
+        for b, (key,) in enumerate(keys):
+            stored = samples[key][1]
+            got = batch["input_ids"][b, :len(stored)].numpy()
+            if np.array_equal(got, stored) and (len(stored) == 64 or batch["input_ids"][b, len(stored)] == SMALL.pad_id):
+                continue
+            assert task == "t2i", f"{task} sample {key} changed"
+            short = _uncaptioned(stored)
+            assert np.array_equal(batch["input_ids"][b, :len(short)].numpy(), short), key
+            assert torch.all(batch["input_ids"][b, len(short):] == SMALL.pad_id)
+            labels = batch["labels"][b, :len(short)].numpy()
+            assert np.array_equal(labels, make_labels(short, "t2i", None, SMALL))
+            h, w = samples[key][2]["image_hw"]
+            assert (labels != -100).sum() == h * w + 1  # the codes and EOS, as for a captioned sample
+            dropped.add(key)
+    return dropped
+
+
+def test_caption_dropout_rate_per_epoch_and_t2i_only(captioned):
+    root, samples = captioned
+    c = cfg(root, caption_dropout=0.3, micro_batch_size=4)
+    loader = UnimodLoader(c, TASKS)
+    epochs = [_dropped_keys(loader, samples) for _ in range(2)]
+    # 200 t2i samples per epoch, Bernoulli(0.3): mean 60, sd 6.5.
+    for d in epochs:
+        assert abs(len(d) - 60) <= 26, len(d)
+    assert epochs[0] != epochs[1]  # drawn per epoch, not once for the dataset
+    assert loader.counters()["captions_dropped"] == len(epochs[0]) + len(epochs[1])
+    # The draw depends on (seed, epoch, key) only: two workers reading other shard shares drop the same keys.
+    assert _dropped_keys(UnimodLoader(cfg(root, caption_dropout=0.3, num_workers=2), TASKS), samples) == epochs[0]
+    assert _dropped_keys(UnimodLoader(cfg(root, caption_dropout=0.3, seed=4), TASKS), samples) != epochs[0]
+    assert not _dropped_keys(UnimodLoader(cfg(root), TASKS), samples)  # default 0.0: nothing dropped
+
+
+def test_caption_dropout_is_identical_after_resume(captioned):
+    root, _ = captioned
+    c = cfg(root, caption_dropout=0.5, pack=True, micro_batch_size=2, seq_len=64)
+    full = UnimodLoader(c, TASKS)
+    reference = run(full)
+    total = full.counters()["captions_dropped"]
+    assert total > 0
+    first = UnimodLoader(c, TASKS)
+    head = run(first, 37)
+    resumed = UnimodLoader(c, TASKS)
+    resumed.load_state_dict(first.state_dict())
+    got = head + run(resumed)
+    assert len(got) == len(reference)
+    for i, ((a, ka), (b, kb)) in enumerate(zip(got, reference)):
+        assert ka == kb
+        for name in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(a[name], b[name]), f"batch {i} field {name} differs after resume"
+    assert resumed.counters()["captions_dropped"] == total
