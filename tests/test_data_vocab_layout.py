@@ -171,3 +171,15 @@ def test_caption_dropout_rate_and_determinism():
     assert all(L.drop_caption("c", 1.0, rng) == "" for _ in range(200))
     with pytest.raises(ValueError, match="probability"):
         L.drop_caption("c", 1.5, rng)
+
+
+def test_strip_caption_is_the_empty_caption_layout():
+    codes = np.arange(6).reshape(2, 3)
+    size = [ord(c) for c in "2*3"]
+    for caption in ([5, 6, 7], [], [SMALL.text_size - 1]):
+        ids = L.t2i_ids(caption, codes, SMALL, size)
+        out = L.strip_caption(ids, SMALL)
+        np.testing.assert_array_equal(out, L.t2i_ids([], codes, SMALL, size))
+        assert out.dtype == ids.dtype
+    with pytest.raises(ValueError, match="needs a t2i sample"):
+        L.strip_caption(L.lm_ids([1, 2], SMALL), SMALL)
