@@ -1,19 +1,37 @@
-"""Analytic FLOPs of the unified decoder: dense, and as actually run under task-aware MoD.
+"""Analytic FLOPs of the unified decoder, from a micro-batch's actual structure: as run, and the honest
+dense baseline a MoD saving is measured against.
 
 Counts exactly the matrix products the model runs, in the convention of
 `torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add; element-wise work such as
-norms, RoPE, softmax, gates, top-k and gather/scatter counts zero):
+norms, RoPE, softmax, masks, gates, top-k and gather/scatter counts zero):
 
-- per decoder layer on n tokens of one sequence: q/k/v/o projections `2n*D*(2*H*hd + 2*KV*hd)`
+- per decoder layer on n tokens of one row: q/k/v/o projections `2n*D*(2*H*hd + 2*KV*hd)`
   (K/V counted with the KV heads of GQA, unlike Megatron's integer division), SDPA
   `4*H*hd*n^2`, SwiGLU MLP `2n*3*D*F`;
-- the router bank of a MoD layer, `Linear(D, T)` on all S tokens: `2*S*D*T`;
-- the LM head `Linear(D, V)` on all S tokens: `2*S*D*V` (the embedding lookup is free).
+- the router bank of a MoD layer, `Linear(D, T)` on all S positions of a row: `2*S*D*T`;
+- the LM head `Linear(D, V)` on all S positions: `2*S*D*V` (the embedding lookup is free).
 
-Under MoD a micro-batch runs each MoD layer once on a gathered `[B, P, D]` tensor with
-`P = max_b P_b`, `P_b = S if capacity == 1 else ceil(capacity * S)` (`model.mod.tokens_kept`), so
-every sequence of the micro-batch pays for P tokens: the padding of a mixed-task micro-batch is real
-compute and is counted. In `causal` routing mode (sampling) layers mask instead of gathering, so they cost S.
+A micro-batch is described by `describe_microbatch` as one `RowTokens` per row: its task, its packed
+documents (position ids restart at 0 for each; `model.layers.document_ids`), each with its non-padding
+tokens and how many of them its task may skip (`model.mod.token_kinds`, `mod.routable`), and its padding
+tokens (`pad_id`, wherever they sit). What the model runs on it (`microbatch_flops`):
+
+- a dense layer runs on all S positions of every row (document-masked attention is still one S x S SDPA
+  per row for FlopCounterMode, whatever the mask);
+- a MoD layer (`routing="topk"`): row b keeps K_b = the sum over its documents of the non-routable tokens
+  plus `routable_kept(capacity, n_routable)` routable ones (per document, never over the row), or all its
+  non-padding tokens when its task has capacity >= 1 there; padding is never kept. The layer runs once on
+  P = max_b K_b gathered positions per row, so every row pays for P (a mixed-task micro-batch's slack is
+  real compute and is counted). If every row has capacity >= 1 in that layer it is a plain layer on S;
+- `routing="causal"` (sampling) masks inside full-length layers: S per row plus the router.
+
+The dense baseline (`dense_flops`, `StepFlops.dense`) is what a dense model must spend on the real tokens
+only: every document processed alone, without padding: layers and head on its n tokens, attention n x n.
+MoD's saving, `StepFlops.saved_pct = 1 - actual / dense`, is measured against it, so skipping padding
+(which a dense model could skip just as well) earns MoD nothing. The same number for a dense model that
+trains on padded or packed rows is negative (it pays for padding and for S x S attention over documents
+that only need n x n): that is the honest cost of the batch layout, reported separately as
+`StepFlops.pad_pct`.
 
 Training = forward + backward. Backward of a matmul is 2x its forward (input and weight
 gradients). Backward of SDPA follows torch's `sdpa_backward_flop_count` (the flash/efficient
@@ -21,6 +39,7 @@ kernels recompute the scores: 5 products instead of 2, i.e. 2.5x forward). Full 
 recomputation adds one more forward of the decoder layers (routers included), never of the head;
 torch's non-reentrant checkpoint may stop a little earlier (it skips a trailing matmul whose output
 backward never reads), so `recompute=True` is the conventional upper bound of the hardware's work.
+The dense baseline takes the same `recompute` setting as the count it is compared with.
 
 `causal_attention=False` (the default) is FlopCounterMode's convention: the whole n x n score
 matrix. `causal_attention=True` counts only the lower triangle with its diagonal, n(n+1)/2 scores,
@@ -34,10 +53,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from model.config import ModelConfig
-from model.mod import tokens_kept  # the model's own P, so the count can never drift from what runs
+# The model's own rule for how many routable tokens a document keeps, so the count can never drift.
+from model.mod import routable_kept
 
 
 @dataclass(frozen=True)
@@ -51,9 +71,9 @@ class FlopsBreakdown:
     mlp: int = 0
     """SwiGLU gate, up and down projections."""
     router: int = 0
-    """MoD router banks, Linear(D, num_tasks) on all tokens of every MoD layer."""
+    """MoD router banks, Linear(D, num_tasks) on all positions of every MoD layer."""
     head: int = 0
-    """LM head, Linear(D, vocab) on all tokens."""
+    """LM head, Linear(D, vocab) on all positions."""
 
     @property
     def layers(self) -> int:
@@ -67,6 +87,11 @@ class FlopsBreakdown:
     def __add__(self, other: "FlopsBreakdown") -> "FlopsBreakdown":
         return FlopsBreakdown(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
+    def __mul__(self, k: int) -> "FlopsBreakdown":
+        return FlopsBreakdown(*(k * v for v in dataclasses.astuple(self)))
+
+    __rmul__ = __mul__
+
     def without_head(self) -> "FlopsBreakdown":
         return dataclasses.replace(self, head=0)
 
@@ -74,16 +99,209 @@ class FlopsBreakdown:
         return {**dataclasses.asdict(self), "total": self.total}
 
 
+# ----- what a micro-batch holds --------------------------------------------------------------------------
+class Document(NamedTuple):
+    """One packed sample of a row."""
+
+    tokens: int
+    """Its non-padding tokens (what a dense model must process)."""
+    routable: int
+    """How many of them its task may skip in a MoD layer (`mod.routable`; never structural tokens)."""
+
+
+@dataclass(frozen=True)
+class RowTokens:
+    """One row of a micro-batch, as the FLOPs model needs it."""
+
+    task: int
+    """Task id (index into `mod.tasks`) of every document in the row."""
+    documents: tuple[Document, ...]
+    """The row's documents in order (documents of padding only are left out)."""
+    padding: int = 0
+    """Padding tokens of the row (never kept by MoD, never counted by the dense baseline)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "documents", tuple(Document(*d) for d in self.documents))
+        if self.padding < 0 or any(d.tokens <= 0 or not 0 <= d.routable <= d.tokens for d in self.documents):
+            raise ValueError(f"RowTokens needs padding >= 0 and documents with 0 <= routable <= tokens, tokens > 0; "
+                             f"got {self}")
+        if self.length == 0:
+            raise ValueError("RowTokens must hold at least one position")
+
+    @classmethod
+    def single(cls, task: int, seq_len: int, routable: int | None = None, padding: int = 0) -> "RowTokens":
+        """A row of one document of `seq_len - padding` tokens, `routable` of them routable (all by default)."""
+        n = seq_len - padding
+        return cls(task, ((n, n if routable is None else routable),), padding)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(d.tokens for d in self.documents)
+
+    @property
+    def length(self) -> int:
+        """Positions of the row (S): real tokens plus padding."""
+        return self.real_tokens + self.padding
+
+
+def describe_microbatch(input_ids, position_ids, task_ids, cfg: ModelConfig) -> list[RowTokens]:
+    """[B,S] ids, [B,S] position ids, [B] task ids -> one `RowTokens` per row (host-side, cheap: pass the
+    loader's CPU tensors; device tensors are copied to the host once)."""
+    import torch
+
+    from model.layers import document_ids
+    from model.mod import KIND_PAD, routable_table, token_kinds
+
+    ids, pos, tasks = input_ids.detach().cpu(), position_ids.detach().cpu(), task_ids.detach().cpu()
+    if ids.dim() != 2 or pos.shape != ids.shape or tasks.shape != ids.shape[:1]:
+        raise ValueError(f"describe_microbatch: input_ids and position_ids must be [B,S] and task_ids [B], got "
+                         f"{tuple(ids.shape)}, {tuple(pos.shape)}, {tuple(tasks.shape)}")
+    B, S = ids.shape
+    kinds = token_kinds(ids, cfg.vocab).long()
+    real = kinds != KIND_PAD
+    routable = routable_table(cfg, torch.device("cpu"))[tasks][torch.arange(B)[:, None], kinds] & real
+    # Number the documents 0, 1, ... within each row, whatever labels document_ids uses.
+    docs = document_ids(pos)
+    new = torch.ones_like(docs, dtype=torch.bool)
+    new[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    slot = (new.cumsum(1) - 1) + S * torch.arange(B)[:, None]  # [B,S] unique per (row, document)
+    n_tokens = torch.zeros(B * S, dtype=torch.long).index_add_(0, slot.flatten(), real.flatten().long())
+    n_routable = torch.zeros(B * S, dtype=torch.long).index_add_(0, slot.flatten(), routable.flatten().long())
+    n_tokens, n_routable = n_tokens.view(B, S).tolist(), n_routable.view(B, S).tolist()
+    n_docs, padding = new.sum(1).tolist(), (~real).sum(1).tolist()
+    return [RowTokens(int(tasks[b]), tuple(Document(n, r) for n, r in zip(n_tokens[b][:n_docs[b]],
+                                                                          n_routable[b][:n_docs[b]]) if n > 0),
+                      padding[b])
+            for b in range(B)]
+
+
+# ----- building blocks ------------------------------------------------------------------------------------
+def _sdpa(cfg: ModelConfig, n: int, causal: bool, products: int) -> int:
+    # torch's sdpa_flop_count: two [n, hd] x [hd, n]-sized products per query head (GQA broadcasts K/V to
+    # every query head); sdpa_backward_flop_count: five such products.
+    return products * cfg.num_attention_heads * cfg.head_dim * (n * (n + 1) if causal else 2 * n * n)
+
+
+class _Passes(NamedTuple):
+    """How many times each kind of work runs: forward, + backward, + recomputation."""
+
+    layer_linear: int  # multiples of a layer's (and router's) forward matmuls
+    head_linear: int   # multiples of the head's forward matmul
+    sdpa_products: int  # [n, hd] x [hd, n] products per query head
+
+    @classmethod
+    def of(cls, train: bool, recompute: bool) -> "_Passes":
+        if not train:
+            return cls(1, 1, 2)
+        return cls(3 + recompute, 3, 2 + 5 + 2 * recompute)
+
+
+def _layer(cfg: ModelConfig, n: int, causal: bool, passes: _Passes) -> FlopsBreakdown:
+    """One decoder layer (no router) on n tokens of one row."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    q_width, kv_width = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return FlopsBreakdown(
+        attn_proj=passes.layer_linear * (2 * n * d * (q_width + 2 * kv_width) + 2 * n * q_width * d),
+        attn_sdpa=_sdpa(cfg, n, causal, passes.sdpa_products),
+        mlp=passes.layer_linear * 2 * n * 3 * d * cfg.intermediate_size,
+    )
+
+
+def _router(cfg: ModelConfig, n: int, passes: _Passes) -> FlopsBreakdown:
+    columns = 1 if cfg.mod.shared_router else cfg.num_tasks
+    return FlopsBreakdown(router=passes.layer_linear * 2 * n * cfg.hidden_size * columns)
+
+
+def _head(cfg: ModelConfig, n: int, passes: _Passes) -> FlopsBreakdown:
+    return FlopsBreakdown(head=passes.head_linear * 2 * n * cfg.hidden_size * cfg.vocab_size)
+
+
+def _check_rows(cfg: ModelConfig, rows: Sequence[RowTokens], where: str) -> int:
+    """-> S, the common length of the rows."""
+    if len(rows) == 0:
+        raise ValueError(f"{where}: a micro-batch needs at least one row")
+    lengths = {r.length for r in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"{where}: rows of one micro-batch must have the same length, got {sorted(lengths)}")
+    for r in rows:
+        if isinstance(r.task, bool) or not isinstance(r.task, int) or not 0 <= r.task < cfg.num_tasks:
+            raise ValueError(f"{where}: task id {r.task!r} is not an index into mod.tasks {cfg.mod.tasks}")
+    return lengths.pop()
+
+
+def row_kept(cfg: ModelConfig, row: RowTokens, layer: int) -> int:
+    """K_b: positions of `row` a MoD layer keeps (`routing="topk"`, some row of the batch routed there)."""
+    cap = cfg.mod.capacity_of(layer, row.task)
+    if cap >= 1.0:
+        return row.real_tokens
+    return sum(d.tokens - d.routable + routable_kept(cap, d.routable) for d in row.documents)
+
+
+def layer_tokens(cfg: ModelConfig, rows: Sequence[RowTokens], *, dense: bool = False,
+                 routing: str | None = None) -> list[tuple[int, bool]]:
+    """Per layer: (positions every row of the micro-batch runs the layer on, whether a router bank runs)."""
+    S = _check_rows(cfg, rows, "layer_tokens")
+    mod, routing = cfg.mod, routing or cfg.mod.routing
+    out = []
+    for layer in range(cfg.num_hidden_layers):
+        routed = not dense and mod.is_mod_layer(layer)
+        if not routed or routing == "causal" or all(mod.capacity_of(layer, r.task) >= 1.0 for r in rows):
+            out.append((S, routed))
+        else:
+            out.append((max(1, max(row_kept(cfg, r, layer) for r in rows)), True))  # as model.mod gathers
+    return out
+
+
+# ----- public API -----------------------------------------------------------------------------------------
+def microbatch_flops(
+    cfg: ModelConfig, rows: Sequence[RowTokens], *, train: bool = True, recompute: bool = False,
+    dense: bool = False, causal_attention: bool = False, include_head: bool = True, routing: str | None = None,
+) -> FlopsBreakdown:
+    """FLOPs the model runs on one micro-batch of `rows` (every row pays the same; see the module docstring).
+
+    `train` counts forward + backward (+ one layer forward when `recompute`); `dense=True` counts the same
+    model with MoD switched off on the same rows (all layers on all S positions, padding included, no
+    routers): what a dense twin runs. `routing` overrides `cfg.mod.routing` (as the model's forward does).
+    """
+    passes = _Passes.of(train, recompute and train)
+    S = _check_rows(cfg, rows, "microbatch_flops")
+    per_row = FlopsBreakdown()
+    for n, routed in layer_tokens(cfg, rows, dense=dense, routing=routing):
+        per_row += _layer(cfg, n, causal_attention, passes)
+        if routed:
+            per_row += _router(cfg, S, passes)
+    if include_head:
+        per_row += _head(cfg, S, passes)
+    return len(rows) * per_row
+
+
+def dense_flops(
+    cfg: ModelConfig, rows: Sequence[RowTokens], *, train: bool = True, recompute: bool = False,
+    causal_attention: bool = False, include_head: bool = True,
+) -> FlopsBreakdown:
+    """The dense baseline of these rows: every document alone, n tokens each, no padding, no routers."""
+    passes = _Passes.of(train, recompute and train)
+    out = FlopsBreakdown()
+    for row in rows:
+        for doc in row.documents:
+            out += cfg.num_hidden_layers * _layer(cfg, doc.tokens, causal_attention, passes)
+            if include_head:
+                out += _head(cfg, doc.tokens, passes)
+    return out
+
+
 @dataclass(frozen=True)
 class TaskFlops:
-    """Training FLOPs of one task's sequences within a step."""
+    """Training FLOPs of one task's rows within a step."""
 
-    sequences: int
-    """How many sequences of this task the step held."""
+    rows: int
+    """How many rows of this task the step held."""
+    documents: int
+    """How many documents (packed samples) those rows held."""
     actual: int
-    """FLOPs as run (MoD layers on P gathered tokens, routers included)."""
+    """FLOPs as run (MoD layers on P gathered tokens, routers included): each row's share of its micro-batch."""
     dense: int
-    """FLOPs of the same sequences with every layer on all tokens and no routers."""
+    """Dense baseline of those documents (each alone, no padding)."""
 
     @property
     def saved_pct(self) -> float:
@@ -97,47 +315,83 @@ class StepFlops:
     actual: int
     """FLOPs as run: what TFLOP/s and MFU are computed from."""
     dense: int
-    """Dense-equivalent FLOPs of the same tokens (no MoD skipping, no routers)."""
+    """Dense baseline: a dense model on the real tokens only (every document alone, no padding, no routers)."""
     tokens: int
-    """Tokens processed (sequences x seq_len), for FLOPs per token and tokens/s."""
+    """Positions processed, padding included (rows x S), for tokens/s."""
+    real_tokens: int
+    """Non-padding tokens among them."""
     per_task: dict[str, TaskFlops] = field(default_factory=dict)
-    """Task name -> its sequences' share; the shares sum to `actual` and `dense`."""
+    """Task name -> its rows' share; the shares sum to `actual` and `dense`."""
+
+    @property
+    def pad_tokens(self) -> int:
+        return self.tokens - self.real_tokens
+
+    @property
+    def pad_pct(self) -> float:
+        """Percent of the processed positions that were padding."""
+        return 100.0 * self.pad_tokens / self.tokens if self.tokens else 0.0
 
     @property
     def saved_pct(self) -> float:
-        """Percent of the dense FLOPs that MoD skipped (negative if routers cost more than skipped)."""
+        """Percent of the dense baseline that this step did not spend. Negative when the step cost more
+        than a padding-free dense model: routers without skipping, or a dense model paying for padding and
+        for S x S attention over packed documents; honest, not a bug."""
         return 100.0 * (1.0 - self.actual / self.dense) if self.dense else 0.0
 
 
-# ----- per-sequence building blocks -----------------------------------------------------------------
-def _sdpa(cfg: ModelConfig, n: int, causal: bool, backward: bool) -> int:
-    # torch's sdpa_flop_count: two [n, hd] x [hd, n]-sized products per query head (GQA broadcasts
-    # K/V to every query head); sdpa_backward_flop_count: five such products.
-    products = 5 if backward else 2
-    per_product = cfg.num_attention_heads * cfg.head_dim * (n * (n + 1) if causal else 2 * n * n)
-    return products * per_product
+def step_flops(
+    cfg: ModelConfig, microbatches: Sequence[Sequence[RowTokens]], *, recompute: bool = False,
+    causal_attention: bool = False,
+) -> StepFlops:
+    """Training FLOPs of a step made of these micro-batches (each a list of `RowTokens`, e.g. from
+    `describe_microbatch`): actual, dense baseline, tokens and padding, split by task.
+
+    Pass one rank's micro-batches for that rank's FLOPs, or every rank's for the global step.
+    """
+    if len(microbatches) == 0:
+        raise ValueError("step_flops: microbatches must hold at least one micro-batch")
+    kw = dict(train=True, recompute=recompute, causal_attention=causal_attention)
+    actual = dense = tokens = real = 0
+    per_task: dict[str, list[int]] = {}
+    for rows in microbatches:
+        mb_actual = microbatch_flops(cfg, rows, **kw).total
+        row_actual = mb_actual // len(rows)  # every row of a micro-batch pays the same
+        for row in rows:
+            row_dense = dense_flops(cfg, [row], **kw).total
+            acc = per_task.setdefault(cfg.mod.tasks[row.task], [0, 0, 0, 0])
+            acc[0] += 1
+            acc[1] += len(row.documents)
+            acc[2] += row_actual
+            acc[3] += row_dense
+            dense += row_dense
+            tokens += row.length
+            real += row.real_tokens
+        actual += mb_actual
+    return StepFlops(actual=actual, dense=dense, tokens=tokens, real_tokens=real,
+                     per_task={name: TaskFlops(*acc) for name, acc in per_task.items()})
 
 
-def _layer_forward(cfg: ModelConfig, n: int, causal: bool) -> FlopsBreakdown:
-    """One decoder layer on n tokens of one sequence (no router)."""
-    d, hd = cfg.hidden_size, cfg.head_dim
-    q_width, kv_width = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    return FlopsBreakdown(
-        attn_proj=2 * n * d * (q_width + 2 * kv_width) + 2 * n * q_width * d,
-        attn_sdpa=_sdpa(cfg, n, causal, backward=False),
-        mlp=2 * n * 3 * d * cfg.intermediate_size,
-    )
-
-
-def _backward(cfg: ModelConfig, fwd: FlopsBreakdown, layer_tokens: Sequence[int], causal: bool) -> FlopsBreakdown:
-    """Backward of a forward whose layers ran on `layer_tokens[i]` tokens (per sequence)."""
-    return FlopsBreakdown(
-        attn_proj=2 * fwd.attn_proj,
-        attn_sdpa=sum(_sdpa(cfg, n, causal, backward=True) for n in layer_tokens),
-        mlp=2 * fwd.mlp,
-        router=2 * fwd.router,
-        head=2 * fwd.head,
-    )
+# ----- conveniences for benches and analyses: rows of one document each ----------------------------------------
+def _single_rows(cfg: ModelConfig, seq_len: int, task_ids: Sequence[int | str],
+                 routable: int | Sequence[int] | Mapping[str, int] | None) -> list[RowTokens]:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if len(task_ids) == 0:
+        raise ValueError("task_ids must name the task of at least one sequence")
+    tasks = [_task_index(cfg, t, f"task_ids[{i}]") for i, t in enumerate(task_ids)]
+    if routable is None or isinstance(routable, int):
+        counts = [routable] * len(tasks)
+    elif isinstance(routable, Mapping):
+        counts = [routable.get(cfg.mod.tasks[t]) for t in tasks]
+    else:
+        counts = list(routable)
+        if len(counts) != len(tasks):
+            raise ValueError(f"routable has {len(counts)} counts for {len(tasks)} sequences")
+    for c in counts:
+        if c is not None and not 0 <= c <= seq_len:
+            raise ValueError(f"routable counts must lie in [0, seq_len={seq_len}], got {c}")
+    return [RowTokens.single(t, seq_len, c) for t, c in zip(tasks, counts)]
 
 
 def _task_index(cfg: ModelConfig, task: int | str, where: str) -> int:
@@ -151,111 +405,28 @@ def _task_index(cfg: ModelConfig, task: int | str, where: str) -> int:
     return task
 
 
-def _check_seq_len(seq_len: int) -> None:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-
-
-def _layer_tokens(cfg: ModelConfig, seq_len: int, tasks: Sequence[int], dense: bool) -> list[tuple[int, bool]]:
-    """Per layer: (tokens each sequence of the micro-batch pays for, whether a router bank runs)."""
-    mod = cfg.mod
-    out = []
-    for layer in range(cfg.num_hidden_layers):
-        routed = not dense and mod.is_mod_layer(layer)
-        if not routed or mod.routing == "causal":
-            # Causal routing masks inside a full-length layer, so only the router is extra.
-            out.append((seq_len, routed))
-        else:
-            out.append((max(tokens_kept(mod.capacity_of(layer, t), seq_len) for t in tasks), True))
-    return out
-
-
-def _per_sequence(
-    cfg: ModelConfig, seq_len: int, task_ids: Sequence[int | str], *, dense: bool, causal_attention: bool,
-    include_head: bool, train: bool, recompute: bool,
-) -> FlopsBreakdown:
-    """FLOPs one sequence of this micro-batch pays for; every sequence in it pays the same."""
-    _check_seq_len(seq_len)
-    if len(task_ids) == 0:
-        raise ValueError("task_ids must name the task of at least one sequence")
-    tasks = [_task_index(cfg, t, f"task_ids[{i}]") for i, t in enumerate(task_ids)]
-    plan = _layer_tokens(cfg, seq_len, tasks, dense)
-    fwd = FlopsBreakdown()
-    for n, routed in plan:
-        fwd += _layer_forward(cfg, n, causal_attention)
-        if routed:
-            columns = 1 if cfg.mod.shared_router else cfg.num_tasks
-            fwd += FlopsBreakdown(router=2 * seq_len * cfg.hidden_size * columns)
-    if include_head:
-        fwd += FlopsBreakdown(head=2 * seq_len * cfg.hidden_size * cfg.vocab_size)
-    if not train:
-        return fwd
-    total = fwd + _backward(cfg, fwd, [n for n, _ in plan], causal_attention)
-    return total + fwd.without_head() if recompute else total
-
-
-def _times(b: FlopsBreakdown, k: int) -> FlopsBreakdown:
-    return FlopsBreakdown(*(k * v for v in dataclasses.astuple(b)))
-
-
-# ----- public API ------------------------------------------------------------------------------------
 def flops_forward(
-    cfg: ModelConfig, seq_len: int, task_ids: Sequence[int | str], *, dense: bool = False,
+    cfg: ModelConfig, seq_len: int, task_ids: Sequence[int | str], *, routable=None, dense: bool = False,
     causal_attention: bool = False, include_head: bool = True,
 ) -> FlopsBreakdown:
-    """Forward FLOPs of one micro-batch of `len(task_ids)` sequences of `seq_len` tokens.
+    """Forward FLOPs of a micro-batch of `len(task_ids)` rows, each one document of `seq_len` tokens, no padding.
 
-    `task_ids` are task indices (or names) of `cfg.mod.tasks`, one per sequence; `dense=True` counts
-    the model with MoD switched off (all layers on all tokens, no routers).
-    """
-    per_seq = _per_sequence(cfg, seq_len, task_ids, dense=dense, causal_attention=causal_attention,
-                            include_head=include_head, train=False, recompute=False)
-    return _times(per_seq, len(task_ids))
+    `routable`: routable tokens per row (an int for all, one per row, or {task: count}); None = all
+    `seq_len` tokens routable, the most a capacity can skip (for a real batch use `describe_microbatch`).
+    `dense=True` counts the model with MoD switched off (here equal to the dense baseline: no padding)."""
+    rows = _single_rows(cfg, seq_len, task_ids, routable)
+    return microbatch_flops(cfg, rows, train=False, dense=dense, causal_attention=causal_attention,
+                            include_head=include_head)
 
 
 def flops_train(
-    cfg: ModelConfig, seq_len: int, task_ids: Sequence[int | str], *, dense: bool = False,
+    cfg: ModelConfig, seq_len: int, task_ids: Sequence[int | str], *, routable=None, dense: bool = False,
     recompute: bool = False, causal_attention: bool = False, include_head: bool = True,
 ) -> FlopsBreakdown:
-    """Forward + backward FLOPs of one micro-batch (+ one layer forward when `recompute`)."""
-    per_seq = _per_sequence(cfg, seq_len, task_ids, dense=dense, causal_attention=causal_attention,
-                            include_head=include_head, train=True, recompute=recompute)
-    return _times(per_seq, len(task_ids))
-
-
-def step_flops(
-    cfg: ModelConfig, seq_len: int, task_ids_per_microbatch: Sequence[Sequence[int | str]], *,
-    recompute: bool = False, causal_attention: bool = False,
-) -> StepFlops:
-    """Training FLOPs of a step made of these micro-batches, actual and dense, split by task.
-
-    Pass one rank's micro-batches for that rank's FLOPs, or every rank's for the global step.
-    A sequence's share is what its row of the micro-batch cost, so in a mixed-task micro-batch a
-    low-capacity task is charged for the padding up to the micro-batch's P.
-    """
-    if len(task_ids_per_microbatch) == 0:
-        raise ValueError("task_ids_per_microbatch must hold at least one micro-batch")
-    actual = dense = tokens = 0
-    per_task: dict[str, list[int]] = {}
-    for m, task_ids in enumerate(task_ids_per_microbatch):
-        if len(task_ids) == 0:
-            raise ValueError(f"task_ids_per_microbatch[{m}] is empty")
-        kw = dict(recompute=recompute, causal_attention=causal_attention, include_head=True, train=True)
-        row_actual = _per_sequence(cfg, seq_len, task_ids, dense=False, **kw).total
-        row_dense = _per_sequence(cfg, seq_len, task_ids, dense=True, **kw).total
-        for t in task_ids:
-            name = cfg.mod.tasks[_task_index(cfg, t, f"task_ids_per_microbatch[{m}]")]
-            acc = per_task.setdefault(name, [0, 0, 0])
-            acc[0] += 1
-            acc[1] += row_actual
-            acc[2] += row_dense
-        actual += row_actual * len(task_ids)
-        dense += row_dense * len(task_ids)
-        tokens += seq_len * len(task_ids)
-    return StepFlops(
-        actual=actual, dense=dense, tokens=tokens,
-        per_task={name: TaskFlops(*acc) for name, acc in per_task.items()},
-    )
+    """Forward + backward FLOPs (+ one layer forward when `recompute`) of the micro-batch `flops_forward` describes."""
+    rows = _single_rows(cfg, seq_len, task_ids, routable)
+    return microbatch_flops(cfg, rows, train=True, recompute=recompute, dense=dense,
+                            causal_attention=causal_attention, include_head=include_head)
 
 
 # ----- throughput and MFU ----------------------------------------------------------------------------
