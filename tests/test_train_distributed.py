@@ -172,6 +172,12 @@ def test_pipeline_trains_checkpoints_and_exports(pipeline):
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["optim/grad_norm"] > 0 and r["flops/actual_per_step"] > 0 for r in records)
+    # The last stage counts the micro-batches it fetched: the same FLOPs and padding as the one-process run on
+    # the same data (whose counts test_train_single checks against model.flops batch by batch).
+    single = {r["step"]: r for r in read_metrics(pipeline["root"] / "single" / "metrics.jsonl")}
+    for r in records:
+        for tag in ("flops/actual_per_step", "flops/dense_per_step", "flops/mod_saved_pct", "data/pad_pct"):
+            assert r[tag] == single[r["step"]][tag], (r["step"], tag)
     # The router aux loss travelled through both stages into the loss.
     image_steps = [r for r in records if "loss/t2i" in r or "loss/mmu" in r]
     assert image_steps and all(r["mod/aux_loss"] > 0 for r in image_steps)

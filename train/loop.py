@@ -1,9 +1,14 @@
 """The training loop, top to bottom: data -> engine -> loss -> step -> metrics -> checkpoint.
 
 One optimizer step = `optim.grad_accum` micro-batches per data-parallel rank. Micro-batches are
-task-homogeneous (the loader's contract), so a micro-batch's loss is that task's loss and its FLOPs
-follow from its task. Under pipeline parallelism DeepSpeed's `train_batch` runs the whole step and
-only the last stage owns the loss, so that stage logs.
+task-homogeneous (the loader's contract), so a micro-batch's loss is that task's loss. Under pipeline
+parallelism DeepSpeed's `train_batch` runs the whole step and only the last stage owns the loss, so that
+stage logs.
+
+FLOPs are counted from what actually ran: every micro-batch a rank trains on is described as it is
+fetched (`model.flops.describe_microbatch`: documents, routable tokens, padding), counted on that rank and
+summed over ranks exactly. Under the pipeline the last stage fetches every micro-batch too (for its
+labels), so it counts them and sums over its data-parallel replicas; it is also the stage that logs.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.loader import UnimodLoader
-from model.flops import step_flops
+from model.flops import RowTokens, StepFlops, describe_microbatch, step_flops
 from train.checkpoint import (EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager, StopSignal, rng_state,
                               set_rng_state)
 from train.config import RunConfig
@@ -44,6 +49,19 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def _sum_exact(values: list[int], device: torch.device, group=None) -> list[int]:
+    """Sum non-negative Python ints over ranks exactly. FLOPs of a large step pass float64's 2^53, and their
+    sum over many ranks could pass int64's range, so each value travels as two 32-bit halves in int64."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    assert all(0 <= v < 1 << 62 for v in values), values
+    halves = torch.tensor([[v >> 32 for v in values], [v & 0xFFFFFFFF for v in values]], dtype=torch.int64,
+                          device=device)
+    dist.all_reduce(halves, group=group)
+    hi, lo = halves.tolist()
+    return [(h << 32) + l for h, l in zip(hi, lo)]
+
+
 @dataclasses.dataclass
 class StepRecord:
     """What one optimizer step produced on this rank (reduced across ranks before logging)."""
@@ -54,6 +72,8 @@ class StepRecord:
     routing: torch.Tensor     # [L, T, 2] routable / selected tokens
     samples: int = 0
     skipped_nonfinite: int = 0
+    microbatches: list[list[RowTokens]] = dataclasses.field(default_factory=list)
+    """What each micro-batch trained on here held (for its FLOPs); empty on middle pipeline stages."""
 
 
 class Trainer:
@@ -91,10 +111,13 @@ class Trainer:
         self._grad_norm: float | None = None  # ZeRO-0's, which DeepSpeed does not report
 
     # ----- data ------------------------------------------------------------------------------------------
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self) -> Iterator[tuple[dict[str, torch.Tensor], list[RowTokens]]]:
+        """(batch on the device, its rows described for the FLOPs count, read from the host copy)."""
+        model_cfg = self.cfg.model
         while True:  # epochs follow one another; the loader's state says where we are
             for batch in self.loader:
-                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                rows = describe_microbatch(batch["input_ids"], batch["position_ids"], batch["task_ids"], model_cfg)
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, rows
 
     # ----- resume ------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -124,7 +147,7 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         done, consecutive = 0, 0
         while done < cfg.optim.grad_accum:
-            batch = timer.fetch(it)
+            batch, rows = timer.fetch(it)
             out = engine(batch["input_ids"], task_ids=batch["task_ids"], position_ids=batch["position_ids"])
             ce = causal_lm_loss(out.logits, batch["labels"])
             loss = ce + out.aux_loss
@@ -152,6 +175,7 @@ class Trainer:
             rec.aux_sum += out.aux_loss.detach()
             rec.routing += out.routing.detach()
             rec.samples += batch["input_ids"].shape[0]
+            rec.microbatches.append(rows)  # a skipped micro-batch's forward is not counted
             done += 1
         return 0
 
@@ -159,13 +183,32 @@ class Trainer:
         from train.pipeline import PipelineStepStats
 
         stats = PipelineStepStats.attach(self.engine, rec)
-        timed = _TimedIter(it, timer)
+        timed = _TimedIter(it, timer, rec.microbatches)
         self.engine.train_batch(data_iter=timed)
         stats.detach()
         rec.samples += self.cfg.data.micro_batch_size * self.cfg.optim.grad_accum
         # PipeLoss (last stage) counted non-finite micro-batches; every stage learns the count.
         flag = _all_reduce(torch.tensor([float(rec.skipped_nonfinite)], device=self.device), dist.ReduceOp.MAX)
         return int(flag.item())
+
+    def _step_flops(self, rec: StepRecord) -> tuple[StepFlops | None, StepFlops | None]:
+        """The global step's FLOPs (recompute as configured; and without it, for MFU) on the ranks that count
+        them: every rank under ZeRO, the last stage under the pipeline (None elsewhere, and for no tokens)."""
+        if self.pipeline and not self.engine.is_last_stage():
+            return None, None
+        counted = []
+        for recompute in (self.cfg.parallel.activation_checkpointing, False):
+            local = step_flops(self.cfg.model, rec.microbatches, recompute=recompute) if rec.microbatches else None
+            counted.append(local or StepFlops(actual=0, dense=0, tokens=0, real_tokens=0))
+        with_rc, without = counted
+        group = self.engine.grid.get_data_parallel_group() if self.pipeline else None
+        actual, actual_model, dense, dense_model, tokens, real = _sum_exact(
+            [with_rc.actual, without.actual, with_rc.dense, without.dense, with_rc.tokens, with_rc.real_tokens],
+            self.device, group)
+        if tokens == 0:
+            return None, None
+        return (StepFlops(actual=actual, dense=dense, tokens=tokens, real_tokens=real),
+                StepFlops(actual=actual_model, dense=dense_model, tokens=tokens, real_tokens=real))
 
     # ----- the run -------------------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -187,11 +230,9 @@ class Trainer:
         it = self._batches()
         timer = StepTimer(self.device)
         t_run = time.perf_counter()
-        totals = {"tokens": 0, "actual": 0, "dense": 0, "train_s": 0.0, "skipped_nonfinite": 0}
+        totals = {"tokens": 0, "real_tokens": 0, "actual": 0, "dense": 0, "train_s": 0.0, "skipped_nonfinite": 0}
         exit_code = 0
         consecutive = 0
-        S = cfg.data.seq_len
-        recompute = cfg.parallel.activation_checkpointing
         try:
             while self.step < cfg.run.max_steps:
                 rec = self._zeros()
@@ -224,11 +265,7 @@ class Trainer:
                 T = cfg.model.num_tasks
                 loss_sum, loss_count = packed[:T], packed[T:2 * T]
                 aux_sum, routing = packed[2 * T], packed[2 * T + 1:].view_as(rec.routing)
-                micro_per_task = loss_count.tolist()
-                B = cfg.data.micro_batch_size
-                mbs = [[t] * B for t, n in enumerate(micro_per_task) for _ in range(int(round(n)))]
-                flops = step_flops(cfg.model, S, mbs, recompute=recompute) if mbs else None
-                flops_model = step_flops(cfg.model, S, mbs, recompute=False) if mbs else None
+                flops, flops_model = self._step_flops(rec)
                 n_micro = max(1.0, float(loss_count.sum()))
                 total_loss = float(loss_sum.sum()) / n_micro + float(aux_sum) / n_micro
                 for t, task in enumerate(cfg.model.mod.tasks):
@@ -239,6 +276,7 @@ class Trainer:
                     self.first_loss = total_loss
                 if flops is not None:
                     totals["tokens"] += flops.tokens
+                    totals["real_tokens"] += flops.real_tokens
                     totals["actual"] += flops.actual
                     totals["dense"] += flops.dense
                 totals["train_s"] += step_s
@@ -376,13 +414,16 @@ class Trainer:
             "steps": self.step,
             "steps_this_run": self.step - start_step,
             "tokens": totals["tokens"],
+            "real_tokens": totals["real_tokens"],
+            "pad_pct": 100.0 * (1 - totals["real_tokens"] / totals["tokens"]) if totals["tokens"] else 0.0,
             "loss_first": self.first_loss,
             "loss_final": self.last_loss.get("total"),
             "loss_final_per_task": {k: v for k, v in self.last_loss.items() if k != "total"},
             "tokens_per_s": totals["tokens"] / train_s,
+            "real_tokens_per_s": totals["real_tokens"] / train_s,
             "tflops_per_device": totals["actual"] / train_s / world / 1e12,
             "flops_actual": totals["actual"],
-            "flops_dense": totals["dense"],
+            "flops_dense": totals["dense"],  # the dense baseline: real tokens only, each document alone
             "mod_flops_saved_pct": 100.0 * (1 - totals["actual"] / totals["dense"]) if totals["dense"] else 0.0,
             "skipped_nonfinite_microbatches": totals["skipped_nonfinite"],
             "wall_time_s": wall_s,
@@ -416,15 +457,17 @@ class Trainer:
 
 
 class _TimedIter:
-    """Wraps the batch iterator for DeepSpeed's train_batch so data wait time is measured, and turns our
-    dict batches into the ((inputs...), labels) tuples the pipeline engine expects."""
+    """Wraps the batch iterator for DeepSpeed's train_batch so data wait time is measured, notes what each
+    micro-batch held (for the FLOPs count), and turns our dict batches into the ((inputs...), labels) tuples
+    the pipeline engine expects. DeepSpeed reads it on the first and the last stage only."""
 
-    def __init__(self, it, timer: StepTimer) -> None:
-        self.it, self.timer = it, timer
+    def __init__(self, it, timer: StepTimer, microbatches: list[list[RowTokens]]) -> None:
+        self.it, self.timer, self.microbatches = it, timer, microbatches
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        b = self.timer.fetch(self.it)
+        b, rows = self.timer.fetch(self.it)
+        self.microbatches.append(rows)
         return (b["input_ids"], b["task_ids"], b["position_ids"]), b["labels"]

@@ -102,15 +102,19 @@ def _truncate_jsonl(path: Path, keep_until: int) -> None:
 
 def throughput_scalars(flops: StepFlops, flops_no_recompute: StepFlops, step_time_s: float, world_size: int,
                        samples: int, device: torch.device, peak_tflops: float | None) -> dict[str, float]:
-    """tokens/s, samples/s, achieved TFLOP/s per device (hardware work, recompute included), MFU (model
-    FLOPs without recompute over peak), and the FLOPs of the step actual vs dense."""
+    """tokens/s (positions, padding included) and real tokens/s, samples/s, achieved TFLOP/s per device
+    (hardware work, recompute included), MFU (model FLOPs without recompute over peak), the FLOPs of the step
+    as run vs the dense baseline (a dense model on the real tokens only, so MoD's saving is not padding it
+    skipped), and the share of padding among the step's positions."""
     out = {
         "throughput/tokens_per_s": flops.tokens / step_time_s,
+        "throughput/real_tokens_per_s": flops.real_tokens / step_time_s,
         "throughput/samples_per_s": samples / step_time_s,
         "throughput/tflops_per_device": tflops_per_device(flops.actual, step_time_s, world_size),
         "flops/actual_per_step": float(flops.actual),
         "flops/dense_per_step": float(flops.dense),
         "flops/mod_saved_pct": flops.saved_pct,
+        "data/pad_pct": flops.pad_pct,
     }
     peak = peak_tflops * 1e12 if peak_tflops else None
     if peak is None and device.type == "cuda":
