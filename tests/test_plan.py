@@ -2,7 +2,8 @@
 
 Checks the parameter count against Emu3-8B's published 8.49B, the ZeRO-3 per-GPU states against the
 ZeRO paper's (2 + 2 + 12) * N / N_d, the pipeline partition (every module once, balanced within a
-layer), UniMoD's ~40% FLOPs saving for t2i with capacity 0.2 in layers 16-31, and the printed table.
+layer), the FLOPs of t2i with capacity 0.2 in layers 16-31 against a hand count under the planner's
+stated row assumption (one 4096-token sample, 90% of it image codes), and the printed table.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import pytest
 
 from model.config import ModelConfig
-from model.flops import step_flops
 from train.plan import GiB, format_plan, main, plan
 
 N_EMU3_8B = 8_492_011_520  # HF Emu3ForCausalLM with Emu3TextConfig() defaults
@@ -59,20 +59,46 @@ def test_pipeline_partition_covers_every_layer_once_and_is_balanced(emu3_8b):
         assert p.stages[0].memory["activations"] > p.stages[-1].memory["activations"]
 
 
-def test_mod_saves_about_40_percent_for_t2i(emu3_8b_mod):
+def _train_flops_by_hand(n: int, *, D=4096, F=14336, H=32, KV=8, hd=128) -> int:
+    """One Emu3-8B decoder layer on n tokens, trained with recomputation: its matmuls 4x (forward, two
+    backward, recompute), attention 2 + 5 + 2 products of n x n x hd per head (torch's SDPA formulas)."""
+    linear = 2 * n * (D * H * hd + 2 * D * KV * hd + H * hd * D + 3 * D * F)
+    return 4 * linear + (2 + 5 + 2) * H * 2 * n * n * hd
+
+
+def test_mod_flops_for_t2i_by_hand(emu3_8b_mod):
     p = plan(emu3_8b_mod, nodes=1, gpus_per_node=8, seq_len=4096, task_mix={"t2i": 1.0})
     assert p.params_total - p.params_dense == 16 * 4096 * 3  # one Linear(D, 3 tasks) per MoD layer
-    assert 35.0 < p.mod_saved_pct < 45.0, p.mod_saved_pct  # UniMoD on Emu3: -40%
-    assert p.mod_tokens["t2i"][:16] == [4096] * 16 and p.mod_tokens["t2i"][16:] == [820] * 16
-    # Same numbers as model/flops.py for the 8 micro-batches of the step, recompute included.
-    one = step_flops(emu3_8b_mod, 4096, [["t2i"]], recompute=True)
-    assert (p.flops_mod, p.flops_dense) == (8 * one.actual, 8 * one.dense)
+    # The assumed row: floor(0.9 * 4096) = 3686 image codes; a MoD layer keeps the 410 other tokens and
+    # ceil(0.2 * 3686) = 738 codes: 1148 of 4096.
+    assert p.routable_tokens == {"t2i": 3686}
+    assert p.mod_tokens["t2i"][:16] == [4096] * 16 and p.mod_tokens["t2i"][16:] == [1148] * 16
+    S, D, V = 4096, 4096, 184622
+    head = 3 * 2 * S * D * V  # forward + backward, never recomputed
+    dense_row = 32 * _train_flops_by_hand(S) + head
+    mod_row = 16 * _train_flops_by_hand(S) + 16 * (_train_flops_by_hand(1148) + 4 * 2 * S * D * 3) + head
+    assert (p.flops_mod, p.flops_dense) == (8 * mod_row, 8 * dense_row)  # 8 GPUs x 1 row
+    assert p.mod_saved_pct == pytest.approx(100 * (1 - mod_row / dense_row))
+    assert 34.0 < p.mod_saved_pct < 36.0, p.mod_saved_pct  # 80% of the image codes in half the layers
     assert p.step_time_mod_s == pytest.approx(p.flops_mod / (8 * 989e12 * 0.4))
     assert p.tokens_per_s_mod == pytest.approx(8 * 4096 / p.step_time_mod_s)
     lm = plan(emu3_8b_mod, nodes=1, gpus_per_node=8, seq_len=4096, task_mix={"lm": 1.0})
     assert abs(lm.mod_saved_pct) < 0.1  # lm keeps capacity 1.0; only the routers cost extra
     mixed = plan(emu3_8b_mod, nodes=1, gpus_per_node=8, seq_len=4096, task_mix={"t2i": 0.5, "mmu": 0.4, "lm": 0.1})
     assert lm.mod_saved_pct < mixed.mod_saved_pct < p.mod_saved_pct
+
+
+def test_routable_fraction_is_an_option(emu3_8b_mod):
+    kw = dict(nodes=1, gpus_per_node=8, seq_len=4096, task_mix={"t2i": 1.0})
+    every = plan(emu3_8b_mod, routable_fraction={"t2i": 1.0}, **kw)
+    assert every.mod_tokens["t2i"][16:] == [820] * 16  # ceil(0.2 * 4096): all 4096 tokens routable
+    half = plan(emu3_8b_mod, routable_fraction={"t2i": 0.5}, **kw)
+    assert half.mod_tokens["t2i"][16:] == [2048 + 410] * 16  # 2048 others + ceil(0.2 * 2048)
+    assert half.mod_saved_pct < plan(emu3_8b_mod, **kw).mod_saved_pct < every.mod_saved_pct
+    with pytest.raises(ValueError, match="plan.routable_fraction.t2i"):
+        plan(emu3_8b_mod, routable_fraction={"t2i": 1.5}, **kw)
+    with pytest.raises(ValueError, match="plan.routable_fraction names task 'vqa'"):
+        plan(emu3_8b_mod, routable_fraction={"vqa": 0.5}, **kw)
 
 
 def test_activation_memory_follows_checkpointing_and_mod(emu3_8b, emu3_8b_mod):
@@ -114,7 +140,7 @@ def test_format_plan_prints_every_section(emu3_8b_mod):
         assert text.splitlines()[-1].startswith("FITS:")
         for term in ("parameters", "gradients", "optimizer states", "activations", "logits", "total"):
             assert f"\n  {term} " in text
-        assert "MoD tokens per layer (t2i)" in text and "820 of 4096 in layers 16-31" in text
+        assert "MoD tokens per layer (t2i)" in text and "1148 of 4096 in layers 16-31" in text
     assert "gathered parameters" in zero3 and "ZeRO-3 shards the whole model" in zero3
     assert [f"  stage {i} " in pipe for i in range(4)] == [True] * 4
     assert "embed + layers 0-5" in pipe and "layers 26-31 + norm+head" in pipe and "pipeline bubble" in pipe
@@ -142,6 +168,11 @@ def test_cli_with_a_yaml_model(tmp_path, capsys):
     assert main(["--config", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--seq-len", "1024",
                  "--task-mix", "t2i=1"]) == 0
     out = capsys.readouterr().out
-    assert "demo (L=8, D=256" in out and "256 of 1024 in layers 4-7" in out and out.rstrip().splitlines()[-1].startswith("FITS")
+    # floor(0.9 * 1024) = 921 image codes; 103 others + ceil(0.25 * 921) = 231 kept.
+    assert "routable tokens per row (assumed)" in out and "t2i 921" in out
+    assert main(["--config", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--seq-len", "1024",
+                 "--task-mix", "t2i=1", "--routable-fraction", "t2i=1"]) == 0
+    assert "256 of 1024 in layers 4-7" in capsys.readouterr().out  # ceil(0.25 * 1024): everything routable
+    assert "demo (L=8, D=256" in out and "334 of 1024 in layers 4-7" in out and out.rstrip().splitlines()[-1].startswith("FITS")
     assert main(["--preset", "emu3-8b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gib", "8"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out

@@ -24,12 +24,21 @@ Memory model, per GPU (ZeRO paper, Rajbhandari et al. 2020, section 3.1: mixed-p
   during its recomputation; without it every layer keeps its full activations, a Korthikanti et al.
   2022-style count for this block with flash/efficient attention (no S^2 score matrix):
   tokens*B*(6D + 2*D_kv + 4F)*a (norm inputs and outputs, q/k/v, attention output, SwiGLU gate, up,
-  SiLU and product). A MoD layer runs on P = tokens_kept(capacity, S) tokens instead of S, plus its
+  SiLU and product). A MoD layer runs on P = K tokens instead of S (see "Rows" below), plus its
   full-length residual (S*B*D*a); the task of the mix with the largest P sets the memory.
 - Logits S*B*V*4 bytes (fp32 for the loss), on the last pipeline stage only.
 - 1F1B pipeline: stage s holds min(stages - s, grad_accum) micro-batches of activations in flight.
 Not counted: CUDA context and NCCL buffers (~1-2 GiB), allocator fragmentation, ZeRO bucket buffers,
 temporary tensors of the loss. Leave that much headroom.
+
+Rows (an assumption, since the planner sees no data): every row is one sample of S tokens without padding,
+of which `routable_fraction[task]` x S (rounded down) are tokens its task may skip. A MoD layer keeps the
+S - r non-routable tokens and `model.mod.routable_kept(capacity, r)` routable ones (the model's rule).
+The default fraction follows the task's `mod.routable` kind: "image" 0.9 (an Emu3 t2i or mmu sample at
+4096 tokens is ~90% visual codes: a 64x64 code grid with its EOL tokens, a short caption or question),
+"all" 1.0 (plain text: every token but a couple of structural ones), "text" 0.1 (the text of an image
+sample). Pass measured fractions (`data.inspect` counts a dataset's token kinds) for a real plan. Without
+padding the dense baseline of a row is the dense model on it, so the saving shown is MoD's own.
 
 FLOPs per optimizer step: global batch = micro_batch * grad_accum * data-parallel size sequences,
 split over tasks by `task_mix` (share of micro-batches per task), counted by `model.flops.step_flops`
@@ -46,8 +55,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from model.config import ModelConfig
-from model.flops import step_flops
-from model.mod import tokens_kept
+from model.flops import RowTokens, layer_tokens, step_flops
 
 GiB = 1024**3
 MODES = ("zero3", "pipeline")
@@ -55,6 +63,8 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 # Bytes per parameter: (16-bit or fp32 parameters, gradients, optimizer states) per the ZeRO paper.
 _STATE_BYTES = {"bf16": (2, 2, 12), "fp16": (2, 2, 12), "fp32": (4, 4, 8)}
 _ACT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Share of a row's tokens its task may skip, by the task's `mod.routable` kind (module docstring, "Rows").
+DEFAULT_ROUTABLE_FRACTION = {"image": 0.9, "all": 1.0, "text": 0.1}
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,8 @@ class Plan:
     host_memory_per_node: float
     """Bytes of offloaded optimizer states per node (0 without offload)."""
     gpu_memory_gib: float
+    routable_tokens: dict[str, int]
+    """Task -> routable tokens assumed per row of S tokens (`routable_fraction` x S, rounded down)."""
     mod_tokens: dict[str, list[int]]
     """Task -> tokens each layer runs on (P per MoD layer, S elsewhere)."""
     global_batch: int
@@ -187,11 +199,9 @@ def partition(weights: Sequence[int], num_stages: int) -> list[int]:
 
 
 # ----- activations -------------------------------------------------------------------------------------
-def _layer_tokens(model_cfg: ModelConfig, task: str, seq_len: int) -> list[int]:
-    mod = model_cfg.mod
-    if mod.routing == "causal":  # sampling mode masks inside full-length layers
-        return [seq_len] * model_cfg.num_hidden_layers
-    return [tokens_kept(mod.capacity_of(i, task), seq_len) for i in range(model_cfg.num_hidden_layers)]
+def _row(model_cfg: ModelConfig, task: str, seq_len: int, fraction: float) -> RowTokens:
+    """The assumed row of `task`: one sample of seq_len tokens, floor(fraction * seq_len) of them routable."""
+    return RowTokens.single(model_cfg.mod.tasks.index(task), seq_len, routable=math.floor(fraction * seq_len + 1e-9))
 
 
 def _layer_full_bytes(model_cfg: ModelConfig, tokens: int, seq_len: int, batch: int, a: int) -> float:
@@ -220,11 +230,14 @@ def plan(
     pipeline_stages: int = 1, micro_batch_size: int = 1, seq_len: int = 4096, grad_accum: int = 1,
     precision: str = "bf16", activation_checkpointing: bool = True, offload_optimizer: bool = False,
     task_mix: Mapping[str, float] | None = None, assumed_mfu: float = 0.4, peak_flops_per_gpu: float = 989e12,
+    routable_fraction: Mapping[str, float] | None = None,
 ) -> Plan:
     """Memory, partition, FLOPs and step time of training `model_cfg` this way (see module docstring).
 
     `task_mix` maps task names of `model_cfg.mod.tasks` to their share of micro-batches (normalised;
     default: equal shares). `peak_flops_per_gpu` defaults to the H100 SXM dense bf16 peak.
+    `routable_fraction` maps tasks to the share of a row's tokens they may skip (missing tasks:
+    `DEFAULT_ROUTABLE_FRACTION` of their `mod.routable` kind; see "Rows" in the module docstring).
     """
     for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node), ("pipeline_stages", pipeline_stages),
                         ("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("grad_accum", grad_accum)):
@@ -247,6 +260,8 @@ def plan(
     if world % pipeline_stages:
         raise ValueError(f"plan.pipeline_stages ({pipeline_stages}) must divide the {world} GPUs")
     mix = _normalise_mix(model_cfg, task_mix)
+    fractions = _routable_fractions(model_cfg, routable_fraction)
+    rows = {t: _row(model_cfg, t, seq_len, fractions[t]) for t in mix}
     dp = world // pipeline_stages
 
     items = count_params(model_cfg)
@@ -260,7 +275,7 @@ def plan(
     # Memory: the task of the mix with the most tokens per layer sets the activations.
     a = _ACT_BYTES[precision]
     b_param, b_grad, b_opt = _STATE_BYTES[precision]
-    mod_tokens = {t: _layer_tokens(model_cfg, t, seq_len) for t in mix}
+    mod_tokens = {t: [n for n, _ in layer_tokens(model_cfg, [rows[t]])] for t in mix}
     worst_task = max(mix, key=lambda t: sum(mod_tokens[t]))
     logits = seq_len * micro_batch_size * model_cfg.vocab_size * 4.0
     layer_of = {n: int(n.split()[1]) for n in names if n.startswith("layer ")}
@@ -302,7 +317,7 @@ def plan(
     microbatches = grad_accum * dp
     per_task: dict[str, tuple[float, float]] = {}
     for task, share in mix.items():
-        one = step_flops(model_cfg, seq_len, [[task] * micro_batch_size], recompute=activation_checkpointing)
+        one = step_flops(model_cfg, [[rows[task]] * micro_batch_size], recompute=activation_checkpointing)
         per_task[task] = (share * microbatches * one.actual, share * microbatches * one.dense)
     flops_mod = sum(v[0] for v in per_task.values())
     flops_dense = sum(v[1] for v in per_task.values())
@@ -329,7 +344,8 @@ def plan(
         activation_checkpointing=activation_checkpointing, offload_optimizer=offload_optimizer, task_mix=mix,
         params_total=params_total, params_dense=params_dense, params_per_item=items, stages=tuple(stages),
         worst_stage=worst, memory_per_gpu=dict(stages[worst].memory), host_memory_per_node=host,
-        gpu_memory_gib=float(gpu_memory_gib), mod_tokens=mod_tokens, global_batch=global_batch,
+        gpu_memory_gib=float(gpu_memory_gib), routable_tokens={t: rows[t].documents[0].routable for t in mix},
+        mod_tokens=mod_tokens, global_batch=global_batch,
         tokens_per_step=tokens, flops_dense=flops_dense, flops_mod=flops_mod, flops_per_task=per_task,
         assumed_mfu=assumed_mfu, peak_flops_per_gpu=peak_flops_per_gpu,
         step_time_dense_s=flops_dense / rate, step_time_mod_s=flops_mod / rate,
@@ -350,6 +366,18 @@ def _normalise_mix(model_cfg: ModelConfig, task_mix: Mapping[str, float] | None)
     if total <= 0:
         raise ValueError(f"plan.task_mix must give some task a positive share, got {dict(task_mix)}")
     return {t: s / total for t, s in task_mix.items() if s > 0}
+
+
+def _routable_fractions(model_cfg: ModelConfig, given: Mapping[str, float] | None) -> dict[str, float]:
+    mod = model_cfg.mod
+    out = {t: DEFAULT_ROUTABLE_FRACTION[mod.routable[t]] for t in mod.tasks}
+    for task, frac in dict(given or {}).items():
+        if task not in mod.tasks:
+            raise ValueError(f"plan.routable_fraction names task {task!r} which is not in mod.tasks {mod.tasks}")
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
+            raise ValueError(f"plan.routable_fraction.{task} must be a number in [0, 1], got {frac!r}")
+        out[task] = float(frac)
+    return out
 
 
 def _router_params(model_cfg: ModelConfig) -> int:
@@ -395,7 +423,8 @@ def format_plan(p: Plan) -> str:
             row("micro-batch x seq_len x grad_accum", f"{p.micro_batch_size} x {p.seq_len} x {p.grad_accum}"),
             row("global batch", f"{p.global_batch} sequences, {p.tokens_per_step:,} tokens"),
             row("precision / activation checkpointing", f"{p.precision} / {'on' if p.activation_checkpointing else 'off'}"),
-            row("task mix (share of micro-batches)", ", ".join(f"{t} {s:.2f}" for t, s in p.task_mix.items()))]
+            row("task mix (share of micro-batches)", ", ".join(f"{t} {s:.2f}" for t, s in p.task_mix.items())),
+            row("routable tokens per row (assumed)", ", ".join(f"{t} {n}" for t, n in p.routable_tokens.items()))]
     for task, toks in p.mod_tokens.items():
         if any(n < p.seq_len for n in toks):
             routed = [i for i, n in enumerate(toks) if n < p.seq_len]
@@ -458,7 +487,7 @@ def _parse_mix(text: str) -> dict[str, float]:
                 raise ValueError
             mix[task.strip()] = float(share)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--task-mix item {item!r} is not task=share") from None
+            raise argparse.ArgumentTypeError(f"item {item!r} is not task=share") from None
     return mix
 
 
@@ -477,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-activation-checkpointing", action="store_true")
     parser.add_argument("--offload-optimizer", action="store_true")
     parser.add_argument("--task-mix", type=_parse_mix, default=None, help="e.g. t2i=0.5,mmu=0.4,lm=0.1")
+    parser.add_argument("--routable-fraction", type=_parse_mix, default=None,
+                        help="share of a row's tokens each task may skip, e.g. t2i=0.9,mmu=0.85 "
+                             "(default: image 0.9, all 1.0, text 0.1 by the task's mod.routable)")
     args = parser.parse_args(argv)
     cfg = ModelConfig.from_yaml(args.config) if args.config else ModelConfig.from_preset(args.preset)
     result = plan(
@@ -485,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seq_len=args.seq_len, grad_accum=args.grad_accum, precision=args.precision,
         activation_checkpointing=not args.no_activation_checkpointing, offload_optimizer=args.offload_optimizer,
         task_mix=args.task_mix, assumed_mfu=args.assumed_mfu, peak_flops_per_gpu=args.peak_tflops * 1e12,
+        routable_fraction=args.routable_fraction,
     )
     print(format_plan(result))
     return 0 if result.fits else 1
