@@ -83,7 +83,8 @@ def run_one(args: argparse.Namespace, s: dict, tmp: str) -> dict:
             "time_ratio": r["time_ratio"], "R": r["R"], "R_causal_attention": r["R_causal_attention"],
             "R_other_estimators": r["R_other_estimators"], "median_s": r["median_s"],
             "image_tokens_per_sequence": r["image_tokens_per_sequence"],
-            "flops_total": {k: v["total"] for k, v in r["flops"].items()}}
+            "flops_total": {k: v["total"] for k, v in r["flops"].items()},
+            "mod_saved_vs_dense_baseline_pct": r["mod_saved_vs_dense_baseline_pct"]}
 
 
 def plot(rows: list[dict], png: Path) -> None:

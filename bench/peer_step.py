@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from data.layout import IGNORE_INDEX  # noqa: E402
 from model import ModelConfig, UnifiedTransformer  # noqa: E402
-from model.flops import flops_train, mfu, peak_flops, tflops_per_device  # noqa: E402
+from model.flops import describe_microbatch, mfu, microbatch_flops, peak_flops, tflops_per_device  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The demo training plan (train/configs/demo.yaml): UniMoD in the last half of the layers.
@@ -177,8 +177,14 @@ def main(argv: list[str] | None = None) -> None:
         med = sorted(times)[len(times) // 2]
         tokens = world * args.micro_batch * args.seq_len
         by_rank = [args.tasks[r % len(args.tasks)] for r in range(world)]
-        # Useful work of the global step (no recompute credited): the MoD FLOPs for ours with a plan.
-        flops = sum(flops_train(cfg, args.seq_len, [t] * args.micro_batch).total for t in by_rank)
+        # Useful work of the global step (no recompute credited): the MoD FLOPs for ours with a plan, counted
+        # on each rank's batch (make_batch is seeded by the rank, so rank 0 rebuilds every rank's).
+        positions = torch.arange(args.seq_len).expand(args.micro_batch, args.seq_len)
+        flops = 0
+        for r, t in enumerate(by_rank):
+            ids_r, _ = make_batch(cfg, [t] * args.micro_batch, args.seq_len, seed=r)
+            task_r = torch.full((args.micro_batch,), cfg.mod.tasks.index(t))
+            flops += microbatch_flops(cfg, describe_microbatch(ids_r, positions, task_r, cfg)).total
         peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         result = {
             "model": args.model, "mod": args.mod, "preset": args.preset, "seq_len": args.seq_len,
