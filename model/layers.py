@@ -2,7 +2,12 @@
 
 RMSNorm, rotary position embedding, grouped-query attention through
 `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), SwiGLU MLP,
-and the decoder block. Module names (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...) are
+and the decoder block.
+
+Packed rows: several samples (documents) may share a row. Their boundaries are defined only by the
+position ids (`document_ids`): positions restart at 0 for each sample, so RoPE restarts too, and
+attention is causal *and* same-document (`document_mask`). A batch whose rows each hold one document
+keeps the unmasked `is_causal` path. Module names (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...) are
 the checkpoint format of transformers' `Emu3ForCausalLM`, so state dicts load without renaming.
 The math follows transformers' modeling_emu3 (fp32 RMSNorm statistics, rotate-half RoPE) so logits match
 to float precision; HF's residual dropout is left out (Emu3 fine-tuning runs it as a no-op).
@@ -66,6 +71,31 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B,S] position ids -> [B,S] long document index within the row (0,0,0,1,1,2,...).
+
+    A new document starts at t=0 and wherever position_ids[b,t] != position_ids[b,t-1] + 1; trailing
+    padding continues the last sample's positions, so it belongs to that sample. The one definition of a
+    document boundary, used by the model, the pipeline stages and the FLOPs model."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.long().cumsum(1) - 1
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B,S] document ids (non-decreasing along the row, or any ids for gathered tokens in row order) ->
+    [B,1,S,S] bool SDPA mask, True = may attend: key at or before the query and in the same document.
+
+    SDPA with this bool mask, not FlexAttention: torch 2.13 has no FlexAttention backward on CPU
+    (NotImplementedError, eager and compiled), and SDPA with a bool mask still runs the CPU flash kernel
+    (`_scaled_dot_product_flash_attention_for_cpu`, counted by FlopCounterMode), measured at demo shapes
+    (hidden 256, 8/4 heads, fwd+bwd, 1 thread) within noise of `is_causal` (B=16,S=128: 23.1 vs 23.2 ms;
+    B=8,S=512: 165 vs 161 ms)."""
+    S = doc_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -94,7 +124,7 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal self-attention. `attn_mask` (bool [B,1,S,S], True = may attend) replaces the plain
-        causal mask when some keys must be hidden (MoD's padded or causal-routing paths)."""
+        causal mask when some keys must be hidden (packed documents, MoD's causal-routing path)."""
         B, S, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)

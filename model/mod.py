@@ -2,24 +2,32 @@
 
 A MoD layer owns a router bank `mod_router = Linear(hidden, num_tasks)`: every token gets one score per
 task and each sequence reads its own task's column (`mod.shared_router` makes it one shared column, the
-ablation UniMoD compares against). For a sequence of task t in layer l the layer processes
-P = ceil(capacity[l][t] * S) of its S positions; the rest ride the residual stream unchanged.
+ablation UniMoD compares against).
 
-Which positions fill the P slots (a priority order, highest first):
-  1. non-routable tokens (structural tokens always; text tokens for tasks that route only image tokens),
-  2. routable tokens by router logit,
-  3. padding (skipped before anything else: it carries no loss).
-Capacity is a fraction of the *sequence* (not of the routable tokens), so P depends only on
-(layer, task, S): shapes are static between steps, which ZeRO-3 prefetching and pipeline stages need, and
-the FLOPs saved are exactly those the capacity table promises. A capacity must leave room for a task's
-non-routable tokens; when it does not, the latest of them are skipped (and no routable token is kept,
-which the routing statistics show).
+Capacity is per sample, over its routable tokens. A row may pack several samples (documents, defined by
+the position ids: `model.layers.document_ids`). In MoD layer l a sample of task t with capacity
+c = capacity[l][t] < 1 keeps
+  - all of its non-routable, non-padding tokens (structural tokens always; text tokens for tasks that
+    route only image tokens), and
+  - exactly k = ceil(c * n_routable) of its n_routable routable tokens (0 if it has none): the top-k by
+    its task's router logit *within that sample* (`routable_kept`),
+so `{t2i: 0.2}` means "keep 20% of each t2i sample's image tokens, plus its prompt and structure",
+whatever the row length, padding or packing. Padding is never processed. A sample whose task has
+capacity 1 in the layer keeps every non-padding token.
 
-Kept tokens keep their order and absolute RoPE positions and attend causally among themselves only. The
-update of a routed token is scaled by a bounded gate g = 2*sigmoid(r) (~1 at init with small router
-weights, so a dense checkpoint starts unchanged); non-routable tokens take the plain update. An auxiliary
-BCE loss teaches sigmoid(r) to predict top-k membership, so sampling can route causally (r > 0) without
-seeing future tokens (`routing="causal"`).
+The layer gathers P = max_b K_b tokens per row (K_b = tokens row b keeps); a row keeping fewer fills its
+remaining slots with placeholders sorted after every kept token, in a document of their own, with a zero
+gate, so no kept token sees them and their update is dropped. For a task-homogeneous micro-batch of
+fixed-size images P is the same every step (static shapes for ZeRO-3 prefetch and pipeline stages). The
+host-side counts that size P come from one device->host copy per forward (`RowLayout`); layers differ only
+in their capacities. When every row of the micro-batch has capacity 1 in a layer, it runs as a plain layer.
+
+Kept tokens keep their order, their own RoPE positions and their sample boundaries: they attend causally,
+within their own sample, among the kept tokens only. The update of a routed token is scaled by a bounded
+gate g = 2*sigmoid(r) (~1 at init with small router weights, so a dense checkpoint starts unchanged);
+non-routable tokens take the plain update. An auxiliary BCE loss teaches sigmoid(r) to predict the
+per-sample top-k membership, so sampling can route causally (r > 0) without seeing future tokens
+(`routing="causal"`, which respects the same sample boundaries).
 
 References: Raposo et al. 2024 (Mixture-of-Depths), UniMoD (arXiv 2502.06474); see docs in shared/.
 """
@@ -27,12 +35,13 @@ References: Raposo et al. 2024 (Mixture-of-Depths), UniMoD (arXiv 2502.06474); s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig, VocabLayout
-from model.layers import Block, Linear
+from model.layers import Block, Linear, document_ids, document_mask
 
 # Token kinds, computed once per forward from the ids and the vocabulary layout.
 KIND_PAD, KIND_STRUCTURAL, KIND_TEXT, KIND_IMAGE = 0, 1, 2, 3
@@ -66,9 +75,97 @@ def capacity_table(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
     return table.to(device)
 
 
-def tokens_kept(capacity: float, seq_len: int) -> int:
-    """P = number of positions a layer processes per sequence at this capacity (static)."""
-    return seq_len if capacity >= 1.0 else max(1, math.ceil(capacity * seq_len - 1e-9))
+def routable_kept(capacity: float, n_routable: int) -> int:
+    """Routable tokens a sample with `n_routable` of them keeps in a layer where its task has `capacity`:
+    all if capacity >= 1, else ceil(capacity * n_routable) (0 when it has none)."""
+    if n_routable <= 0:
+        return 0
+    return n_routable if capacity >= 1.0 else math.ceil(capacity * n_routable - 1e-9)
+
+
+@dataclass
+class RowLayout:
+    """The rows' documents and token counts, computed once per forward (`row_layout`) and shared by every
+    layer: all layers see the same documents and routable tokens, only their capacities differ."""
+
+    doc_ids: torch.Tensor
+    """[B,S] long document index within the row (`model.layers.document_ids`)."""
+    attn_mask: torch.Tensor | None
+    """[B,1,S,S] bool causal & same-document mask; None when every row is one document (plain causal)."""
+    routable: torch.Tensor
+    """[B,S] bool: the token's kind may be routed for its row's task (padding never is)."""
+    nonpad: torch.Tensor
+    """[B,S] bool: not padding."""
+    tasks: list[int]
+    """Task id of each row (host copy)."""
+    n_nonpad: list[int]
+    """Per row: non-padding tokens."""
+    n_routable_docs: list[list[int]]
+    """Per row, per document: routable tokens."""
+
+    @property
+    def single_document(self) -> bool:
+        return self.attn_mask is None
+
+    def kept_per_row(self, capacities: list[float]) -> list[int]:
+        """K_b: tokens row b keeps in a layer with these per-task capacities (all non-padding tokens when
+        its task's capacity is >= 1, else its non-routable tokens plus `routable_kept` per document)."""
+        out = []
+        for b, t in enumerate(self.tasks):
+            docs = self.n_routable_docs[b]
+            if capacities[t] >= 1.0:
+                out.append(self.n_nonpad[b])
+            else:
+                out.append(self.n_nonpad[b] - sum(docs) + sum(routable_kept(capacities[t], n) for n in docs))
+        return out
+
+
+def row_layout(kinds: torch.Tensor, task_ids: torch.Tensor, position_ids: torch.Tensor | None,
+               routable_tbl: torch.Tensor) -> RowLayout:
+    """Documents, masks and the host counts every layer needs, with one device->host copy.
+
+    position_ids None means one document per row. Task ids outside the table are clamped for the lookup
+    only; the caller validates `RowLayout.tasks`."""
+    B, S = kinds.shape
+    rows = torch.arange(B, device=kinds.device)[:, None]
+    routable = routable_tbl[task_ids.clamp(0, routable_tbl.shape[0] - 1)][rows, kinds.long()]
+    nonpad = kinds != KIND_PAD
+    if position_ids is None:
+        doc = torch.zeros(B, S, dtype=torch.long, device=kinds.device)
+        per_doc = routable.sum(1, keepdim=True)
+    else:
+        doc = document_ids(position_ids)
+        per_doc = torch.zeros(B, S, dtype=torch.long, device=kinds.device).scatter_add_(1, doc, routable.long())
+    host = torch.cat([task_ids[:, None], nonpad.sum(1, keepdim=True), doc[:, -1:] + 1, per_doc], 1).tolist()
+    single = all(h[2] == 1 for h in host)
+    return RowLayout(doc_ids=doc, attn_mask=None if single else document_mask(doc), routable=routable,
+                     nonpad=nonpad, tasks=[h[0] for h in host], n_nonpad=[h[1] for h in host],
+                     n_routable_docs=[h[3:3 + h[2]] for h in host])
+
+
+def topk_per_document(r: torch.Tensor, routable: torch.Tensor, capacity: torch.Tensor, doc_ids: torch.Tensor,
+                      single_document: bool) -> torch.Tensor:
+    """[B,S] bool: the routable tokens each document keeps, its top ceil(capacity * n_routable) by logit r.
+
+    r [B,S] float; routable [B,S] bool; capacity [B] float64 (the row's task's capacity; rows with
+    capacity >= 1 must have no routable token here); doc_ids [B,S] non-decreasing along each row.
+    Ties go to the earlier token. Two stable sorts (by logit, then by document) rank the routable tokens
+    inside each document; a row of one document needs only the first."""
+    B, S = r.shape
+    n_doc = torch.zeros(B, S, dtype=torch.long, device=r.device).scatter_add_(1, doc_ids, routable.long())
+    k_doc = torch.ceil(capacity[:, None] * n_doc - 1e-9).long()  # [B,S]: k of document d at column d
+    key = torch.where(routable, -r, torch.full_like(r, math.inf))  # routable first, best logit first
+    order = key.argsort(dim=1, stable=True)
+    if not single_document:
+        order = order.gather(1, doc_ids.gather(1, order).argsort(dim=1, stable=True))
+    slot = torch.arange(S, device=r.device).expand(B, S)
+    rank = torch.empty_like(order).scatter_(1, order, slot)  # position of each token in the sorted row
+    if not single_document:
+        # Documents are contiguous, so document d's tokens fill sorted slots [start_d, start_d + len_d).
+        length = torch.zeros_like(n_doc).scatter_add_(1, doc_ids, torch.ones_like(doc_ids))
+        start = length.cumsum(1) - length
+        rank = rank - start.gather(1, doc_ids)
+    return routable & (rank < k_doc.gather(1, doc_ids))
 
 
 class DecoderLayer(Block):
@@ -90,77 +187,69 @@ class DecoderLayer(Block):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kinds: torch.Tensor,
         task_ids: torch.Tensor,
-        routable_tbl: torch.Tensor,
+        layout: RowLayout,
         cap_tbl: torch.Tensor,
         routing: str = "topk",
-        tasks_host: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B,S,D] -> (x_out [B,S,D], weighted aux loss [], stats [num_tasks, 2] = (routable, selected)).
 
-        `routable_tbl` [T,4] and `cap_tbl` [L,T] come from `routable_table` / `capacity_table`, built
-        once per forward on the device.
-        `tasks_host` is task_ids as a Python list; pass it so the layer need not copy task_ids to the
-        host (a device sync per layer) to size its gather."""
-        B, S, _ = x.shape
-        routable = routable_tbl[task_ids][torch.arange(B, device=x.device)[:, None], kinds.long()]  # [B,S]
+        `layout` (`row_layout`) and `cap_tbl` [L,T] (`capacity_table`) are built once per forward."""
+        routable = layout.routable
         n_routable = routable.sum(1).to(torch.float32)
         zero = x.new_zeros((), dtype=torch.float32)
         if not self.is_mod:
-            return self.block(x, cos, sin), zero, self._stats(task_ids, n_routable, n_routable)
+            return self.block(x, cos, sin, layout.attn_mask), zero, self._stats(task_ids, n_routable, n_routable)
 
         r, r_all = self.router_logits(x, task_ids)
-        if tasks_host is None:
-            tasks_host = task_ids.tolist()
-        caps = [self.capacities[t] for t in tasks_host]
-        routed_seq = cap_tbl[self.layer_idx][task_ids] < 1.0  # [B] on device: sequences routed here
+        capacity = cap_tbl[self.layer_idx][task_ids]  # [B] float64
+        routed_seq = capacity < 1.0  # [B] on device: sequences routed here
         routable = routable & routed_seq[:, None]
         if routing == "causal":
-            return self._forward_causal(x, cos, sin, kinds, task_ids, r, routable, n_routable)
-        if all(c >= 1.0 for c in caps):
+            return self._forward_causal(x, cos, sin, task_ids, layout, r, routable, n_routable)
+        if all(self.capacities[t] >= 1.0 for t in layout.tasks):
             # Full layer for every sequence; keep the router in the graph so every rank produces a
             # gradient for it (ZeRO-3 reduces every parameter on every rank).
-            return self.block(x, cos, sin), zero + 0.0 * r_all.sum(), self._stats(task_ids, n_routable, n_routable)
+            return (self.block(x, cos, sin, layout.attn_mask), zero + 0.0 * r_all.sum(),
+                    self._stats(task_ids, n_routable, n_routable))
 
-        kept = [tokens_kept(c, S) for c in caps]
-        P = max(kept)
-        # Priority: non-routable first (earlier ones first, should they not all fit), then routable by
-        # router logit, padding last. float64 keeps the position tie-break exact next to any logit.
-        pos = torch.arange(S, device=x.device, dtype=torch.float64)
-        priority = torch.where(routable, r.detach().double(), 1e12 - pos)
-        priority = torch.where(kinds == KIND_PAD, -1e12 - pos, priority)
-        uniform = len(set(kept)) == 1
-        top = priority.topk(P, dim=1, sorted=not uniform).indices  # [B,P]; best first when sorted
+        B, S, D = x.shape
+        selected = topk_per_document(r.detach(), routable, capacity, layout.doc_ids, layout.single_document)
+        keep = selected | (layout.nonpad & ~routable)  # [B,S]
+        kept = layout.kept_per_row(self.capacities)  # host: K_b, the number of True in keep[b]
+        P = max(1, max(kept))
+        # Kept tokens first in sequence order, then the rest (placeholders), each group in order.
+        pos = torch.arange(S, device=x.device)
+        order = torch.where(keep, pos, pos + S).sort(dim=1).values[:, :P]  # [B,P]
         valid = None
-        if uniform:
-            idx = top.sort(dim=1).values  # restore sequence order
+        if all(k == P for k in kept):
+            idx = order
         else:
-            # A sequence with a smaller P than the micro-batch's fills its extra slots with placeholders.
-            # Sorting them after every kept token (key + S) lets plain causal attention hide them from
-            # the kept tokens, so no mask is needed and the flash kernel still applies; their own
-            # outputs are dropped by a zero gate.
-            rank_ok = torch.arange(P, device=x.device)[None, :] < torch.tensor(kept, device=x.device)[:, None]
-            key = torch.where(rank_ok, top, top + S).sort(dim=1).values
-            valid = key < S
-            idx = torch.where(valid, key, key - S)
+            valid = order < S
+            idx = torch.where(valid, order, order - S)
 
-        idx_D = idx[..., None].expand(B, P, x.shape[-1])
+        idx_D = idx[..., None].expand(B, P, D)
         x_sel = x.gather(1, idx_D)
         cos_sel = cos.gather(1, idx[..., None].expand(B, P, cos.shape[-1]))
         sin_sel = sin.gather(1, idx[..., None].expand(B, P, sin.shape[-1]))
-        y = self.block(x_sel, cos_sel, sin_sel)
+        mask = None
+        if not layout.single_document:
+            # Causal by gathered order and same document; placeholders get a document of their own, so
+            # no kept token can see them. One document per row needs no mask: placeholders come after
+            # every kept token, so plain causal attention already hides them (and the fast kernel runs).
+            doc_sel = layout.doc_ids.gather(1, idx)
+            if valid is not None:
+                doc_sel = torch.where(valid, doc_sel, S)
+            mask = document_mask(doc_sel)
+        y = self.block(x_sel, cos_sel, sin_sel, mask)
 
         r_sel = r.gather(1, idx)
         routed_sel = routable.gather(1, idx)
-        if valid is not None:
-            routed_sel = routed_sel & valid
         gate = torch.where(routed_sel, 2.0 * torch.sigmoid(r_sel), torch.ones_like(r_sel))
         if valid is not None:
-            gate = gate * valid
+            gate = gate * valid  # a placeholder's update is dropped
         x_out = x.scatter(1, idx_D, x_sel + (y - x_sel) * gate[..., None].to(x.dtype))
 
-        selected = torch.zeros_like(routable).scatter(1, idx, routed_sel)
         aux = self._aux_loss(r, selected, routable, r_all)
         n_selected = torch.where(routed_seq, selected.sum(1).to(torch.float32), n_routable)
         return x_out, aux, self._stats(task_ids, n_routable, n_selected)
@@ -173,15 +262,18 @@ class DecoderLayer(Block):
         column = torch.zeros_like(task_ids) if self.shared_router else task_ids
         return r_all.gather(-1, column.view(B, 1, 1).expand(B, S, 1)).squeeze(-1).float(), r_all
 
-    def _forward_causal(self, x, cos, sin, kinds, task_ids, r, routable, n_routable):
+    def _forward_causal(self, x, cos, sin, task_ids, layout, r, routable, n_routable):
         """Sampling-time routing: a routable token goes through the layer iff its logit > 0, a decision
         that depends on nothing after it. Runs on the full sequence with skipped tokens masked out as
-        keys, so the result equals gathering the kept tokens (the KV cache of issue 6 relies on it)."""
+        keys (and other documents hidden), so the result equals gathering the kept tokens (the KV cache
+        of issue 6 relies on it)."""
         B, S, _ = x.shape
-        keep = (~routable | (r > 0)) & (kinds != KIND_PAD)  # [B,S]
-        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        keep = (~routable | (r > 0)) & layout.nonpad  # [B,S]
+        base = layout.attn_mask
+        if base is None:
+            base = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()[None, None]
         eye = torch.eye(S, dtype=torch.bool, device=x.device)
-        mask = (causal[None] & (keep[:, None, :] | eye))[:, None]
+        mask = base & (keep[:, None, None, :] | eye)  # [B,1,S,S]
         y = self.block(x, cos, sin, mask)
         gate = torch.where(routable, 2.0 * torch.sigmoid(r), torch.ones_like(r)) * keep
         x_out = x + (y - x) * gate[..., None].to(x.dtype)
@@ -191,7 +283,7 @@ class DecoderLayer(Block):
         return x_out, zero, self._stats(task_ids, n_routable, n_selected)
 
     def _aux_loss(self, r, selected, routable, r_all) -> torch.Tensor:
-        """BCE(sigmoid(r), top-k membership) over routable tokens: trains the causal router."""
+        """BCE(sigmoid(r), per-document top-k membership) over routable tokens: trains the causal router."""
         if self.aux_loss_weight == 0:
             return 0.0 * r_all.sum()
         target = selected.to(r.dtype)

@@ -21,7 +21,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.layers import Embedding, Linear, RMSNorm, rope_cos_sin
-from model.mod import DecoderLayer, capacity_table, routable_table, token_kinds
+from model.mod import DecoderLayer, capacity_table, routable_table, row_layout, token_kinds
 
 
 @dataclass
@@ -63,7 +63,11 @@ class UnifiedTransformer(nn.Module):
         routing: str | None = None,
     ) -> ModelOutput:
         """input_ids [B,S] long; task_ids [B] long (index into config.mod.tasks; required when the model
-        has MoD layers); position_ids [B,S] (default 0..S-1); routing overrides config.mod.routing."""
+        has MoD layers); position_ids [B,S] (default 0..S-1); routing overrides config.mod.routing.
+
+        Packed rows: position ids restart at 0 for each sample in a row (trailing padding continues the
+        last sample's positions). Each sample then attends only to itself and its RoPE restarts; MoD
+        capacities apply per sample (model/mod.py)."""
         cfg = self.config
         B, S = input_ids.shape
         device = input_ids.device
@@ -76,21 +80,22 @@ class UnifiedTransformer(nn.Module):
         routing = routing or cfg.mod.routing
         if routing not in ("topk", "causal"):
             raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
-        if position_ids is None:
-            position_ids = torch.arange(S, device=device).expand(B, S)
-
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
         kinds = token_kinds(input_ids, cfg.vocab)
         routable_tbl, cap_tbl = routable_table(cfg, device), capacity_table(cfg, device)
-        tasks_host = task_ids.tolist()  # one host copy per forward sizes every MoD gather
-        if min(tasks_host) < 0 or max(tasks_host) >= cfg.num_tasks:
-            raise ValueError(f"task_ids must lie in [0, {cfg.num_tasks}) for tasks {cfg.mod.tasks}, got {tasks_host}")
+        # One host copy per forward (task ids, documents, routable counts) sizes every MoD gather, and the
+        # document mask is built here once for every layer (None when each row is one document).
+        layout = row_layout(kinds, task_ids, position_ids, routable_tbl)
+        if min(layout.tasks) < 0 or max(layout.tasks) >= cfg.num_tasks:
+            raise ValueError(f"task_ids must lie in [0, {cfg.num_tasks}) for tasks {cfg.mod.tasks}, got {layout.tasks}")
+        if position_ids is None:
+            position_ids = torch.arange(S, device=device).expand(B, S)
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
 
         aux = h.new_zeros((), dtype=torch.float32)
         stats = []
         for layer in self.model.layers:
-            args = (h, cos, sin, kinds, task_ids, routable_tbl, cap_tbl, routing, tasks_host)
+            args = (h, cos, sin, task_ids, layout, cap_tbl, routing)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h, layer_aux, layer_stats = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:

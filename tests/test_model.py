@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from model import ModelConfig, UnifiedTransformer
-from model.mod import tokens_kept
+from model.mod import routable_kept
 
 REPO = Path(__file__).resolve().parents[1]
 T2I, MMU, LM = 0, 1, 2
@@ -149,24 +149,29 @@ def _layer_io(net, ids, tasks, layer_idx, routing=None):
 
 @pytest.mark.parametrize("task,cap", [(T2I, 0.25), (MMU, 0.5), (LM, 0.3)])
 def test_exactly_k_tokens_and_only_routable_ones_are_skipped(task, cap):
+    """Per sample: every non-routable token plus ceil(cap * n_routable) routable ones go through the layer."""
     cfg = mod_cfg({"2-3": {"t2i": 0.25, "mmu": 0.5, "lm": 0.3}})
     net = UnifiedTransformer(cfg).eval()
-    S = 64  # t2i at 0.25 keeps 16 slots: room for its 15 non-routable tokens (BOS, prompt, BOI, EOLs)
+    S = 64
     ids, tasks = make_batch(cfg, [task] * 3, S=S, seed=task)
-    from model.mod import KIND_IMAGE, KIND_TEXT, token_kinds
+    ids[1, 50:] = cfg.vocab.pad_id  # a padded row keeps fewer tokens than the others
+    from model.mod import KIND_IMAGE, KIND_PAD, KIND_TEXT, token_kinds
 
     kinds = token_kinds(ids, cfg.vocab)
     routable = (kinds == KIND_IMAGE) if task != LM else ((kinds == KIND_IMAGE) | (kinds == KIND_TEXT))
+    n_routable = routable.sum(1).tolist()
+    k = [math.ceil(cap * n) for n in n_routable]
+    n_fixed = ((kinds != KIND_PAD) & ~routable).sum(1).tolist()
+    assert routable_kept(cap, n_routable[0]) == k[0] and routable_kept(1.0, 7) == 7 and routable_kept(cap, 0) == 0
     for layer in (2, 3):
         seen, out = _layer_io(net, ids, tasks, layer)
-        k = tokens_kept(cap, S)
-        assert seen["P"] == k == math.ceil(cap * S)
+        assert seen["P"] == max(f + kk for f, kk in zip(n_fixed, k))
         changed = (seen["y"] != seen["x"]).any(-1)  # [B,S]: the positions that went through the layer
-        assert changed.sum(1).tolist() == [k] * 3
-        assert not (~changed & ~routable).any(), "a non-routable (structural/prompt) token was skipped"
-        n_routable, n_selected = out.routing[layer, task].tolist()
-        assert n_routable == routable.sum()
-        assert n_selected == (changed & routable).sum()
+        assert (changed & routable).sum(1).tolist() == k
+        assert not (~changed & ~routable & (kinds != KIND_PAD)).any(), "a non-routable token was skipped"
+        assert not changed[1, 50:].any(), "padding was processed"
+        n_rout, n_selected = out.routing[layer, task].tolist()
+        assert n_rout == sum(n_routable) and n_selected == sum(k)
     # dense layers process everything
     seen, _ = _layer_io(net, ids, tasks, 0)
     assert seen["P"] == S
@@ -245,9 +250,14 @@ def test_causal_routing_never_looks_ahead():
         b = net(changed, task_ids=tasks, routing="causal")
         assert 0 < a.routing[1:, T2I, 1].sum() < a.routing[1:, T2I, 0].sum()  # some tokens really skipped
         torch.testing.assert_close(a.logits[:, : t + 1], b.logits[:, : t + 1], atol=1e-6, rtol=1e-6)
-        # top-k routing does look ahead: the same edit changes earlier logits
-        c, d = net(ids, task_ids=tasks), net(changed, task_ids=tasks)
-        assert not torch.allclose(c.logits[:, : t + 1], d.logits[:, : t + 1])
+        # top-k routing does look ahead: padding the tail changes each sample's k, hence earlier logits
+        padded = ids.clone()
+        padded[:, t + 1 :] = cfg.vocab.pad_id
+        torch.testing.assert_close(net(padded, task_ids=tasks, routing="causal").logits[:, : t + 1],
+                                   a.logits[:, : t + 1], atol=1e-6, rtol=1e-6)
+        c, d = net(ids, task_ids=tasks), net(padded, task_ids=tasks)
+        for b in range(2):
+            assert not torch.allclose(c.logits[b, : t + 1], d.logits[b, : t + 1])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -9,9 +9,11 @@ as one tuple of tensors (DeepSpeed #3895, Megatron-DeepSpeed #373):
     hidden [B,S,D] float | input_ids [B,S] long | task_ids [B] long | position_ids [B,S] long |
     aux [1] float (MoD router loss so far) | routing [L,T,2] long (routable / selected counts)
 
-Ids travel as integers (the engine expects a gradient for every float it sends); the aux loss is a float
-on the gradient path from stage 0 on (seeded with 0 * a weight), so every stage has a gradient to send
-back. Shapes are fixed per run (fixed seq_len, fixed micro-batch): the engine sends them only once.
+The position ids also carry the packed rows' documents (they restart at 0 for each sample), so every
+stage rebuilds the same document mask and per-sample MoD capacities as the single-device model
+(`model.mod.row_layout`). Ids travel as integers (the engine expects a gradient for every float it
+sends); the aux loss is a float on the gradient path from stage 0 on (seeded with 0 * a weight), so every
+stage has a gradient to send back. Shapes are fixed per run (fixed seq_len, fixed micro-batch): the engine sends them only once.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.hf import iter_hf_tensors
 from model.layers import Embedding, Linear, RMSNorm, rope_cos_sin
-from model.mod import DecoderLayer, capacity_table, routable_table, token_kinds
+from model.mod import DecoderLayer, capacity_table, routable_table, row_layout, token_kinds
 from train.config import RunConfig
 from train.engine import check_hf_matches, iter_hf_routers, make_optimizer, torch_dtype
 
@@ -60,9 +62,12 @@ class DecoderPipe(DecoderLayer):
         h, input_ids, task_ids, position_ids, aux, routing = inputs
         cfg = self.cfg
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
-        kinds = token_kinds(input_ids, cfg.vocab)
-        h, layer_aux, stats = super().forward(h, cos, sin, kinds, task_ids, routable_table(cfg, h.device),
-                                              capacity_table(cfg, h.device), cfg.mod.routing)
+        # The documents of packed rows come from the position ids, exactly as in the single-device forward
+        # (model.layers.document_ids); each stage's layer rebuilds the layout from the tensors it receives.
+        layout = row_layout(token_kinds(input_ids, cfg.vocab), task_ids, position_ids,
+                            routable_table(cfg, h.device))
+        h, layer_aux, stats = super().forward(h, cos, sin, task_ids, layout, capacity_table(cfg, h.device),
+                                              cfg.mod.routing)
         routing = routing.clone()
         routing[self.layer_idx] += stats.round().long()
         return h, input_ids, task_ids, position_ids, aux + layer_aux, routing
