@@ -10,8 +10,8 @@ YAML schema (also accepted as a plain dict):
       preset: emu3-8b          # any field of the preset can be overridden here
       mod:
         tasks: [t2i, mmu, lm]  # task id = index in this list
-        capacity:              # layer index or inclusive range -> capacity per task in (0, 1]
-          "16-31": {t2i: 0.2, mmu: 0.2}
+        capacity:              # layer index or inclusive range -> capacity per task in (0, 1]:
+          "16-31": {t2i: 0.2, mmu: 0.2}   # keep 20% of each sample's routable (image) tokens + all others
         routable: {t2i: image, mmu: image, lm: all}
         aux_loss_weight: 0.01
         routing: topk          # topk | causal
@@ -106,22 +106,30 @@ class VocabLayout:
 class MoDConfig:
     """Task-aware Mixture-of-Depths (UniMoD).
 
-    `capacity[layer][task]` in (0, 1] is the fraction of a sequence's positions that go through
-    `layer` for sequences of `task`; a missing entry is 1.0, which makes the layer an ordinary full
-    layer for that task (no router, no gate). Only layers with some capacity < 1 get a router bank.
+    `capacity[layer][task]` in (0, 1] is the fraction of each sample's *routable* tokens that go
+    through `layer` for samples of `task`: `{t2i: 0.2}` means "keep 20% of each t2i sample's routable
+    (image) tokens, plus all its non-routable tokens" (prompt, structural tokens), i.e.
+    ceil(0.2 * n_routable) per sample (`model.mod.routable_kept`), whatever the row length, padding
+    or packing (a packed row's samples are counted one by one). A capacity < 1 therefore keeps at least
+    one routable token of every sample that has any. A missing entry is 1.0, which makes the layer an
+    ordinary full layer for that task (no router, no gate). Only layers with some capacity < 1 get a
+    router bank. Semantics in full: the docstring of model/mod.py.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["t2i", "mmu", "lm"])
     """Task names; a sequence's task id is its index in this list."""
     capacity: dict[int, dict[str, float]] = field(default_factory=dict)
-    """Layer index -> {task: capacity}. YAML keys may be ints, "7" or inclusive ranges "16-31"."""
+    """Layer index -> {task: fraction of each sample's routable tokens kept, in (0, 1]}. YAML keys may be
+    ints, "7" or inclusive ranges "16-31"."""
     routable: dict[str, str] = field(default_factory=dict)
-    """Task -> which tokens may be skipped: image | text | all. Missing tasks default to UniMoD's
-    choice: t2i and mmu route image tokens, everything else routes all (non-structural) tokens."""
+    """Task -> which tokens may be skipped (the tokens a capacity is a fraction of): image | text | all.
+    Missing tasks default to UniMoD's choice: t2i and mmu route image tokens, everything else routes all
+    (non-structural) tokens. Structural tokens and padding are never routable."""
     aux_loss_weight: float = 0.01
     """Weight of the BCE loss that teaches router logits to predict top-k membership."""
     routing: str = "topk"
-    """topk (training: static k per sequence) | causal (sampling: route when the logit > 0)."""
+    """topk (training: top ceil(capacity * n_routable) per sample by router logit) | causal (sampling:
+    route when the logit > 0)."""
     router_init_std: float = 1e-3
     """Small init keeps the gate 2*sigmoid(r) at ~1 so a dense checkpoint starts unchanged."""
     shared_router: bool = False
