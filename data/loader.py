@@ -102,6 +102,13 @@ class LoaderConfig:
     """Rows per micro-batch (per rank, per step of gradient accumulation)."""
     pack: bool = True
     """Concatenate whole same-task samples into rows (True) or pad one sample per row (False)."""
+    pad_to: str = "seq_len"
+    """seq_len: every micro-batch is [micro_batch_size, seq_len] (fixed shapes, which pipeline parallelism
+    needs); longest: cut each micro-batch's trailing padding down to its longest row rounded up to
+    pad_multiple (HF's pad-to-longest collation), so short samples (a whole micro-batch of 90-token
+    images at seq_len 128) do not pay the dense layers and the head for padding."""
+    pad_multiple: int = 8
+    """With pad_to: longest, round the width up to a multiple of this (tensor-core friendly shapes)."""
     overlong: str = "reject"
     """lm sample longer than seq_len: reject (a bad input, see bad_input) or truncate it. A t2i or mmu
     sample is never cut (it would lose its image end or its answer): always rejected."""
@@ -149,6 +156,10 @@ class LoaderConfig:
             raise ValueError(f"data.batches_per_epoch must be a positive integer or null, got {self.batches_per_epoch!r}")
         if self.bad_input not in ("raise", "skip"):
             raise ValueError(f"data.bad_input must be 'raise' or 'skip', got {self.bad_input!r}")
+        if self.pad_to not in ("seq_len", "longest"):
+            raise ValueError(f"data.pad_to must be 'seq_len' or 'longest', got {self.pad_to!r}")
+        if isinstance(self.pad_multiple, bool) or not isinstance(self.pad_multiple, int) or self.pad_multiple < 1:
+            raise ValueError(f"data.pad_multiple must be an integer >= 1, got {self.pad_multiple!r}")
         if self.overlong not in ("reject", "truncate"):
             raise ValueError(f"data.overlong must be 'reject' or 'truncate', got {self.overlong!r}")
         p = self.caption_dropout

@@ -89,9 +89,21 @@ def rows_to_arrays(rows: list[Row], seq_len: int, pad_id: int) -> tuple[np.ndarr
     return ids_BS, labels_BS, pos_BS
 
 
-def make_batch(rows: list[Row], seq_len: int, pad_id: int, task_id: int) -> dict[str, torch.Tensor]:
-    """The micro-batch contract: input_ids, labels, position_ids [B, S] and task_ids [B], all int64."""
-    ids_BS, labels_BS, pos_BS = rows_to_arrays(rows, seq_len, pad_id)
+def batch_width(rows: list[Row], seq_len: int, pad_to: str, multiple: int) -> int:
+    """Columns of a micro-batch: seq_len, or (pad_to="longest") its longest row rounded up to `multiple`
+    and capped at seq_len, so a micro-batch of short samples does not pay for padding up to seq_len."""
+    if pad_to == "seq_len":
+        return seq_len
+    longest = max(row.length for row in rows)
+    return min(seq_len, -(-longest // multiple) * multiple)
+
+
+def make_batch(rows: list[Row], seq_len: int, pad_id: int, task_id: int, pad_to: str = "seq_len",
+               pad_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """The micro-batch contract: input_ids, labels, position_ids [B, S] and task_ids [B], all int64.
+    S is seq_len, or with pad_to="longest" the longest row rounded up to pad_multiple (see batch_width)."""
+    width = batch_width(rows, seq_len, pad_to, pad_multiple)
+    ids_BS, labels_BS, pos_BS = rows_to_arrays(rows, width, pad_id)
     return {
         "input_ids": torch.from_numpy(ids_BS),
         "labels": torch.from_numpy(labels_BS),

@@ -224,7 +224,8 @@ class EpochDataset(IterableDataset):
                 rows = streams[task].next()
                 if n < skip:
                     continue  # replaying up to the resume point: read, but build no tensors
-                batch = make_batch(rows, plan.cfg.seq_len, plan.layout.pad_id, plan.task_ids[task])
+                batch = make_batch(rows, plan.cfg.seq_len, plan.layout.pad_id, plan.task_ids[task],
+                                   plan.cfg.pad_to, plan.cfg.pad_multiple)
                 keys = [list(r.keys) for r in rows]
                 yield batch, role, dict(counters.c), keys
         except ValueError as e:  # BadInputError and the no-usable-data error

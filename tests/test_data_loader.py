@@ -105,6 +105,37 @@ def test_padding_puts_one_sample_per_row(dataset):
                 assert torch.all((sup >= SMALL.visual_start) | (sup == SMALL.eos_id))
 
 
+def test_pad_to_longest_cuts_only_trailing_padding(dataset):
+    """pad_to=longest: the same rows as pad_to=seq_len, cut to the longest row rounded up to pad_multiple."""
+    root, samples = dataset
+    full = run(UnimodLoader(cfg(root, pack=False, seq_len=80), TASKS), 12)
+    cut = run(UnimodLoader(cfg(root, pack=False, seq_len=80, pad_to="longest", pad_multiple=8), TASKS), 12)
+    widths = set()
+    for (fb, fkeys), (cb, ckeys) in zip(full, cut):
+        assert fkeys == ckeys
+        longest = max(len(samples[k][1]) for row in ckeys for k in row)
+        width = min(80, 8 * ((longest + 7) // 8))  # independent of batch_width
+        widths.add(width)
+        for name in ("input_ids", "labels", "position_ids"):
+            assert cb[name].shape == (2, width)
+            assert torch.equal(cb[name], fb[name][:, :width]), name
+        assert torch.all(fb["input_ids"][:, width:] == SMALL.pad_id)  # only padding was cut
+    assert len(widths) > 1  # the widths really vary with the data
+
+
+def test_pad_to_longest_is_refused_in_pipeline_mode(tmp_path):
+    from train.config import RunConfig
+
+    doc = {"model": {"preset": "debug"}, "data": {"dataset_dir": str(tmp_path), "pad_to": "longest"},
+           "parallel": {"mode": "pipeline", "pipeline_stages": 2}}
+    with pytest.raises(ValueError, match="data.pad_to='longest'.*fixed shapes"):
+        RunConfig.from_dict(doc)
+    with pytest.raises(ValueError, match="data.pad_to must be"):
+        LoaderConfig(dataset_dir=str(tmp_path), pad_to="shortest")
+    with pytest.raises(ValueError, match="data.pad_multiple"):
+        LoaderConfig(dataset_dir=str(tmp_path), pad_to="longest", pad_multiple=0)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_gives_the_uninterrupted_batches(dataset, workers):
     root, _ = dataset

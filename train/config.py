@@ -232,6 +232,10 @@ class RunConfig:
                 kwargs[name] = section(**raw)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        if kwargs["parallel"].mode == "pipeline" and kwargs["data"].pad_to != "seq_len":
+            # Pipeline stages exchange activations of one fixed shape, sent once per run.
+            raise ValueError(f"{where}: data.pad_to={kwargs['data'].pad_to!r} makes micro-batch widths vary, "
+                             f"but parallel.mode=pipeline needs fixed shapes; use data.pad_to: seq_len")
         return cls(**kwargs)
 
     @classmethod
