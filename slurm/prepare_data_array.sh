@@ -16,7 +16,7 @@
 #   TOKENIZER   sentencepiece .model or HF tokenizer directory (the same for every task)       [required]
 #   VQ_MODEL    Emu3VQVAE directory (MODE=images)                                              [required for images]
 #   VISUAL_SIZE codebook size of the image tokenizer (MODE=text with a sentencepiece tokenizer)
-#   EXTRA_ARGS  more arguments for data.prepare (e.g. "--shard-size-mb 256 --caption-dropout 0.05")
+#   EXTRA_ARGS  more arguments for data.prepare (e.g. "--shard-size-mb 256"; caption dropout is data.caption_dropout, drawn by the loader)
 #   MERGE       1: merge OUT_DIR/parts/part_* into OUT_DIR instead of preparing a part
 #   PYTHON      interpreter                        [<repo>/.venv/bin/python if present, else python3]
 # A task whose part already has a manifest.json is skipped, so a re-submitted array redoes only what failed.

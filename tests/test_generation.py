@@ -192,12 +192,12 @@ def test_trained_model_samples_from_deepspeed_and_hf_dirs(trained_run, demo_data
     assert generate.main(["--checkpoint", str(trained_run / "hf"), "--task", "t2i", "--prompt",
                           "a handwritten digit seven", "--num-samples", "4", "--out", str(hf_png)]) == 0
     ds_img, hf_img = np.asarray(Image.open(ds_png)), np.asarray(Image.open(hf_png))
-    assert ds_img.shape == (2 + 2 * 34, 2 + 2 * 34, 3)  # 2x2 grid of 32x32 digits, 2 px gaps
+    assert ds_img.shape == (2 + 2 * 34, 2 + 2 * 34, 3)  # 2x2 grid of 8x8 digits shown 4x (--scale), 2 px gaps
     # Same weights, same seed: the two entry points sample the very same images.
     np.testing.assert_array_equal(ds_img, hf_img)
 
     # Understanding from both: the same answer (text only) for a real validation digit.
-    images, _ = load_digit_images(32)
+    images, _ = load_digit_images(8)  # the demo's native grey8 grid
     vq = PatchVQ.load(demo_dataset / "image_tokenizer")
     digit = tmp_path / "digit.png"
     vq.to_pil(vq.encode(images[:1])[0]).save(digit)

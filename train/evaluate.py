@@ -89,7 +89,9 @@ class EvalResult:
         """uint8 [H, W, 3] grid, one row per digit, ink dark on white: for `add_image(..., dataformats="HWC")`."""
         if self.images is None:
             raise ValueError("no generated images to show (generation accuracy needs the demo data)")
-        return image_grid(list(1.0 - self.images), ncols=self.images_per_digit)
+        # Enlarged to >= 32 px a side: the grey8 demo's 8x8 digits are too small to look at as they are.
+        return image_grid(list(1.0 - self.images), ncols=self.images_per_digit,
+                          scale=max(1, 32 // self.images.shape[1]))
 
 
 def names_digits(text: str) -> set[int]:

@@ -213,9 +213,10 @@ class Sampler:
         return [self.vocab.decode_text(ids).strip() for ids in out]
 
 
-def image_grid(images: Sequence[Any], ncols: int | None = None, pad: int = 2) -> np.ndarray:
+def image_grid(images: Sequence[Any], ncols: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
     """Tile images (PIL images or [H,W] / [H,W,3] arrays: uint8, or floats in [0, 1]) into one uint8 [H,W,3]
-    array, row-major, white between tiles; `SummaryWriter.add_image(tag, grid, step, dataformats="HWC")`."""
+    array, row-major, white between tiles; `SummaryWriter.add_image(tag, grid, step, dataformats="HWC")`.
+    `scale` enlarges every tile by pixel repetition (an 8x8 demo digit is too small to look at)."""
     if len(images) == 0:
         raise ValueError("image_grid needs at least one image")
     tiles = []
@@ -225,6 +226,8 @@ def image_grid(images: Sequence[Any], ncols: int | None = None, pad: int = 2) ->
             a = np.round(255.0 * np.clip(a.astype(np.float32), 0.0, 1.0)).astype(np.uint8)
         if a.ndim == 2:
             a = np.repeat(a[..., None], 3, axis=2)
+        if scale > 1:
+            a = a.repeat(scale, axis=0).repeat(scale, axis=1)
         tiles.append(a)
     h = max(t.shape[0] for t in tiles)
     w = max(t.shape[1] for t in tiles)
@@ -259,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="t2i: the caption; mmu: the question")
     p.add_argument("--image", help="mmu: the image file to ask about")
     p.add_argument("--out", help="t2i: PNG to write the grid of samples to")
+    p.add_argument("--scale", type=int, default=4, help="t2i: enlarge each sample this many times in the PNG")
     p.add_argument("--num-samples", type=int, default=8, help="t2i: images to sample for the prompt")
     p.add_argument("--grid", help="t2i: code grid HxW (default: the image tokenizer's)")
     add_sampling_args(p)
@@ -288,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--out is required with --task t2i")
         if args.task == "mmu" and not args.image:
             raise ValueError("--image is required with --task mmu")
+        if args.scale < 1:
+            raise ValueError(f"--scale must be >= 1, got {args.scale}")
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         grid = _parse_grid(args.grid)
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image_grid([sampler.to_pil(c) for c in codes])).save(out)
+            Image.fromarray(image_grid([sampler.to_pil(c) for c in codes], scale=args.scale)).save(out)
             print(f"wrote {len(codes)} samples of {codes.shape[1]}x{codes.shape[2]} codes to {out} "
                   f"({time.perf_counter() - t0:.2f} s, {loaded.kind} checkpoint)")
         else:
