@@ -206,3 +206,11 @@ def test_shipped_configs_reconcile_with_shipped_yamls():
     for name in ("zero3_bf16", "zero3_offload_bf16"):
         ds = reconcile_ds_config(load_ds_config(repo / "ds_configs" / f"{name}.json"), big, 64, on_gpu=True)
         assert ds["bf16"]["enabled"] is True and ds["train_batch_size"] == 1 * 4 * 64
+
+
+def test_routing_a_kind_the_task_never_holds_exits_2(capsys, no_launch):
+    """`routable: {lm: image}` with lm capacity < 1 would skip nothing while the FLOPs plan counts on it."""
+    rc, err = run_main(capsys, DS_SINGLE, "model.mod.routable.lm=image", 'model.mod.capacity={"2-3": {lm: 0.5}}')
+    assert rc == 2, err
+    assert "model.mod.routable.lm = 'image'" in err and "layers [2, 3]" in err, err
+    cfg("model.mod.routable.lm=all", 'model.mod.capacity={"2-3": {lm: 0.5}}')  # routable text: accepted

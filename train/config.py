@@ -232,6 +232,7 @@ class RunConfig:
                 kwargs[name] = section(**raw)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        _check_routable_exists(kwargs["model"], where)
         if kwargs["parallel"].mode == "pipeline" and kwargs["data"].pad_to != "seq_len":
             # Pipeline stages exchange activations of one fixed shape, sent once per run.
             raise ValueError(f"{where}: data.pad_to={kwargs['data'].pad_to!r} makes micro-batch widths vary, "
@@ -262,6 +263,23 @@ class RunConfig:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         tmp.replace(path)
+
+
+# Token kinds a task's samples can hold at all (data/layout.py): plain text has no image tokens.
+_KINDS_IN_TASK = {"t2i": {"text", "image"}, "mmu": {"text", "image"}, "lm": {"text"}}
+
+
+def _check_routable_exists(model: ModelConfig, where: str) -> None:
+    """A task routed in some layer must have tokens of its routable kind, or its capacity skips nothing while
+    the FLOPs plan and the summary count on it (e.g. `routable: {lm: image}`)."""
+    mod = model.mod
+    for task in mod.tasks:
+        layers = [layer for layer in mod.mod_layers() if mod.capacity_of(layer, task) < 1.0]
+        kinds = {"all": {"text", "image"}}.get(mod.routable[task], {mod.routable[task]})
+        if layers and task in _KINDS_IN_TASK and not kinds & _KINDS_IN_TASK[task]:
+            raise ValueError(f"{where}: model.mod.routable.{task} = {mod.routable[task]!r}, but {task} samples hold "
+                             f"no {mod.routable[task]} tokens, so model.mod.capacity for {task} in layers {layers} "
+                             f"would skip nothing; route another kind or drop {task} from those layers")
 
 
 def _manifest_vocab(data: Mapping[str, Any]) -> dict[str, int] | None:
