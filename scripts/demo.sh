@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: set everything up (idempotent), build the embedded demo dataset (sklearn digits through a
-# patch-VQ image tokenizer) if it is missing, train the `demo` preset with a UniMoD plan on it (CPU or GPU),
+# The main job: set everything up (idempotent), build the embedded demo dataset (sklearn digits in the
+# grey8 format, their native 8x8 grid) if it is missing, train train/configs/demo.yaml (UniMoD, CPU or GPU),
 # and print the run summary. Extra arguments go to train/main.py, e.g. --set run.max_steps=50.
 # A finished run is not redone: its checkpoint is found (checkpoint.resume=auto) and the summary printed again.
 set -euo pipefail
