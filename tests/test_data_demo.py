@@ -225,3 +225,22 @@ def test_demo_config_errors_name_the_field():
     with pytest.raises(ValueError, match="demo.image_size must be a multiple of 8"):
         DemoConfig(image_format="patch16", image_size=20)
     assert (DemoConfig(image_format="patch16").image_size, DemoConfig().image_size) == (32, 8)
+
+
+def test_prepare_demo_data_refuses_a_stale_demo_build(tmp_path):
+    """--prepare-demo-data keeps a demo build in the current format, leaves other datasets alone, and names a
+    demo left by an earlier version in another image format instead of training on it."""
+    from train.main import ensure_demo_data
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {{dataset_dir: {tmp_path / 'd'}}}\n")
+    (tmp_path / "d").mkdir()
+    manifest = tmp_path / "d" / "manifest.json"
+    for doc, stale in (({"demo": {"image_format": "grey8"}}, False), ({"name": "mine"}, False),
+                       ({"demo": {"image_size": 32}}, True)):  # the old builder wrote no image_format
+        manifest.write_text(json.dumps(doc))
+        if stale:
+            with pytest.raises(ValueError, match=r"image format 'patch16', not 'grey8'; delete"):
+                ensure_demo_data(str(config), [], local_rank=0)
+        else:
+            ensure_demo_data(str(config), [], local_rank=0)  # nothing to build, nothing to refuse

@@ -80,6 +80,16 @@ def ensure_demo_data(config_path: str, overrides: list[str], local_rank: int) ->
         raise ValueError("--prepare-demo-data needs data.dataset_dir in the config")
     manifest = Path(dataset_dir) / "manifest.json"
     if manifest.exists():
+        import json
+
+        from data.demo import DemoConfig
+
+        demo = json.loads(manifest.read_text()).get("demo")  # None: not a demo build, nothing to check
+        built = demo.get("image_format", "patch16") if isinstance(demo, dict) else None
+        if built is not None and built != DemoConfig().image_format:
+            # An earlier version built the demo in the 16x16 patch format, which the demo model cannot learn.
+            raise ValueError(f"{manifest}: the demo dataset there is in image format {built!r}, not "
+                             f"{DemoConfig().image_format!r}; delete {dataset_dir} to have it rebuilt")
         return
     if local_rank == 0:
         from data.demo import build_demo
