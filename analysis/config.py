@@ -36,7 +36,7 @@ class AnalysisConfig:
     capacity_min: float = 0.125
     """Lower clip of a planned capacity (the MoD paper's best setting is 12.5%)."""
     capacity_max: float = 0.9
-    """Upper clip; a layer whose capacity would exceed it stays full for that task."""
+    """Upper clip of a planned capacity."""
     plan_tasks: list[str] | None = None
     """Tasks that get MoD layers (None: every analysed task)."""
     prune_max_layers: int | None = None

@@ -4,12 +4,9 @@ Per planned task t (our choices where UniMoD is silent are marked):
   1. MoD layers: the round(mod_fraction * L) layers with the lowest ARank ratio for t (ties: the
      deeper layer first, since deep layers are the usual redundant ones).
   2. Capacity of such a layer: its ARank ratio (ARank / positions in the map, the "ARank normalised by
-     sequence length") clipped to [capacity_min, capacity_max]. Ours: capacity is a fraction of the
-     whole sequence (model/mod.py) and tokens that may not be skipped (structural tokens, and text for
-     tasks that route images only) always take a slot first, so the capacity is raised to at least
-     floor + capacity_min * (1 - floor), floor = the largest non-routable fraction among t's
-     calibration samples: every sample keeps at least capacity_min of its routable tokens. A layer
-     whose capacity would then exceed capacity_max stays a full layer for t.
+     sequence length") clipped to [capacity_min, capacity_max] and rounded up to 0.01. Capacity is a
+     fraction of each sample's routable tokens (model/mod.py: non-routable tokens are always kept on top
+     of it), so the ratio needs no correction for the prompt or structural tokens.
   A layer routed for several tasks is a shared MoD layer, one routed for only t a t-MoD layer.
 
 The written file `mod_plan.yaml` is `{model: {mod: {...}}}`; `ModelConfig.from_dict({"preset": ...,
@@ -48,12 +45,12 @@ def _ceil_cent(x: float) -> float:
     return math.ceil(x * 100 - 1e-9) / 100
 
 
-def plan_mod(arank_ratio: Mapping[str, list[float]], floors: Mapping[str, float], source_mod: Mapping[str, Any],
+def plan_mod(arank_ratio: Mapping[str, list[float]], source_mod: Mapping[str, Any],
              cfg: AnalysisConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """-> (the `mod:` mapping, per-task details for the report).
 
-    `arank_ratio[task]` is [L]; `floors[task]` the non-routable fraction floor; `source_mod` the
-    checkpoint's mod section (its tasks, routable kinds and routing settings are kept)."""
+    `arank_ratio[task]` is [L]; `source_mod` the checkpoint's mod section (its tasks, routable kinds and
+    routing settings are kept)."""
     tasks = list(source_mod["tasks"])
     planned = list(cfg.plan_tasks) if cfg.plan_tasks is not None else [t for t in tasks if t in arank_ratio]
     capacity: dict[int, dict[str, float]] = {}
@@ -66,19 +63,13 @@ def plan_mod(arank_ratio: Mapping[str, list[float]], floors: Mapping[str, float]
         L = len(ratio)
         n_mod = min(L, max(1, round(cfg.mod_fraction * L)))
         chosen = sorted(sorted(range(L), key=lambda i: (ratio[i], -i))[:n_mod])
-        floor = floors[task]
-        least = floor + cfg.capacity_min * (1 - floor)
-        per_layer, full = {}, []
+        per_layer = {}
         for layer in chosen:
-            cap = _ceil_cent(max(min(max(ratio[layer], cfg.capacity_min), cfg.capacity_max), least))
-            if cap > cfg.capacity_max:
-                full.append(layer)
-                continue
+            cap = _ceil_cent(min(max(ratio[layer], cfg.capacity_min), cfg.capacity_max))
             per_layer[layer] = cap
             capacity.setdefault(layer, {})[task] = cap
         details[task] = {"mod_layers": sorted(per_layer), "capacity": {str(k): v for k, v in per_layer.items()},
-                         "lowest_arank_layers": chosen, "nonroutable_floor": floor,
-                         "left_full_capacity_above_max": full}
+                         "lowest_arank_layers": chosen}
     mod = {
         "tasks": tasks,
         "capacity": {str(layer): dict(sorted(per.items(), key=lambda kv: tasks.index(kv[0])))
@@ -115,15 +106,19 @@ def load_plan(path: str | Path) -> dict[str, Any]:
     return doc["model"]["mod"]
 
 
-def plan_flops(model_cfg: ModelConfig, mod: Mapping[str, Any], mean_len: Mapping[str, float]) -> dict[str, Any]:
-    """Forward FLOPs per task at its mean calibration length, dense vs planned (causal attention)."""
+def plan_flops(model_cfg: ModelConfig, mod: Mapping[str, Any], mean_len: Mapping[str, float],
+               routable_fraction: Mapping[str, float]) -> dict[str, Any]:
+    """Forward FLOPs per task of a sample of its mean calibration length and mean routable fraction,
+    dense vs planned (causal attention)."""
     from model.flops import flops_forward
 
     planned = model_cfg.replace(mod=dict(mod))
     out = {}
     for task, length in mean_len.items():
         S = max(1, round(length))
-        dense = flops_forward(planned, S, [task], dense=True, causal_attention=True).total
-        mod_f = flops_forward(planned, S, [task], causal_attention=True).total
-        out[task] = {"seq_len": S, "dense": dense, "planned": mod_f, "saved_fraction": 1 - mod_f / dense}
+        routable = {task: min(S, round(routable_fraction[task] * S))}
+        dense = flops_forward(planned, S, [task], routable=routable, dense=True, causal_attention=True).total
+        mod_f = flops_forward(planned, S, [task], routable=routable, causal_attention=True).total
+        out[task] = {"seq_len": S, "routable": routable[task], "dense": dense, "planned": mod_f,
+                     "saved_fraction": 1 - mod_f / dense}
     return out

@@ -30,6 +30,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
 
 from analysis import plots, probes
@@ -72,10 +73,11 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
     L = mc.num_hidden_layers
     log(f"analyze: {loaded.description}; {L} layers; tasks {tasks}")
 
-    calib, evals, floors, eval_len = {}, {}, {}, {}
+    calib, evals, routable_fraction, eval_len = {}, {}, {}, {}
     for task in tasks:
         samples = load_task_samples(manifest, "train", task, cfg.calib_samples)
-        floors[task] = max(nonroutable_fraction(s.ids, mc.mod.routable[task], mc.vocab) for s in samples)
+        routable_fraction[task] = float(np.mean([1.0 - nonroutable_fraction(s.ids, mc.mod.routable[task], mc.vocab)
+                                                 for s in samples]))
         calib[task] = make_batches(samples, cfg.batch_size, mc.vocab.pad_id, device)
         held_out = load_task_samples(manifest, "validation", task, cfg.eval_samples)
         evals[task] = make_batches(held_out, cfg.batch_size, mc.vocab.pad_id, device)
@@ -90,8 +92,8 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
     inter = probes.interaction(net, measures, evals, eval_loss, min(n_inter, L), cfg.interaction_width)
     log(f"analyze: measurements done ({time.perf_counter() - t0:.1f}s)")
 
-    mod, plan_details = plan_mod({t: m.arank_ratio for t, m in measures.items()}, floors, loaded.source_mod, cfg)
-    flops = plan_flops(mc, mod, {t: measures[t].mean_len for t in tasks})
+    mod, plan_details = plan_mod({t: m.arank_ratio for t, m in measures.items()}, loaded.source_mod, cfg)
+    flops = plan_flops(mc, mod, {t: measures[t].mean_len for t in tasks}, routable_fraction)
 
     report: dict[str, Any] = {
         "checkpoint": loaded.description, "data": str(data), "tasks": tasks, "num_layers": L,
