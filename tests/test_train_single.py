@@ -73,7 +73,8 @@ def test_tensorboard_has_every_tag(smoke):
     required = ["loss/total", "optim/lr", "optim/grad_norm", "throughput/tokens_per_s", "throughput/samples_per_s",
                 "throughput/tflops_per_device", "throughput/mfu_pct", "flops/actual_per_step",
                 "flops/dense_per_step", "flops/mod_saved_pct", "data/pad_pct", "throughput/real_tokens_per_s",
-                "mod/aux_loss", "time/step_s", "time/data_pct", "data/skipped_samples"] + [f"loss/{t}" for t in tasks_seen]
+                "mod/aux_loss", "time/step_s", "time/data_pct", "data/skipped_samples",
+                "data/captions_dropped"] + [f"loss/{t}" for t in tasks_seen]
     required += [f"mod/capacity/{t}/layer_{i}" for t in tasks_seen for i in cfg.model.mod.mod_layers()
                  if cfg.model.mod.capacity_of(i, t) < 1.0]
     missing = [t for t in required if t not in tb]
@@ -89,6 +90,8 @@ def test_tensorboard_has_every_tag(smoke):
         assert per_task[0] + tb["mod/aux_loss"][step] == pytest.approx(tb["loss/total"][step], rel=1e-5)
     for tag in [t for t in required if t.startswith("mod/capacity/")]:
         assert all(0.0 < v <= 0.5 for v in tb[tag].values()), (tag, tb[tag])  # planned 0.25 of image tokens
+    dropped = [tb["data/captions_dropped"][s] for s in sorted(steps)]
+    assert dropped == sorted(dropped) and dropped[-1] > 0, dropped  # smoke.yaml: data.caption_dropout 0.2
     lrs = [tb["optim/lr"][s] for s in sorted(steps)]
     assert max(lrs) == pytest.approx(cfg.optim.lr, rel=0.05) and lrs[0] < lrs[cfg.optim.warmup_steps - 1]
     assert all(v > 0 and math.isfinite(v) for v in tb["optim/grad_norm"].values())

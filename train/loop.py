@@ -403,7 +403,10 @@ class Trainer:
                 if n_routable > 0:
                     scalars[f"mod/capacity/{task}/layer_{layer}"] = n_selected / n_routable
         scalars.update(memory_scalars(self.device))
-        scalars["data/skipped_samples"] = float(self.loader.counters().get("skipped_samples", 0))
+        counters = self.loader.counters()
+        scalars["data/skipped_samples"] = float(counters.get("skipped_samples", 0))
+        # Cumulative on this rank; shows classifier-free-guidance dropout (data.caption_dropout) is live.
+        scalars["data/captions_dropped"] = float(counters.get("captions_dropped", 0))
         self.log.log(self.step, scalars)
 
     def _write_summary(self, totals, wall_s, exit_code, start_step, eval_metrics=None) -> None:
