@@ -18,9 +18,9 @@ bench-grid:
 bench-peer:
 	$(PY) bench/peer_stack.py --out $(OUT)/peer_cpu.json
 
-# 3. dense vs UniMoD vs shared-router on the demo set with the real trainer (~25 min)
+# 3. dense vs UniMoD vs shared-router on the demo set with the real trainer, the main job's 4500 steps (~50 min)
 bench-quality:
-	$(PY) bench/quality_study.py --steps 200 --out $(OUT)/quality_study_cpu.json
+	$(PY) bench/quality_study.py --steps 4500 --out $(OUT)/quality_study_cpu.json
 
 # 4. loader throughput against a step's need, emu3-8b and demo shapes (~2 min)
 bench-loader:
