@@ -58,3 +58,18 @@ def spans(rows: list[list[torch.Tensor]]) -> list[list[tuple[int, int]]]:
             t += len(s)
         out.append(row)
     return out
+
+
+def layer_io(net, ids, tasks, layer_idx, routing=None, position_ids=None):
+    """(seen, out): the decoder layer's input `x` and output `y` [B,S,D] and the token count `P` its
+    attention ran on (the gathered width in a MoD layer), captured by hooks during one no-grad forward."""
+    seen = {}
+    layer = net.model.layers[layer_idx]
+    h1 = layer.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o[0]))
+    h2 = layer.self_attn.register_forward_pre_hook(lambda m, a: seen.update(P=a[0].shape[1]))
+    try:
+        with torch.no_grad():
+            out = net(ids, task_ids=tasks, position_ids=position_ids, routing=routing)
+    finally:
+        h1.remove(), h2.remove()
+    return seen, out

@@ -14,6 +14,7 @@ import yaml
 
 from model import ModelConfig, UnifiedTransformer
 from model.mod import routable_kept
+from tests.model_helpers import layer_io
 
 REPO = Path(__file__).resolve().parents[1]
 T2I, MMU, LM = 0, 1, 2
@@ -134,19 +135,6 @@ def test_all_full_capacities_equal_the_dense_model():
         assert float(full(ids, task_ids=tasks).aux_loss) == 0.0
 
 
-def _layer_io(net, ids, tasks, layer_idx, routing=None):
-    seen = {}
-    layer = net.model.layers[layer_idx]
-    h1 = layer.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o[0]))
-    h2 = layer.self_attn.register_forward_pre_hook(lambda m, a: seen.update(P=a[0].shape[1]))
-    try:
-        with torch.no_grad():
-            out = net(ids, task_ids=tasks, routing=routing)
-    finally:
-        h1.remove(), h2.remove()
-    return seen, out
-
-
 @pytest.mark.parametrize("task,cap", [(T2I, 0.25), (MMU, 0.5), (LM, 0.3)])
 def test_exactly_k_tokens_and_only_routable_ones_are_skipped(task, cap):
     """Per sample: every non-routable token plus ceil(cap * n_routable) routable ones go through the layer."""
@@ -164,7 +152,7 @@ def test_exactly_k_tokens_and_only_routable_ones_are_skipped(task, cap):
     n_fixed = ((kinds != KIND_PAD) & ~routable).sum(1).tolist()
     assert routable_kept(cap, n_routable[0]) == k[0] and routable_kept(1.0, 7) == 7 and routable_kept(cap, 0) == 0
     for layer in (2, 3):
-        seen, out = _layer_io(net, ids, tasks, layer)
+        seen, out = layer_io(net, ids, tasks, layer)
         assert seen["P"] == max(f + kk for f, kk in zip(n_fixed, k))
         changed = (seen["y"] != seen["x"]).any(-1)  # [B,S]: the positions that went through the layer
         assert (changed & routable).sum(1).tolist() == k
@@ -173,7 +161,7 @@ def test_exactly_k_tokens_and_only_routable_ones_are_skipped(task, cap):
         n_rout, n_selected = out.routing[layer, task].tolist()
         assert n_rout == sum(n_routable) and n_selected == sum(k)
     # dense layers process everything
-    seen, _ = _layer_io(net, ids, tasks, 0)
+    seen, _ = layer_io(net, ids, tasks, 0)
     assert seen["P"] == S
 
 
@@ -182,7 +170,7 @@ def test_padding_is_skipped_first():
     net = UnifiedTransformer(cfg).eval()
     ids, tasks = make_batch(cfg, [LM, LM], S=32)
     ids[:, 20:] = cfg.vocab.pad_id
-    seen, _ = _layer_io(net, ids, tasks, 1)
+    seen, _ = layer_io(net, ids, tasks, 1)
     changed = (seen["y"] != seen["x"]).any(-1)
     assert not changed[:, 20:].any()
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, UnifiedTransformer
-from tests.model_helpers import LM, MMU, T2I, pack, sample, spans
+from tests.model_helpers import LM, MMU, T2I, layer_io, pack, sample, spans
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -107,15 +107,7 @@ def test_exactly_k_routable_tokens_per_sample(packed):
     nonpad = ids != v.pad_id
     caps = [0.25, 0.5, 0.3]
     for layer_idx in (1, 2, 3):
-        seen = {}
-        layer = net.model.layers[layer_idx]
-        h1 = layer.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o[0]))
-        h2 = layer.self_attn.register_forward_pre_hook(lambda m, a: seen.update(P=a[0].shape[1]))
-        try:
-            with torch.no_grad():
-                out = net(ids, task_ids=tasks, position_ids=pos)
-        finally:
-            h1.remove(), h2.remove()
+        seen, out = layer_io(net, ids, tasks, layer_idx, position_ids=pos)
         changed = (seen["y"] != seen["x"]).any(-1)
         assert not (changed & ~nonpad).any(), "padding was processed"
         assert (changed | routable | ~nonpad).all(), "a non-routable token was skipped"
