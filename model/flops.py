@@ -160,15 +160,10 @@ def describe_microbatch(input_ids, position_ids, task_ids, cfg: ModelConfig) -> 
     kinds = token_kinds(ids, cfg.vocab).long()
     real = kinds != KIND_PAD
     routable = routable_table(cfg, torch.device("cpu"))[tasks][torch.arange(B)[:, None], kinds] & real
-    # Number the documents 0, 1, ... within each row, whatever labels document_ids uses.
-    docs = document_ids(pos)
-    new = torch.ones_like(docs, dtype=torch.bool)
-    new[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    slot = (new.cumsum(1) - 1) + S * torch.arange(B)[:, None]  # [B,S] unique per (row, document)
-    n_tokens = torch.zeros(B * S, dtype=torch.long).index_add_(0, slot.flatten(), real.flatten().long())
-    n_routable = torch.zeros(B * S, dtype=torch.long).index_add_(0, slot.flatten(), routable.flatten().long())
-    n_tokens, n_routable = n_tokens.view(B, S).tolist(), n_routable.view(B, S).tolist()
-    n_docs, padding = new.sum(1).tolist(), (~real).sum(1).tolist()
+    docs = document_ids(pos)  # 0, 1, ... within each row
+    n_tokens = torch.zeros(B, S, dtype=torch.long).scatter_add_(1, docs, real.long()).tolist()
+    n_routable = torch.zeros(B, S, dtype=torch.long).scatter_add_(1, docs, routable.long()).tolist()
+    n_docs, padding = (docs[:, -1] + 1).tolist(), (~real).sum(1).tolist()
     return [RowTokens(int(tasks[b]), tuple(Document(n, r) for n, r in zip(n_tokens[b][:n_docs[b]],
                                                                           n_routable[b][:n_docs[b]]) if n > 0),
                       padding[b])
