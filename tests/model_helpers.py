@@ -14,10 +14,12 @@ from model import ModelConfig
 T2I, MMU, LM = 0, 1, 2
 
 
-def sample(cfg: ModelConfig, task: int, length: int, seed: int, n_text: int = 6) -> torch.Tensor:
+def sample(cfg: ModelConfig, task: int, length: int, seed: int = 0, n_text: int = 6,
+           generator: torch.Generator | None = None) -> torch.Tensor:
     """One sample shaped like its task: BOS + text prompt + <image start> + image codes with an EOL every
-    8 positions for t2i/mmu; BOS + text for lm."""
-    g = torch.Generator().manual_seed(seed)
+    8 positions for t2i/mmu; BOS + text for lm. Drawn from `generator` when given (several samples from
+    one stream), else from a generator seeded by `seed`."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     v = cfg.vocab
     if task == LM:
         ids = torch.randint(0, v.text_size, (length,), generator=g)

@@ -14,7 +14,7 @@ import yaml
 
 from model import ModelConfig, UnifiedTransformer
 from model.mod import routable_kept
-from tests.model_helpers import layer_io
+from tests.model_helpers import layer_io, sample
 
 REPO = Path(__file__).resolve().parents[1]
 T2I, MMU, LM = 0, 1, 2
@@ -26,19 +26,8 @@ def mod_cfg(capacity, **kw) -> ModelConfig:
 
 def make_batch(cfg: ModelConfig, tasks: list[int], S: int = 64, n_text: int = 6, seed: int = 0):
     """Sequences shaped like the tasks: BOS + text prompt + image-ish block for t2i/mmu, text for lm."""
-    g = torch.Generator().manual_seed(seed)
-    v = cfg.vocab
-    rows = []
-    for t in tasks:
-        if t == LM:
-            ids = torch.randint(0, v.text_size, (S,), generator=g)
-        else:
-            ids = torch.randint(v.visual_start, v.visual_end, (S,), generator=g)
-            ids[1 : 1 + n_text] = torch.randint(0, v.text_size, (n_text,), generator=g)
-            ids[1 + n_text] = v.boi_id
-            ids[12::8] = v.eol_id  # structural tokens inside the image block
-        ids[0] = v.bos_id
-        rows.append(ids)
+    g = torch.Generator().manual_seed(seed)  # one stream for the whole batch
+    rows = [sample(cfg, t, S, n_text=n_text, generator=g) for t in tasks]
     return torch.stack(rows), torch.tensor(tasks)
 
 
