@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes, exact resume, stop signals, and HF export.
+"""Checkpoints that survive crashes and exact resume (stop signals: train/signals.py).
 
 Layout under `<output_dir>/checkpoints/`:
 
@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -144,30 +143,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-# ----- stop signals ----------------------------------------------------------------------------------
-class StopSignal:
-    """SIGTERM / SIGUSR1 (Slurm's preemption and `--signal` warnings) request a checkpoint and a clean
-    exit at the next step boundary; ranks agree on it with an all-reduce so they all save the same step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous = {}
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 
 from data.loader import UnimodLoader
 from model.flops import RowTokens, StepFlops, describe_microbatch, step_flops
-from train.checkpoint import (EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager, StopSignal, rng_state,
-                              set_rng_state)
+from train.checkpoint import EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager, rng_state, set_rng_state
 from train.config import RunConfig
 from train.launch import DistEnv
 from train.engine import consolidated_state_dict
 from train.metrics import MetricsLogger, StepTimer, memory_scalars, throughput_scalars
+from train.signals import StopSignal
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
