@@ -2,9 +2,12 @@
 
     python -m data.inspect DATASET_DIR [--n 3] [--split train] [--task t2i] [--png-dir DIR]
     python -m data.inspect DATASET_DIR/t2i-train-000000.tar --n 2
+    python -m data.inspect /tmp/copied-000000.tar          # a shard on its own, no manifest
 
 Images are decoded through the dataset's own image tokenizer (manifest `image_tokenizer`) and shown
-as ASCII art, or written as PNG files with --png-dir. A shard path reads the manifest next to it.
+as ASCII art, or written as PNG files with --png-dir. A shard path reads the manifest next to it;
+a shard without one (copied out, or sent in a bug report) is shown undecoded: each sample's key,
+json fields, length and first token ids, since only the manifest knows the vocabulary they index.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from data.imagetok import load_image_tokenizer
 from data.layout import IGNORE_INDEX, TASKS, make_labels
-from data.shards import SPLITS, iter_samples, read_manifest
+from data.shards import MANIFEST_NAME, SPLITS, iter_samples, read_manifest
 from data.vocab import UnifiedVocab
 
 _RAMP = " .:-=+*#%@"  # light to dark
@@ -45,10 +48,13 @@ def _first_shards(dataset_dir: Path, manifest: dict[str, Any], split: str | None
 
 
 def inspect(path: str, n: int = 3, split: str | None = None, task: str | None = None,
-            png_dir: str | None = None, out=sys.stdout) -> int:
+            png_dir: str | None = None, out=None) -> int:
     """Print up to `n` samples of each (split, task), or of the one shard given; returns how many."""
+    out = out if out is not None else sys.stdout  # looked up per call: a default would pin the import-time stream
     p = Path(path)
     dataset_dir = p if p.is_dir() else p.parent
+    if not p.is_dir() and not (dataset_dir / MANIFEST_NAME).exists():
+        return _inspect_raw(p, n, out)
     manifest = read_manifest(dataset_dir)
     vocab = UnifiedVocab.from_manifest(dataset_dir, manifest)
     imagetok = load_image_tokenizer(dataset_dir, manifest)
@@ -83,6 +89,23 @@ def inspect(path: str, n: int = 3, split: str | None = None, task: str | None = 
                     else:
                         print(ascii_art(img), file=out)
             printed += 1
+    return printed
+
+
+def _inspect_raw(shard: Path, n: int, out, head: int = 24) -> int:
+    """Up to `n` samples of a shard that has no manifest next to it, undecoded."""
+    if not shard.is_file():
+        raise ValueError(f"{shard}: no such shard file or dataset directory")
+    print(f"shard {shard}: no {MANIFEST_NAME} next to it, so token ids are shown undecoded", file=out)
+    printed = 0
+    for i, (key, ids, meta) in enumerate(iter_samples(shard)):
+        if i >= n:
+            break
+        more = " ..." if len(ids) > head else ""
+        print(f"--- {key}  task={meta.get('task')}  tokens={len(ids)}  source={meta.get('source')}", file=out)
+        print(f"json: {meta}", file=out)
+        print(f"ids: {ids[:head].tolist()}{more}", file=out)
+        printed += 1
     return printed
 
 

@@ -41,8 +41,14 @@ does. How an epoch is laid out (every reader is one (rank, worker) pair, a "slot
   Replay reads the shards again: its cost grows with the position inside the epoch. The state is
   the same on every rank apart from the counters, so rank 0's copy can restore every rank.
 - Bad input. `raise` (default) stops at the first problem with a message naming shard, key and
-  field; `skip` drops the sample (or the rest of a broken shard) and counts it. Counters travel
-  with the batches from the worker processes, so `counters()` is right with any number of workers.
+  field; `skip` drops the sample (or the rest of a broken shard) and counts it. A shard whose sample
+  count differs from the manifest's `shard_samples` is a bad shard too (`truncated_shard`: a tar cut
+  inside a header reads as a shorter valid tar), and the samples a dropped or cut shard never
+  delivered are counted as `lost_samples`. Every dropped shard is printed once, with the rank, by
+  the training process. `max_skip_fraction` bounds the loss: past it the loader raises
+  `DataLossError` (at start-up when the start-up check already drops too much). Counters travel with
+  the batches from the worker processes, so `counters()` and the limit are right, and stop at the
+  same micro-batch, with any number of workers.
 - Over-long samples. A t2i or mmu sample is never cut: that would leave an image block without its
   last rows and `<image end>`, or an mmu sample without its answer, i.e. train on a layout the model
   never sees at inference. Packing never drops one either: every sample fits a row of its own. Such a
@@ -64,6 +70,7 @@ import collections
 import dataclasses
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -74,7 +81,7 @@ from torch.utils.data import DataLoader
 
 from data.layout import TASKS
 from data.packing import estimate_rows_per_sample
-from data.stream import EpochDataset, Plan, WorkerError
+from data.stream import DroppedShard, EpochDataset, Plan, WorkerError, WorkerNews
 from data.validate import BadInputError, load_manifest, read_shard, validate_shards
 from model.config import VocabLayout
 
@@ -126,6 +133,12 @@ class LoaderConfig:
     """DataLoader worker processes per rank; 0 reads in the training process."""
     bad_input: str = "raise"
     """raise: stop at the first bad shard or sample; skip: drop it and count it in counters()."""
+    max_skip_fraction: float = 0.01
+    """Under skip, the share of the data that may be lost before the loader raises DataLossError: bad
+    samples skipped plus samples that dropped or cut-short shards never delivered (manifest counts),
+    over the samples this rank expected to read so far, judged over at least 1/max_skip_fraction
+    samples so that one early bad sample does not stop a run; shards left out at start-up count as
+    their share of the split's samples and are judged when the loader is built. 1.0: no limit."""
     allow_pipe: bool = False
     """Allow `pipe:` shard URLs, which run a shell command; only for trusted configs."""
     image_structural_in_loss: bool = False
@@ -156,6 +169,9 @@ class LoaderConfig:
             raise ValueError(f"data.batches_per_epoch must be a positive integer or null, got {self.batches_per_epoch!r}")
         if self.bad_input not in ("raise", "skip"):
             raise ValueError(f"data.bad_input must be 'raise' or 'skip', got {self.bad_input!r}")
+        f = self.max_skip_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+            raise ValueError(f"data.max_skip_fraction must be a number in [0, 1] (1.0 = no limit), got {f!r}")
         if self.pad_to not in ("seq_len", "longest"):
             raise ValueError(f"data.pad_to must be 'seq_len' or 'longest', got {self.pad_to!r}")
         if isinstance(self.pad_multiple, bool) or not isinstance(self.pad_multiple, int) or self.pad_multiple < 1:
@@ -204,6 +220,37 @@ def expand_urls(spec: str | list[str], allow_pipe: bool, where: str) -> list[str
 
 
 # ----- the loader --------------------------------------------------------------------------------------
+def _worker_keeps_reading_through_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker survives SIGTERM / SIGUSR1 from anyone but its parent.
+
+    Slurm (time limit, preemption, scancel), torchrun and a kill of the process group signal every process,
+    workers included. torch's worker handler dies on SIGTERM (and SIGUSR1's default action kills), and the
+    training process then fails mid-step or inside torch.save with "DataLoader worker ... killed by signal",
+    leaving the checkpoint incomplete. The training process handles the stop (train/signals.py) and shuts its
+    workers down itself. SIGTERM is not simply ignored: the parent also uses it, through multiprocessing's
+    terminate(), to end a worker that did not stop (DataLoader shutdown, and interpreter exit, which joins
+    daemonic children right after terminating them: an ignored SIGTERM would hang the parent there). So
+    SIGTERM is blocked and taken by a thread that exits cleanly only when the sender is the parent, which is
+    what torch's own worker handler does for its parent.
+    """
+    import os
+    import signal
+    import threading
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid()
+    # Before any other thread exists in the worker, so that every thread inherits the mask and a SIGTERM can
+    # only be collected by `sigwaitinfo` below.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)  # status 0: the parent's SIGCHLD check reports only workers killed by a signal
+
+    threading.Thread(target=take_sigterm, name=f"worker{worker_id}-sigterm", daemon=True).start()
+
+
 class UnimodLoader:
     """Iterable over one epoch of micro-batches per `iter()`; resumable; see the module docstring."""
 
@@ -218,6 +265,7 @@ class UnimodLoader:
         cfg = config
 
         samples: dict[str, int] | None = None
+        expected: dict[str, int] = {}  # shard -> the manifest's sample count, where it records one
         if cfg.dataset_dir is not None:
             manifest = load_manifest(cfg.dataset_dir)
             if cfg.split not in manifest.shards:
@@ -234,6 +282,8 @@ class UnimodLoader:
                                      f"{cfg.dataset_dir}/manifest.json has no {t} shards")
             shards = {t: list(by_task[t]) for t in cfg.tasks}
             samples = {t: manifest.samples[cfg.split].get(t, 0) for t in cfg.tasks}
+            counts = manifest.expected_counts(cfg.split)
+            expected = {u: counts[u] for t in cfg.tasks for u in shards[t] if u in counts}
             _check_longest(cfg, manifest.max_len.get(cfg.split, {}))
         else:
             if layout is None:
@@ -241,14 +291,28 @@ class UnimodLoader:
             sha = cfg.tokenizer_sha256
             shards = {t: list(cfg.shards[t]) for t in cfg.tasks}
 
+        self.rank = rank
         self._start_counters: collections.Counter[str] = collections.Counter()
+        # (shard, reason) -> samples skipped or lost: start-up, finished epochs, and this epoch per worker
+        # role; only there to name the worst shards when max_skip_fraction stops the run.
+        self._start_by_shard: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._done_by_shard: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._worker_by_shard: dict[int, dict[tuple[str, str], int]] = {}
+        self._reported: set[tuple[str, str]] = set()  # dropped shards printed already
+        self._start_fraction = 0.0                    # share of the split's data left out at start-up
         if cfg.validate_on_start:
             report = validate_shards(shards, layout=layout, tokenizer_sha256=sha, bad_input=cfg.bad_input,
-                                     image_grid=cfg.image_grid)
-            shards = report.usable
+                                     image_grid=cfg.image_grid, expected=expected)
             for e in report.skipped:
+                lost = report.lost.get(e.shard or "")
                 self._start_counters["skipped_shards"] += 1
                 self._start_counters[f"skipped_shards/{e.reason}"] += 1
+                self._start_counters["lost_samples"] += lost or 0
+                self._start_counters[f"lost_samples/{e.reason}"] += lost or 0
+                self._start_by_shard[(e.shard or "?", e.reason or "?")] += lost or 0
+                self._report_drop(DroppedShard(e.shard or "?", e.reason or "?", str(e), lost), "at start-up")
+            self._check_start_loss(shards, report.skipped, report.lost, expected)
+            shards = report.usable
 
         slots = world_size * max(1, cfg.num_workers)
         for t, urls in shards.items():
@@ -274,7 +338,7 @@ class UnimodLoader:
 
         self._plan = Plan(cfg=cfg, layout=layout, tokenizer_sha256=sha, shards=shards,
                            task_ids={t: list(tasks).index(t) for t in cfg.tasks}, rank=rank,
-                           world_size=world_size, quota=quota, batches_per_epoch=total)
+                           world_size=world_size, quota=quota, batches_per_epoch=total, expected=expected)
         self._epoch = 0
         self._consumed = 0
         self._done_counters: collections.Counter[str] = collections.Counter()  # finished epochs
@@ -303,11 +367,13 @@ class UnimodLoader:
         if self._consumed >= len(self):
             self.set_epoch(self._epoch + 1)
         ds = EpochDataset(self._plan, self._epoch, self._consumed)
-        dl = DataLoader(ds, batch_size=None, num_workers=self.config.num_workers)
-        for batch, role, counters, keys in dl:
-            self._worker_counters[role] = counters
+        dl = DataLoader(ds, batch_size=None, num_workers=self.config.num_workers,
+                        worker_init_fn=_worker_keeps_reading_through_stop_signals)
+        for batch, role, news, keys in dl:
+            self._take_news(role, news)
             if isinstance(batch, WorkerError):
                 raise batch.error
+            self._check_loss()
             self._consumed += 1
             self.last_keys = keys
             yield batch
@@ -327,19 +393,47 @@ class UnimodLoader:
             "fingerprint": self._fingerprint(),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    # Fingerprint fields an elastic resume may change (they depend on the data-parallel size and workers only).
+    _ELASTIC_KEYS = ("world_size", "workers", "batches_per_epoch")
+
+    def load_state_dict(self, state: Mapping[str, Any], elastic: bool = False) -> None:
+        """Restore the position. `elastic`: the state may come from another data-parallel world size or
+        worker count (`_ELASTIC_KEYS`); the same epoch then continues at the same global position (see
+        `_elastic_position`), but in another batch order: exact resume needs the same layout."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} is not {_STATE_VERSION}")
-        mine = self._fingerprint()
+        mine, theirs = self._fingerprint(), state["fingerprint"]
         for k, v in mine.items():
-            if state["fingerprint"].get(k) != v:
-                raise ValueError(f"loader state was saved with {k}={state['fingerprint'].get(k)!r} but this run has "
-                                 f"{k}={v!r}; the batch order would differ, so exact resume is impossible")
-        if not 0 <= int(state["consumed"]) <= len(self):
+            if theirs.get(k) != v and not (elastic and k in self._ELASTIC_KEYS):
+                hint = (" (a resume on another data-parallel size or worker count continues at the same global "
+                        "position with elastic=True: checkpoint.accept_changes)" if k in self._ELASTIC_KEYS else "")
+                raise ValueError(f"loader state was saved with {k}={theirs.get(k)!r} but this run has "
+                                 f"{k}={v!r}; the batch order would differ, so exact resume is impossible{hint}")
+        consumed = int(state["consumed"])
+        same = all(theirs.get(k) == mine[k] for k in self._ELASTIC_KEYS)
+        if not same:
+            consumed = self._elastic_position(theirs, consumed)
+        elif not 0 <= consumed <= len(self):
             raise ValueError(f"loader state consumed={state['consumed']} is outside [0, {len(self)}]")
-        self._epoch, self._consumed = int(state["epoch"]), int(state["consumed"])
+        self._epoch, self._consumed = int(state["epoch"]), consumed
         self._done_counters = collections.Counter(state["done_counters"])
         self._worker_counters = {int(k): dict(v) for k, v in state["worker_counters"].items()}
+        if not same:  # the old worker roles mean nothing here: their counts join the finished epochs'
+            self._fold_counters()
+
+    def _elastic_position(self, theirs: Mapping[str, Any], consumed: int) -> int:
+        """This rank's micro-batch index in the current epoch for a state saved under another layout: the
+        global number of micro-batches taken (consumed x their data-parallel size; every rank takes the same
+        number) spread over this run's ranks, rounded down, so at most world_size - 1 global micro-batches of
+        the epoch are read again rather than any skipped. A finished epoch stays finished. Which samples the
+        remaining micro-batches hold differs from the uninterrupted run: shards and shuffle buffers are
+        assigned per (rank, worker) slot, and the slots changed."""
+        their_len = int(theirs["batches_per_epoch"])
+        if not 0 <= consumed <= their_len:
+            raise ValueError(f"loader state consumed={consumed} is outside [0, {their_len}]")
+        if consumed == their_len:
+            return len(self)
+        return min(consumed * int(theirs["world_size"]) // self._plan.world_size, len(self))
 
     def _fingerprint(self) -> dict[str, Any]:
         p, c = self._plan, self.config
@@ -352,17 +446,117 @@ class UnimodLoader:
     def _fold_counters(self) -> None:
         for c in self._worker_counters.values():
             self._done_counters.update(c)
-        self._worker_counters = {}
+        for by_shard in self._worker_by_shard.values():
+            self._done_by_shard.update(by_shard)
+        self._worker_counters, self._worker_by_shard = {}, {}
 
     def counters(self) -> dict[str, int]:
-        """{"skipped_samples": n, "skipped_shards": n, "skipped_samples/<reason>": n, ..., "captions_dropped": n}
-        on this rank, over every epoch so far (captions_dropped: t2i samples trained without their caption)."""
-        total = collections.Counter({"skipped_samples": 0, "skipped_shards": 0, "captions_dropped": 0})
+        """This rank's data counters over every epoch so far, start-up check included:
+
+        - `read_samples`: samples taken out of shards, good or bad (read-ahead and resume replay included).
+        - `skipped_samples`, `skipped_samples/<reason>`: samples dropped under bad_input: skip.
+        - `skipped_shards`, `skipped_shards/<reason>`: shards dropped whole or from their fault on (each
+          time a pass reads them; once for those left out at start-up).
+        - `lost_samples`, `lost_samples/<reason>`: samples the manifest records in those shards that were
+          never read (0 for shards without a manifest count).
+        - `captions_dropped`: t2i samples trained without their caption (data.caption_dropout).
+
+        Reasons are data.validate.REASONS; a `<reason>` key is present once it has counted something.
+        """
+        total = collections.Counter({"read_samples": 0, "skipped_samples": 0, "skipped_shards": 0,
+                                     "lost_samples": 0, "captions_dropped": 0})
         total.update(self._start_counters)
         total.update(self._done_counters)
         for c in self._worker_counters.values():
             total.update(c)
         return dict(total)
+
+    # -- loss reporting and the max_skip_fraction limit
+    def _take_news(self, role: int, news: WorkerNews) -> None:
+        self._worker_counters[role] = news.counts
+        if news.by_shard is not None:
+            self._worker_by_shard[role] = news.by_shard
+        for d in news.dropped:
+            self._report_drop(d, "while reading")
+
+    def _report_drop(self, d: DroppedShard, when: str) -> None:
+        # Once per shard and reason: a dropped shard is met again in every pass and epoch.
+        if (d.shard, d.reason) in self._reported:
+            return
+        self._reported.add((d.shard, d.reason))
+        lost = "an unknown number of samples lost (no manifest count)" if d.lost is None else f"{d.lost} samples lost"
+        print(f"[data] rank {self.rank}: bad shard dropped {when} under data.bad_input: skip ({lost}): {d.message}",
+              file=sys.stderr, flush=True)
+
+    def _worst(self, by_shard: Mapping[tuple[str, str], int], n: int = 3) -> str:
+        per: dict[str, collections.Counter[str]] = {}
+        for (shard, reason), k in by_shard.items():
+            per.setdefault(shard, collections.Counter())[reason] += k
+        top = sorted(per.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:n]
+        return "; ".join(f"{shard}: {sum(r.values())} ({', '.join(f'{x} {k}' for x, k in sorted(r.items()))})"
+                         for shard, r in top) or "none"
+
+    def _check_start_loss(self, shards: Mapping[str, list[str]], skipped: list[BadInputError],
+                          lost: Mapping[str, int], expected: Mapping[str, int]) -> None:
+        """Judge the start-up check's drops against the whole split: samples where the manifest counts
+        every shard, else shards (each shard then stands for an equal share)."""
+        urls = [u for t in shards for u in shards[t]]
+        if not skipped or not urls:
+            return
+        if all(u in expected for u in urls) and sum(expected[u] for u in urls) > 0:
+            gone, total, unit = sum(lost.values()), sum(expected[u] for u in urls), "samples"
+        else:
+            gone, total, unit = len(skipped), len(urls), "shards"
+        self._start_fraction = gone / total
+        limit = self.config.max_skip_fraction
+        if self._start_fraction > limit:
+            raise DataLossError(
+                f"data.max_skip_fraction {limit:g} exceeded at start-up on rank {self.rank}: the start-up check "
+                f"left out {len(skipped)} of the {len(urls)} shards of split {self.config.split!r} "
+                f"(tasks {', '.join(shards)}), {gone} of its {total} {unit} = {self._start_fraction:.1%}. "
+                f"Worst shards: {self._worst(self._start_by_shard)}. Repair or remove them, or raise "
+                f"data.max_skip_fraction (1.0 = no limit)")
+
+    def _check_loss(self) -> None:
+        """Raise DataLossError once the samples lost on this rank pass data.max_skip_fraction.
+
+        Checked in the training process on every micro-batch, from counters that travel with the
+        batches; workers deliver in a fixed round robin and their streams are seeded, so the run
+        stops at the same micro-batch whatever the timing.
+        """
+        limit = self.config.max_skip_fraction
+        if limit >= 1.0:
+            return
+        c = self.counters()
+        lost_reading = c["lost_samples"] - self._start_counters["lost_samples"]
+        gone = c["skipped_samples"] + lost_reading
+        if gone == 0:
+            return
+        seen = c["read_samples"] + lost_reading
+        floor = math.ceil(1.0 / limit) if limit > 0 else 1
+        reading = gone / max(seen, floor)
+        f0 = self._start_fraction
+        total = f0 + (1.0 - f0) * reading
+        if total <= limit:
+            return
+        by_shard = collections.Counter(self._start_by_shard)
+        by_shard.update(self._done_by_shard)
+        for d in self._worker_by_shard.values():
+            by_shard.update(d)
+        judged = f" (judged over at least {floor} samples)" if seen < floor else ""
+        start = (f"; with the {f0:.1%} of the split left out at start-up, an estimated {total:.1%} of the data"
+                 if f0 > 0 else "")
+        raise DataLossError(
+            f"data.max_skip_fraction {limit:g} exceeded on rank {self.rank} in epoch {self._epoch} before "
+            f"micro-batch {self._consumed}: of the {seen} samples this rank expected to read so far, {gone} were "
+            f"lost ({c['skipped_samples']} bad samples skipped, {lost_reading} never delivered by shards dropped "
+            f"or cut short) = {reading:.1%}{judged}{start} > {limit:.1%}. Worst shards: {self._worst(by_shard)}. "
+            f"Repair or remove them (python -m data.validate DIR --full lists every fault), or raise "
+            f"data.max_skip_fraction (1.0 = no limit)")
+
+
+class DataLossError(ValueError):
+    """More of the data was lost to bad input than data.max_skip_fraction allows."""
 
 
 def _check_longest(cfg: LoaderConfig, longest: Mapping[str, int]) -> None:

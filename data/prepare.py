@@ -203,7 +203,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     The parts must agree on the vocabulary layout and the text tokenizer (same sha256): ids of different
     tokenizers would mean different things. Shards are hard-linked (copied across file systems) as
     `part<i>-<name>`; the tokenizer, and the image tokenizer when it lives inside the first part, are
-    copied; sample counts add up. The manifest is written last, so a crash leaves no usable half dataset.
+    copied; sample counts add up and per-shard counts (`shard_samples`) follow their shards. The manifest is written last, so a crash leaves no usable half dataset.
     """
     import os
 
@@ -251,14 +251,20 @@ def cmd_merge(args: argparse.Namespace) -> None:
                     dst_split["shards"].setdefault(task, []).append(new)
             for task, n in info["samples"].items():
                 dst_split["samples"][task] = dst_split["samples"].get(task, 0) + n
-    # The longest sample of the merge is known only where every part holding the task recorded its own.
+    # The longest sample of the merge, and the count of every shard, are known only where every part
+    # holding the task recorded its own (parts written before shard_samples existed have none).
     for split, dst_split in splits.items():
         longest: dict[str, int] = {}
+        per_shard: dict[str, list[int]] = {}
         for task in dst_split["shards"]:
-            parts_max = [m["splits"][split].get("max_len", {}).get(task) for m in manifests
-                         if task in m["splits"].get(split, {}).get("shards", {})]
+            holding = [m["splits"][split] for m in manifests if task in m["splits"].get(split, {}).get("shards", {})]
+            parts_max = [info.get("max_len", {}).get(task) for info in holding]
             if parts_max and None not in parts_max:
                 longest[task] = max(parts_max)
+            parts_counts = [info.get("shard_samples", {}).get(task) for info in holding]
+            if parts_counts and None not in parts_counts:
+                per_shard[task] = [n for counts in parts_counts for n in counts]
+        dst_split["shard_samples"] = per_shard
         dst_split["max_len"] = longest
     manifest = {**ref, "image_tokenizer": image_tok, "splits": splits,
                 "created_by": _command_line("merge", args)}

@@ -2,8 +2,10 @@
 
 Every sample is one `__key__` with `ids.npy` (1-D int32, Emu3 layout, BOS ... EOS) and `json`
 (task, tokenizer_sha256, image_hw, answer_start, source, ...). The manifest lists, per split, the
-shards and sample count of every task and the token count of its longest sample (`max_len`), which
-the loader checks against `data.seq_len` before the first step. Shards are written with
+shards and sample count of every task, the sample count of each shard (`shard_samples`, parallel to
+`shards`: the reader checks it when a shard ends, since a tar cut inside a header reads as a shorter
+valid tar) and the token count of its longest sample (`max_len`), which the loader checks against
+`data.seq_len` before the first step. Shards are written with
 `webdataset.ShardWriter` and cut by sample count and by size; tar headers get a fixed mtime, owner
 and mode so that building the same data twice gives byte-identical shards.
 
@@ -64,6 +66,7 @@ class DatasetWriter:
         self.vocab = vocab
         self._writers: dict[tuple[str, str], Any] = {}
         self._counts: dict[tuple[str, str], int] = {}
+        self._shard_counts: dict[tuple[str, str], list[int]] = {}
         self._max_len: dict[tuple[str, str], int] = {}
         self._keys: set[str] = set()
 
@@ -76,6 +79,7 @@ class DatasetWriter:
                 pattern, maxcount=self.cfg.max_count, maxsize=self.cfg.max_size_mb * 1e6, verbose=0, **_TAR_FIELDS
             )
             self._counts[(split, task)] = 0
+            self._shard_counts[(split, task)] = []
         return self._writers[(split, task)]
 
     def write(self, split: str, task: str, key: str, ids: np.ndarray, meta: Mapping[str, Any]) -> None:
@@ -106,9 +110,14 @@ class DatasetWriter:
             raise ValueError(f"sample {key!r}: json field answer_start must be an int for task mmu")
         if isinstance(meta["image_hw"], tuple):
             meta["image_hw"] = list(meta["image_hw"])
-        self._writer(split, task).write({"__key__": key, "ids.npy": ids.astype(np.int32), "json": meta})
+        w = self._writer(split, task)
+        w.write({"__key__": key, "ids.npy": ids.astype(np.int32), "json": meta})
         self._keys.add(key)
         self._counts[(split, task)] += 1
+        per_shard = self._shard_counts[(split, task)]
+        while len(per_shard) < w.shard:  # ShardWriter opened a new shard for this sample
+            per_shard.append(0)
+        per_shard[w.shard - 1] += 1
         self._max_len[(split, task)] = max(self._max_len.get((split, task), 0), len(ids))
 
     def finish(self, image_tokenizer: Mapping[str, Any] | None, created_by: str,
@@ -118,6 +127,7 @@ class DatasetWriter:
         for split in SPLITS:
             shards: dict[str, list[str]] = {}
             samples: dict[str, int] = {}
+            shard_samples: dict[str, list[int]] = {}
             max_len: dict[str, int] = {}
             for task in TASKS:
                 w = self._writers.get((split, task))
@@ -127,8 +137,10 @@ class DatasetWriter:
                 w.close()
                 shards[task] = [f"{task}-{split}-{i:06d}.tar" for i in range(n_shards)]
                 samples[task] = self._counts[(split, task)]
+                shard_samples[task] = list(self._shard_counts[(split, task)])
+                assert len(shard_samples[task]) == n_shards, (shard_samples[task], n_shards)
                 max_len[task] = self._max_len[(split, task)]
-            splits[split] = {"shards": shards, "samples": samples, "max_len": max_len}
+            splits[split] = {"shards": shards, "samples": samples, "shard_samples": shard_samples, "max_len": max_len}
         self._writers.clear()
         manifest = {
             "format": MANIFEST_FORMAT,

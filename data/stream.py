@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Mapping
 
 import numpy as np
@@ -44,6 +44,7 @@ class Plan:
     world_size: int
     quota: dict[str, float]            # task -> share of a slot's micro-batches
     batches_per_epoch: int             # per rank
+    expected: dict[str, int] = field(default_factory=dict)  # shard -> manifest sample count, where recorded
 
     @property
     def workers(self) -> int:
@@ -90,15 +91,62 @@ def _apportion(n: int, shares: Mapping[str, float]) -> dict[str, int]:
 
 # ----- one worker's stream ------------------------------------------------------------------------------
 class Counters:
-    """Skip and caption-dropout counts of one worker since the start of the epoch (replayed batches included)."""
+    """Read, skip, loss and caption-dropout counts of one worker since the start of the epoch (replayed
+    batches included), and what it dropped since its last batch, for the training process to report."""
 
     def __init__(self) -> None:
         self.c: collections.Counter[str] = collections.Counter()
+        self._by_shard: collections.Counter[tuple[str, str]] = collections.Counter()  # this epoch
+        self._by_shard_changed = False
+        self._dropped: list[DroppedShard] = []  # since the last news()
 
-    def skip(self, e: BadInputError) -> None:
-        kind = "skipped_shards" if e.reason in SHARD_REASONS else "skipped_samples"
+    def skip(self, e: BadInputError, lost: int | None = None) -> None:
+        """Count a skipped sample, or a dropped shard that cost `lost` unread samples (None: unknown,
+        the shard has no manifest count)."""
+        shard_level = e.reason in SHARD_REASONS
+        kind = "skipped_shards" if shard_level else "skipped_samples"
         self.c[kind] += 1
         self.c[f"{kind}/{e.reason}"] += 1
+        if shard_level:
+            self.c["lost_samples"] += lost or 0
+            self.c[f"lost_samples/{e.reason}"] += lost or 0
+            self._dropped.append(DroppedShard(e.shard or "?", e.reason or "?", str(e), lost))
+        self._by_shard[(e.shard or "?", e.reason or "?")] += (lost or 0) if shard_level else 1
+        self._by_shard_changed = True
+
+    def news(self) -> WorkerNews:
+        """The counters so far and what changed since the previous call (sent with every batch)."""
+        by_shard = dict(self._by_shard) if self._by_shard_changed else None
+        out = WorkerNews(dict(self.c), by_shard, self._dropped)
+        self._by_shard_changed, self._dropped = False, []
+        return out
+
+
+@dataclass
+class DroppedShard:
+    """A shard that a worker gave up on (in whole or from the point of the fault) under `skip`."""
+
+    shard: str
+    """Shard path or URL."""
+    reason: str
+    """One of data.validate.SHARD_REASONS."""
+    message: str
+    """The BadInputError's message (shard, last key, field, expected vs read)."""
+    lost: int | None
+    """Samples the manifest records in the shard that were never read; None without a manifest count."""
+
+
+@dataclass
+class WorkerNews:
+    """What a worker sends with each batch besides the batch itself."""
+
+    counts: dict[str, int]
+    """Its counters since the start of the epoch (replay included): replaces the previous copy."""
+    by_shard: dict[tuple[str, str], int] | None
+    """(shard, reason) -> samples skipped or lost since the start of the epoch; None when unchanged since
+    the previous batch (it is only there to name the worst shards, and need not travel every time)."""
+    dropped: list[DroppedShard]
+    """Shards dropped since the previous batch (printed once by the training process)."""
 
 
 def _task_samples(plan: Plan, task: str, epoch: int, slot: int, counters: Counters
@@ -111,8 +159,12 @@ def _task_samples(plan: Plan, task: str, epoch: int, slot: int, counters: Counte
         good = 0
         for i in order[slot::plan.slots]:
             url = shards[i]
+            expected = plan.expected.get(url)
+            n_read = 0
             try:
-                for raw in read_shard(url):
+                for raw in read_shard(url, expected):
+                    n_read += 1
+                    counters.c["read_samples"] += 1
                     try:
                         ids, meta = check_sample(raw, shard=url, task=task, layout=plan.layout,
                                                  tokenizer_sha256=plan.tokenizer_sha256, image_grid=cfg.image_grid)
@@ -136,10 +188,10 @@ def _task_samples(plan: Plan, task: str, epoch: int, slot: int, counters: Counte
                         continue
                     good += 1
                     yield ids[: cfg.seq_len], labels[: cfg.seq_len], raw["__key__"]
-            except BadInputError as e:  # the shard itself (read_shard) failed
+            except BadInputError as e:  # the shard itself (read_shard) failed: unreadable, empty, cut short
                 if cfg.bad_input == "raise" or e.reason not in SHARD_REASONS:
                     raise
-                counters.skip(e)
+                counters.skip(e, lost=None if expected is None else max(0, expected - n_read))
         yield _PASS_END
         if good == 0:
             # Without this a slot whose every shard is bad would spin forever under skip.
@@ -227,12 +279,12 @@ class EpochDataset(IterableDataset):
                 batch = make_batch(rows, plan.cfg.seq_len, plan.layout.pad_id, plan.task_ids[task],
                                    plan.cfg.pad_to, plan.cfg.pad_multiple)
                 keys = [list(r.keys) for r in rows]
-                yield batch, role, dict(counters.c), keys
+                yield batch, role, counters.news(), keys
         except ValueError as e:  # BadInputError and the no-usable-data error
             # Sent as data rather than raised: PyTorch re-raises a worker's exception with its message
             # only (the shard/key/field attributes are lost), and a DataLoader whose worker raised
             # took 2 x 5 s to shut down in our tests.
-            yield WorkerError(e), role, dict(counters.c), []
+            yield WorkerError(e), role, counters.news(), []
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Written independently of the production writer (data/shards.py) so the loader is tested against
 the contract itself: webdataset.ShardWriter shards of one task and split, keys without dots,
 `ids.npy` int32 in Emu3's layout, `json` with task / tokenizer_sha256 / image_hw / answer_start /
-source, and a manifest.json listing the shards relative to the directory. Text is a byte-level
+source, and a manifest.json listing the shards relative to the directory with each shard's sample
+count (`shard_samples`; left out with `shard_counts=False`, as older writers did). Text is a byte-level
 stand-in tokenizer (ids = character codes, all < 256 = text_size of the small vocabulary).
 """
 
@@ -54,7 +55,7 @@ Mutate = Callable[[str, dict], "dict | None"]
 def write_dataset(root: str, *, shards: int = 8, per_shard: int = 4, tasks: tuple[str, ...] = ("t2i", "mmu", "lm"),
                   split: str = "train", seed: int = 0, mutate: Mutate | None = None,
                   sample_fn: Callable[[str, np.random.Generator], tuple[np.ndarray, dict]] | None = None,
-                  ) -> dict[str, tuple[str, np.ndarray, dict]]:
+                  shard_counts: bool = True) -> dict[str, tuple[str, np.ndarray, dict]]:
     """Write `shards` x `per_shard` samples per task plus manifest.json; returns key -> (task, ids, meta).
 
     `mutate(key, sample)` may edit the webdataset sample dict before it is written (to make bad
@@ -64,7 +65,9 @@ def write_dataset(root: str, *, shards: int = 8, per_shard: int = 4, tasks: tupl
     rng = np.random.default_rng(seed)
     written: dict[str, tuple[str, np.ndarray, dict]] = {}
     names: dict[str, list[str]] = {}
+    counts: dict[str, list[int]] = {}
     for task in tasks:
+        counts[task] = [0] * shards
         pattern = os.path.join(root, f"{task}-{split}-%06d.tar")
         with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
             for n in range(shards * per_shard):
@@ -76,6 +79,7 @@ def write_dataset(root: str, *, shards: int = 8, per_shard: int = 4, tasks: tupl
                     if sample is None:
                         continue
                 sink.write(sample)
+                counts[task][sink.shard - 1] += 1  # ShardWriter.shard: index of the next shard it opens
                 written[key] = (task, np.asarray(sample.get("ids.npy")), sample.get("json"))
         names[task] = [f"{task}-{split}-{i:06d}.tar" for i in range(shards)]
     manifest = {
@@ -83,9 +87,11 @@ def write_dataset(root: str, *, shards: int = 8, per_shard: int = 4, tasks: tupl
         "vocab": SMALL.to_dict(),
         "tokenizer": {"type": "sentencepiece", "path": "tokenizer.model", "sha256": SHA},
         "image_tokenizer": None,
-        "splits": {split: {"shards": names, "samples": {t: shards * per_shard for t in tasks}}},
+        "splits": {split: {"shards": names, "samples": {t: sum(counts[t]) for t in tasks}}},
         "created_by": "tests/shard_fixtures.py",
     }
+    if shard_counts:
+        manifest["splits"][split]["shard_samples"] = counts
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return written

@@ -39,6 +39,8 @@ def test_merge_adds_parts_up_and_trains_from_one_manifest(demo_dataset, tmp_path
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"]["lm"] == 55
     assert len(manifest["splits"]["train"]["shards"]["lm"]) == 6  # 3 + 3 shards of <= 10 samples
+    # Each shard keeps its own count, in the order of the merged shard list (the reader checks it).
+    assert manifest["splits"]["train"]["shard_samples"]["lm"] == [10, 10, 10, 10, 10, 5]
     # The longest sample of the merge, read back from its shards (what data.seq_len is checked against).
     from data.shards import iter_samples
     longest = max(len(ids) for s in manifest["splits"]["train"]["shards"]["lm"] for _, ids, _ in iter_samples(merged / s))
@@ -57,3 +59,20 @@ def test_merge_refuses_parts_with_another_vocabulary(demo_dataset, tmp_path):
     proc = prepare("merge", "--out", str(tmp_path / "m"), str(a), str(b))
     assert proc.returncode == 2 and "field vocab" in proc.stderr and str(b) in proc.stderr
     assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_merge_keeps_shard_counts_only_where_every_part_has_them(demo_dataset, tmp_path):
+    """A part written before shard_samples existed: the merged task has no per-shard counts (a partial
+    list would not line up with the shards), and the manifest still loads."""
+    from data.validate import load_manifest
+
+    tok = demo_dataset / "tokenizer.model"
+    a = text_part(tmp_path, "a", tok, [f"line {i}." for i in range(12)])
+    b = text_part(tmp_path, "b", tok, [f"row {i}." for i in range(5)])
+    doc = json.loads((b / "manifest.json").read_text())
+    del doc["splits"]["train"]["shard_samples"]
+    (b / "manifest.json").write_text(json.dumps(doc))
+    merged = tmp_path / "merged"
+    assert prepare("merge", "--out", str(merged), str(a), str(b)).returncode == 0
+    assert json.loads((merged / "manifest.json").read_text())["splits"]["train"]["shard_samples"] == {}
+    assert load_manifest(str(merged)).samples["train"]["lm"] == 17
