@@ -36,8 +36,10 @@ def zero3(demo_dataset, tmp_path_factory):
         state["first_complete"] = complete_checkpoints(out)
         state["first_latest"] = latest(out)
     # The same command with more steps: resumes from step_00000010 (checkpoint.resume=auto), then exports HF.
+    # A longer run reshapes the schedule, which a resume refuses unless accepted.
     state["second"] = run(lambda port: deepspeed_cmd(overrides(demo_dataset, out, run__max_steps=14,
                                                                checkpoint__save_every=5, checkpoint__export_hf="true",
+                                                               checkpoint__accept_changes="[run.max_steps]",
                                                                **FAST), port=port),
                           child_env(), out.parent / "second.log")
     return state
@@ -132,7 +134,8 @@ def pipeline(demo_dataset, tmp_path_factory):
     first = run(lambda port: torchrun_cmd(overrides(demo_dataset, root / "pipe", run__max_steps=4, **pipe), port=port),
                 child_env(), root / "pipe_first.log")
     piped = run(lambda port: torchrun_cmd(overrides(demo_dataset, root / "pipe", run__max_steps=6,
-                                                    checkpoint__export_hf="true", **pipe), port=port),
+                                                    checkpoint__export_hf="true",
+                                                    checkpoint__accept_changes="[run.max_steps]", **pipe), port=port),
                 child_env(), root / "pipe.log")
     single = run(single_cmd(overrides(demo_dataset, root / "single", run__max_steps=6, **common)), child_env(),
                  root / "single.log")

@@ -362,8 +362,102 @@ def test_repeated_nonfinite_losses_save_and_exit_3(in_process, demo_dataset, tmp
                checkpoint__export_hf="true", checkpoint__resume="none")
     err = capsys.readouterr().err
     assert rc == 3, err
-    assert "3 consecutive non-finite losses at step 3: saving and stopping; lower optim.lr or check the data" in err
+    assert "3 consecutive non-finite losses or gradient norms at step 3: stopping; lower optim.lr" in err, err
     s = summary(out)
     assert s["status"] == "stopped_nonfinite" and s["steps"] == 2 and s["skipped_nonfinite_microbatches"] == 3, s
+    assert s["skipped_nonfinite_steps"] == 0, s
     assert latest(out) == "step_00000002" and complete_checkpoints(out) == ["step_00000002"]
     assert not (out / "hf").exists()  # a diverged run is not exported
+
+
+def _patch_nan_grads(monkeypatch, bad_calls):
+    """Finite losses whose gradients are NaN on the calls `bad_calls(n)` picks (the issue's case: a finite loss
+    of 2.4e24 and a NaN gradient norm)."""
+    import torch
+
+    import train.loop
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    real = train.loop.causal_lm_loss
+    calls = []
+
+    def poisoned(logits, labels):
+        calls.append(len(calls) + 1)
+        loss = real(logits, labels)
+        return NanGrad.apply(loss) if bad_calls(len(calls)) else loss
+
+    monkeypatch.setattr(train.loop, "causal_lm_loss", poisoned)
+    return calls
+
+
+def _checkpoint_bytes(out: Path, tag: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "checkpoints" / tag).iterdir())}
+
+
+def test_issue_case_lr_1e6_skips_the_nan_gradient_step_and_keeps_step_1(in_process, demo_dataset, tmp_path, capsys):
+    """The reported run, flags as given: step 2 has a finite loss and a NaN gradient norm. It is skipped, not
+    applied; five skipped steps stop the run with 3; the exit-3 save leaves the COMPLETE step_1 byte for byte
+    and prunes nothing; no weight is NaN."""
+    import torch
+
+    out = tmp_path / "run"
+    kw = dict(optim__lr=1000000, optim__warmup_steps=0, checkpoint__save_every=1, checkpoint__keep_last=1)
+    rc = _main(demo_dataset, out, **kw)
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert err.count("step 2: non-finite gradient norm, optimizer step skipped") == 5, err
+    assert sorted(losses(out / "metrics.jsonl")) == [1]  # step 2 was never applied, so never logged
+    s = summary(out)
+    assert s["status"] == "stopped_nonfinite" and s["steps"] == 1 and s["skipped_nonfinite_steps"] == 5, s
+    assert latest(out) == "step_00000001" and complete_checkpoints(out) == ["step_00000001"]
+    assert not (out / "checkpoints" / "step_00000002").exists()
+    weights = torch.load(out / "checkpoints" / "step_00000001" / "mp_rank_00_model_states.pt",
+                         map_location="cpu", weights_only=False)["module"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    # Resuming with a lower lr is refused until the change is accepted, and then the lr is the new one
+    # (the weights after a 1e6 step give NaN gradients at any lr, so that resume stops with 3 again: measured).
+    before = _checkpoint_bytes(out, "step_00000001")
+    assert _main(demo_dataset, out, **{**kw, "optim__lr": 0.003}) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 1000000 -> 0.003" in err and "--set checkpoint.accept_changes=[optim.lr]" in err, err
+    assert _checkpoint_bytes(out, "step_00000001") == before
+
+
+def test_nan_gradient_steps_stop_and_lower_lr_resume_takes_effect(in_process, demo_dataset, tmp_path, monkeypatch,
+                                                                  capsys):
+    """From step 3 on every gradient is NaN: steps 3.. are skipped (not applied: the checkpointed weights stay
+    finite), the exit-3 save does not rewrite the COMPLETE step_2 and prunes nothing. A resume with a lower
+    lr (accepted) continues from step_2 and its metrics log the new lr."""
+    from train.config import OptimConfig
+    from train.engine import lr_lambda
+
+    calls = _patch_nan_grads(monkeypatch, lambda n: n >= 3)
+    out = tmp_path / "run"
+    kw = dict(optim__warmup_steps=0, checkpoint__save_every=1, checkpoint__keep_last=1, run__max_steps=4,
+              checkpoint__max_consecutive_nonfinite=3)
+    assert _main(demo_dataset, out, **kw) == 3
+    assert len(calls) == 5  # steps 1 and 2, then step 3 tried three times
+    err = capsys.readouterr().err
+    assert "3 consecutive non-finite losses or gradient norms at step 3" in err, err
+    assert latest(out) == "step_00000002" and complete_checkpoints(out) == ["step_00000002"]
+    monkeypatch.undo()
+    rc = _main(demo_dataset, out, **kw, optim__lr=0.001, checkpoint__accept_changes="[optim.lr]")
+    cap = capsys.readouterr()
+    err = cap.out + cap.err
+    assert rc == 0, err
+    assert "resuming with an accepted change (checkpoint.accept_changes) optim.lr: 0.003 -> 0.001" in err, err
+    records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    f = lr_lambda(OptimConfig(lr=0.001, warmup_steps=0), 4)
+    assert sorted(records) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert records[step]["optim/lr"] == pytest.approx(0.001 * f(step), rel=1e-9), records[step]
+    old = lr_lambda(OptimConfig(lr=0.003, warmup_steps=0), 4)
+    assert records[2]["optim/lr"] == pytest.approx(0.003 * old(2), rel=1e-9)  # the first run's schedule

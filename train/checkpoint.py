@@ -4,16 +4,21 @@ Layout under `<output_dir>/checkpoints/`:
 
     step_00000040/            DeepSpeed engine state (model, optimizer, scheduler) + ours:
         trainer_state_rank{r}.json   step, data-loader position, RNG states of that rank
+        fingerprint.json             what the run was configured with (train/fingerprint.py)
         COMPLETE                     written by rank 0 after every rank finished writing
     latest                    the tag of the newest COMPLETE checkpoint (replaced atomically)
 
-A checkpoint counts only once COMPLETE exists, and `latest` moves only after that, so a crash (or
-SIGKILL) while saving leaves the previous checkpoint as the one resumed from. Old checkpoints are
-pruned only after a newer one is complete. Trainer state is JSON (no pickles to trust on load).
+Write order: engine files and trainer states (every rank), fingerprint (rank 0), a barrier, COMPLETE, then
+`latest`, then pruning. A checkpoint counts only once COMPLETE exists and `latest` moves only after that, so
+a crash (or SIGKILL) while saving leaves the previous checkpoint as the one resumed from. A COMPLETE
+checkpoint is never rewritten, and old ones are pruned only after a newer one is complete. A save that fails
+(disk full, no permission) removes its partial directory and raises `CheckpointWriteError` naming the path
+and the cause. Trainer state is JSON (no pickles to trust on load).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -26,29 +31,82 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from train import fingerprint as fingerprints
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 _TAG = re.compile(r"^step_(\d{8})$")
+EXIT_CONFIG = 2      # bad configuration, or a resume that would change what the checkpoint was trained with
+EXIT_NONFINITE = 3   # too many consecutive non-finite losses / gradient norms; saved only if the weights are finite
+EXIT_IO = 74         # EX_IOERR: a checkpoint or config.yaml could not be written (disk full, no permission)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after checkpointing; run again to continue
-EXIT_NONFINITE = 3   # too many consecutive NaN/inf losses; stopped after checkpointing
+
+_CAUSES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+           errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system"}
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint (or the run's config) could not be written; the message names the path and the cause."""
+
+
+def describe_write_error(e: BaseException, where: Path) -> str:
+    """'disk full (ENOSPC) writing <path>' for an OSError; torch.save reports a full disk as a RuntimeError
+    without errno, so that one gets its text and the free space left."""
+    if isinstance(e, OSError) and e.errno is not None:
+        cause = _CAUSES.get(e.errno, e.strerror or "I/O error")
+        return f"{cause} ({errno.errorcode.get(e.errno, e.errno)}) writing {e.filename or where}"
+    try:
+        free = f"{shutil.disk_usage(where if where.exists() else where.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"{type(e).__name__} writing {where}: {e} ({free})"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write a temporary file, fsync it and rename it over `path`: readers see the old file or the whole new
+    one, never a part. On failure the temporary file is removed and `path` is untouched."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank: decisions made by reading a shared filesystem are made once (ranks with a
+    stale view of it would otherwise decide differently)."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_error(mine: str | None) -> str | None:
+    """Agree across ranks on whether any rank failed; the first failing rank's message (None: all fine)."""
+    if not _distributed():
+        return mine
+    every: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return next((e for e in every if e is not None), None)
 
 
 class CheckpointManager:
@@ -92,20 +150,50 @@ class CheckpointManager:
         return p, tag
 
     # ----- save / load -------------------------------------------------------------------------------
-    def save(self, engine, step: int, trainer_state: dict[str, Any]) -> str:
+    def save(self, engine, step: int, trainer_state: dict[str, Any], fingerprint: dict[str, Any],
+             prune: bool = True) -> str:
+        """Write checkpoint `step` (every rank calls this). Returns its tag; a COMPLETE checkpoint of that step
+        is kept as it is (a stop right after a periodic save, or the exit-3 save of an unchanged model). Raises
+        CheckpointWriteError on every rank when any rank could not write, after removing the partial tag."""
         tag = tag_for(step)
-        if self.rank == 0:
-            stale = self.root / tag
-            if stale.exists() and not (stale / COMPLETE).exists():
-                shutil.rmtree(stale)  # an earlier crash mid-save at this very step
+        tag_dir = self.root / tag
+        if broadcast_from_rank0((tag_dir / COMPLETE).exists()):
+            return tag
+        if self.rank == 0 and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # an earlier crash mid-save at this very step
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
-        _atomic_write(self.root / tag / f"trainer_state_rank{self.rank}.json",
-                      json.dumps({**trainer_state, "step": step}))
-        _barrier()
-        if self.rank == 0:
-            _atomic_write(self.root / tag / COMPLETE, f"{step}\n")
-            _atomic_write(self.root / LATEST, tag + "\n")
+        failed = None
+        where = tag_dir
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
+            where = tag_dir / f"trainer_state_rank{self.rank}.json"
+            atomic_write(where, json.dumps({**trainer_state, "step": step}))
+            if self.rank == 0:
+                where = tag_dir / fingerprints.FINGERPRINT
+                fingerprints.write(tag_dir, fingerprint, atomic_write)
+        except (OSError, RuntimeError) as e:
+            failed = describe_write_error(e, where)
+        failed = _first_error(failed)  # also the barrier before COMPLETE: every rank has written its part
+        if failed is None and self.rank == 0:
+            where = tag_dir / COMPLETE
+            try:
+                atomic_write(where, f"{step}\n")
+                where = self.root / LATEST
+                atomic_write(where, tag + "\n")
+            except BaseException as e:
+                # `latest` still names the previous checkpoint; without COMPLETE no scan picks this one either.
+                (tag_dir / COMPLETE).unlink(missing_ok=True)
+                if not isinstance(e, OSError):
+                    raise
+                failed = describe_write_error(e, where)
+        failed = broadcast_from_rank0(failed)
+        if failed is not None:
+            if self.rank == 0:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            _barrier()
+            raise CheckpointWriteError(f"checkpoint {tag_dir} not saved: {failed}; its partial directory was "
+                                       f"removed, {self.latest() or 'no checkpoint'} stays the latest")
+        if prune and self.rank == 0:
             for old in self.complete_tags()[: -self.keep_last]:
                 shutil.rmtree(self.root / old, ignore_errors=True)
         _barrier()

@@ -11,7 +11,14 @@ cross-check against the DeepSpeed JSON.
 
 The YAML is the source of truth. In the DeepSpeed JSON, "auto" (or a missing key) is filled from it and
 an explicit value must agree with it: a contradiction is a ValueError naming both files' fields, raised
-before any model is built. Override values are parsed with `yaml.safe_load`: data, never code.
+before any model is built. The YAML files and `--set` values are read by one loader (`load_yaml`): PyYAML's
+safe loader (data, never code) with YAML 1.2's floats, so `1e-4` is a number, not the string PyYAML's YAML 1.1
+rules make of it.
+
+Checks come in two kinds: `RunConfig.from_dict` checks the config against itself (field ranges, data.seq_len
+against the model's positions, pipeline stages against its layers); `check_environment` checks it against the
+machine and the job (dataset, output directory, checkpoint to resume, shards for every reader) and is called
+by train/main.py before the process group or the model exists.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +41,39 @@ from model.config import ModelConfig
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MODES = ("zero", "pipeline")
+
+
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """SafeLoader whose floats follow YAML 1.2: YAML 1.1 (PyYAML) wants a dot in the mantissa, so `1e-4`,
+    `--set optim.lr=1e-4` and `EXTRA_SETS="optim.lr=2e-5"` would reach the config as strings."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(  # checked after SafeLoader's own float and int patterns
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$
+                  |^[-+]?\.[0-9][0-9_]*[eE][-+]?[0-9]+$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """Parse YAML data (a config file or one `--set` value) with YAML 1.2 floats; raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_Yaml12FloatLoader)
+
+
+def read_config_doc(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The run YAML as a dict with the `--set` overrides applied; ValueError naming the file when unreadable."""
+    path = Path(path)
+    try:
+        doc = load_yaml(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {path} is a directory") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    return apply_overrides(doc, overrides)
 
 
 def _check_int(where: str, v: Any, lo: int) -> None:
@@ -149,9 +192,20 @@ class CheckpointConfig:
     """Start from an HF Emu3 checkpoint directory (UniMoD fine-tuning). Routers start fresh, unless the
     directory carries them for the same tasks (mod_routers.safetensors of a UniMoD export)."""
     max_consecutive_nonfinite: int = 5
-    """A NaN/inf loss skips its micro-batch; this many in a row saves and stops the run."""
+    """A NaN/inf loss skips its micro-batch, a NaN/inf global gradient norm skips its optimizer step; this many
+    of either in a row stops the run (exit 3), saving first only if the weights are finite."""
+    accept_changes: list[str] = field(default_factory=list)
+    """Fingerprint fields (train/fingerprint.py) this run may change on resume, e.g. [optim.lr, run.max_steps];
+    a resume that changes any other is refused (exit 2) naming the field. Accepted optimizer and schedule
+    changes take effect from the resumed step on. Model shapes and the parallel layout cannot be accepted."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.accept_changes, str):  # --set checkpoint.accept_changes=optim.lr
+            self.accept_changes = [self.accept_changes]
+        if not isinstance(self.accept_changes, list) or not all(
+                isinstance(a, str) and "." in a for a in self.accept_changes):
+            raise ValueError(f"checkpoint.accept_changes must be a list of dotted field names such as "
+                             f"[optim.lr, run.max_steps], got {self.accept_changes!r}")
         _check_int("checkpoint.save_every", self.save_every, 0)
         _check_int("checkpoint.keep_last", self.keep_last, 1)
         _check_int("checkpoint.max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
@@ -233,6 +287,15 @@ class RunConfig:
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         _check_routable_exists(kwargs["model"], where)
+        model, data, parallel = kwargs["model"], kwargs["data"], kwargs["parallel"]
+        if data.seq_len > model.max_position_embeddings:
+            raise ValueError(f"{where}: data.seq_len={data.seq_len} is longer than model.max_position_embeddings="
+                             f"{model.max_position_embeddings}: rows would hold positions the model is not built "
+                             f"for; lower data.seq_len or raise model.max_position_embeddings")
+        if parallel.mode == "pipeline" and parallel.pipeline_stages > model.num_hidden_layers:
+            raise ValueError(f"{where}: parallel.pipeline_stages={parallel.pipeline_stages} but the model has "
+                             f"{model.num_hidden_layers} decoder layers (model.num_hidden_layers): a stage without "
+                             f"a decoder layer has nothing to compute; use at most {model.num_hidden_layers} stages")
         if kwargs["parallel"].mode == "pipeline" and kwargs["data"].pad_to != "seq_len":
             # Pipeline stages exchange activations of one fixed shape, sent once per run.
             raise ValueError(f"{where}: data.pad_to={kwargs['data'].pad_to!r} makes micro-batch widths vary, "
@@ -241,15 +304,7 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> "RunConfig":
-        path = Path(path)
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ValueError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
-        doc = apply_overrides(doc, overrides)
-        return cls.from_dict(doc, where=str(path))
+        return cls.from_dict(read_config_doc(path, overrides), where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data)}
@@ -297,7 +352,8 @@ def _manifest_vocab(data: Mapping[str, Any]) -> dict[str, int] | None:
 
 
 def apply_overrides(doc: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`section.field[.sub]=value` -> nested dict update; value parsed as YAML (numbers, lists, maps)."""
+    """`section.field[.sub]=value` -> nested dict update; value parsed as YAML data (numbers, lists, maps) by
+    `load_yaml`, so `optim.lr=1e-4` is a number."""
     doc = copy.deepcopy(dict(doc))
     for item in overrides:
         if "=" not in item:
@@ -307,7 +363,7 @@ def apply_overrides(doc: Mapping[str, Any], overrides: list[str]) -> dict[str, A
         if len(parts) < 2 or not all(parts):
             raise ValueError(f"--set {item!r}: the key must name a section and a field, e.g. optim.lr=1e-4")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError as e:
             raise ValueError(f"--set {item!r}: value is not valid YAML ({e})") from None
         node = doc
@@ -320,6 +376,92 @@ def apply_overrides(doc: Mapping[str, Any], overrides: list[str]) -> dict[str, A
             node = nxt
         node[parts[-1]] = value
     return doc
+
+
+# ----- the config against the machine and the job ------------------------------------------------------
+def check_environment(cfg: RunConfig, world_size: int, where: str = "config") -> None:
+    """What the run needs from the file system and the job, checked on every rank before the process group,
+    the model or the engine exist (which can take minutes, and under ZeRO-3 hang a peer that failed alone).
+
+    Raises ValueError naming the field: data.dataset_dir without a manifest, run.output_dir that cannot hold
+    the run, a checkpoint.resume path without a complete checkpoint, or more data readers (data-parallel
+    ranks x data.num_workers) than a task has shards. Creates run.output_dir (the run would anyway).
+    """
+    data = cfg.data
+    if data.dataset_dir is not None:
+        dataset = Path(data.dataset_dir)
+        if not dataset.is_dir():
+            raise ValueError(f"{where}: data.dataset_dir={data.dataset_dir}: "
+                             f"{'not a directory' if dataset.exists() else 'no such directory'} (write a dataset "
+                             f"there with python -m data.prepare, or pass --prepare-demo-data for the demo)")
+        if not (dataset / "manifest.json").is_file():
+            raise ValueError(f"{where}: data.dataset_dir={data.dataset_dir} has no manifest.json (an unfinished "
+                             f"python -m data.prepare run writes it last)")
+    _check_output_dir(cfg.run.output_dir, where)
+    _check_resume(cfg, where)
+    _check_readers(cfg, world_size, where)
+
+
+def _check_output_dir(output_dir: str, where: str) -> None:
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{where}: run.output_dir={output_dir} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # A real write, not os.access: root passes access() on read-only mounts' directories and /proc.
+        fd, probe = tempfile.mkstemp(prefix=".writable-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{where}: run.output_dir={output_dir} is not a writable directory "
+                         f"({e.strerror or e})") from None
+
+
+def _check_resume(cfg: RunConfig, where: str) -> None:
+    spec = cfg.checkpoint.resume
+    if spec in ("auto", "none"):
+        return  # auto without a checkpoint starts from scratch
+    if not Path(spec).exists():
+        raise ValueError(f"{where}: checkpoint.resume={spec}: no such file or directory (auto | none | a "
+                         f"checkpoints/ directory or one of its step_NNNNNNNN directories)")
+    from train.checkpoint import CheckpointManager
+
+    try:
+        CheckpointManager.resolve(spec, Path(cfg.run.output_dir) / "checkpoints")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _check_readers(cfg: RunConfig, world_size: int, where: str) -> None:
+    """The loader gives every (rank, worker) reader of a task its own shards (data/loader.py): a reader
+    without one would hang DDP. It checks the usable shards again once built; this catches it up front."""
+    data = cfg.data
+    stages = cfg.parallel.pipeline_stages if cfg.parallel.mode == "pipeline" else 1
+    if world_size % stages:
+        return  # reconcile_ds_config reports it
+    dp = world_size // stages
+    readers = dp * max(1, data.num_workers)
+    if data.shards is not None:
+        counts, source = {t: len(data.shards[t]) for t in data.tasks}, "data.shards"
+    else:
+        from data.validate import load_manifest
+
+        manifest = load_manifest(data.dataset_dir)
+        by_task = manifest.shards.get(data.split)
+        if by_task is None:
+            raise ValueError(f"{where}: data.split={data.split!r} is not in {data.dataset_dir}/manifest.json "
+                             f"(splits: {sorted(manifest.shards)})")
+        counts = {t: len(by_task.get(t, [])) for t in data.tasks}
+        source = f"split {data.split!r} of {data.dataset_dir}/manifest.json"
+    for task, n in counts.items():
+        if n < readers:
+            fits = n // dp
+            raise ValueError(
+                f"{where}: data.num_workers={data.num_workers} x {dp} data-parallel rank(s) = {readers} readers, but "
+                f"task {task} has {n} shard(s) in {source} and every reader needs at least one (a reader without "
+                f"data hangs the others); " + (f"set data.num_workers to at most {fits}" if fits >= 1 else
+                                                f"use at most {n} data-parallel ranks")
+                + " or write more, smaller shards")
 
 
 # ----- DeepSpeed JSON ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,10 +27,13 @@ import torch.nn.functional as F
 
 from data.loader import UnimodLoader
 from model.flops import RowTokens, StepFlops, describe_microbatch, step_flops
-from train.checkpoint import EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager, rng_state, set_rng_state
+from train import fingerprint as fingerprints
+from train.checkpoint import (EXIT_CONFIG, EXIT_IO, EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager,
+                              CheckpointWriteError, atomic_write, broadcast_from_rank0, describe_write_error,
+                              rng_state, set_rng_state)
 from train.config import RunConfig
 from train.launch import DistEnv
-from train.engine import consolidated_state_dict
+from train.engine import apply_optim_config, consolidated_state_dict, params_finite
 from train.metrics import MetricsLogger, StepTimer, memory_scalars, throughput_scalars
 from train.signals import StopSignal
 
@@ -72,6 +76,9 @@ class StepRecord:
     routing: torch.Tensor     # [L, T, 2] routable / selected tokens
     samples: int = 0
     skipped_nonfinite: int = 0
+    """Micro-batches skipped for a non-finite loss."""
+    applied: bool = True
+    """The optimizer step was applied (False: skipped for a non-finite global gradient norm)."""
     microbatches: list[list[RowTokens]] = dataclasses.field(default_factory=list)
     """What each micro-batch trained on here held (for its FLOPs); empty on middle pipeline stages."""
 
@@ -88,7 +95,23 @@ class Trainer:
         T, L = cfg.model.num_tasks, cfg.model.num_hidden_layers
         self._zeros = lambda: StepRecord(torch.zeros(T, device=device), torch.zeros(T, device=device),
                                          torch.zeros((), device=device), torch.zeros(L, T, 2, device=device))
+        self.fingerprint = fingerprints.fingerprint(cfg, world_size=env.world_size, zero_stage=self.zero_stage,
+                                                    precision=precision)
+        self.cfg_as_given = cfg  # what config.yaml records (self.cfg gets checkpoint.resume pinned below)
+        # A resume this run may not make is found before any engine exists (so a shape change never reaches
+        # torch) and reported by fit() as exit 2 on every rank: main.py maps only its own start-up errors to 2.
+        self.refusal: str | None = None
+        try:
+            cfg = self.cfg = self._check_resume()
+        except ValueError as e:
+            self.refusal = str(e)
+            return
 
+        # Resuming on another layout (world size, mode, stages, ZeRO stage) converts the checkpoint here, before
+        # the engine exists: DeepSpeed reads "load_universal" at initialize (train/elastic.py).
+        from train.elastic import before_engine
+
+        self.resume_plan = before_engine(cfg, ds_config, env.rank, env.world_size)
         if self.pipeline:
             from train.pipeline import build_pipeline_engine
 
@@ -108,7 +131,6 @@ class Trainer:
         self.last_loss: dict[str, float] = {}
         self.first_loss: float | None = None
         self._evaluator = None  # built at the first evaluation (it fits the digit judge once)
-        self._grad_norm: float | None = None  # ZeRO-0's, which DeepSpeed does not report
 
     # ----- data ------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[tuple[dict[str, torch.Tensor], list[RowTokens]]]:
@@ -120,32 +142,112 @@ class Trainer:
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, rows
 
     # ----- resume ------------------------------------------------------------------------------------------
+    def _check_resume(self) -> RunConfig:
+        """Rank 0 picks the checkpoint to resume (ranks with a stale view of a shared filesystem could see
+        another `latest`) and compares its fingerprint with this run's; every rank gets rank 0's answer.
+        Returns the config with checkpoint.resume pinned to that checkpoint ("none" when there is none), so
+        every later reader (elastic resume, the load) takes the same one. Raises ValueError naming each change
+        this run may not make (layout changes are train/elastic.py's to judge)."""
+        cfg = self.cfg
+        answer: tuple[Any, ...] = ("none",)
+        if self.env.rank == 0:
+            try:
+                found = CheckpointManager.resolve(cfg.checkpoint.resume, self.out / "checkpoints")
+                if found is not None:
+                    saved = fingerprints.read(found[0] / found[1])
+                    answer = ("found", found, None if saved is None else
+                              fingerprints.compare(saved, self.fingerprint, cfg.checkpoint.accept_changes))
+            except ValueError as e:
+                answer = ("error", str(e))
+        answer = broadcast_from_rank0(answer)
+        if answer[0] == "error":
+            raise ValueError(answer[1])
+        if answer[0] == "none":
+            return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="none"))
+        (root, tag), comparison = answer[1], answer[2]
+        where = f"checkpoint {root / tag}"
+        if comparison is None:
+            if self.env.rank == 0:
+                print(f"[train] {where} has no {fingerprints.FINGERPRINT} (written before fingerprints): resuming "
+                      f"without checking that this run's configuration matches it", flush=True)
+        elif comparison.shape or comparison.refused:
+            raise ValueError(comparison.error(where))
+        elif self.env.rank == 0:
+            for c in comparison.accepted:
+                print(f"[train] resuming with an accepted change (checkpoint.accept_changes) {c}", flush=True)
+            for name in comparison.unused_accepts:
+                print(f"[train] note: checkpoint.accept_changes names {name}, which did not change", flush=True)
+        return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=str(root / tag)))
+
+    def _write_configs(self) -> str | None:
+        """Rank 0 writes the resolved config as config.yaml and as configs/config_<n>.yaml, n counting this
+        output directory's starts, so a restart never loses an earlier start's config (a config.yaml from before
+        configs/ existed becomes config_000). Both atomically: a full disk leaves the previous config.yaml
+        whole. Returns the error (the same on every rank), None when written."""
+        error = None
+        if self.env.rank == 0:
+            import yaml
+
+            path = self.out / "config.yaml"
+            try:
+                history = self.out / "configs"
+                history.mkdir(parents=True, exist_ok=True)
+                starts = sorted(history.glob("config_*.yaml"))
+                if not starts and path.exists():
+                    atomic_write(history / "config_000.yaml", path.read_text())
+                    starts = [history / "config_000.yaml"]
+                text = yaml.safe_dump(self.cfg_as_given.to_dict(), sort_keys=False)
+                path = history / f"config_{len(starts):03d}.yaml"
+                atomic_write(path, text)
+                path = self.out / "config.yaml"
+                atomic_write(path, text)
+            except OSError as e:
+                error = f"the run's config was not saved: {describe_write_error(e, path)}"
+        return broadcast_from_rank0(error)
+
     def _resume(self) -> None:
-        found = CheckpointManager.resolve(self.cfg.checkpoint.resume, self.out / "checkpoints")
-        if found is None:
+        plan = self.resume_plan
+        if plan is None:
             return
-        root, tag = found
-        state = self.ckpt.load(self.engine, root, tag)
+        if plan.changed:
+            from train.elastic import load
+
+            state = load(self.engine, plan)
+        else:
+            state = self.ckpt.load(self.engine, plan.load_dir, plan.tag)
         self.step = int(state["step"])
-        self.loader.load_state_dict(state["loader"])
+        # Another data-parallel size: the loader restarts the epoch at the same global position.
+        self.loader.load_state_dict(state["loader"], elastic=plan.changed)
         set_rng_state(state["rng"])
         self.last_loss = state.get("last_loss", {})
         self.first_loss = state.get("first_loss")
+        # The loaded optimizer and LR schedule carry the checkpoint's lr/betas/decay/schedule: this run's
+        # (changed ones accepted by _check_resume) apply from the resumed step on.
+        apply_optim_config(self.engine, self.cfg.optim, self.cfg.run.max_steps)
         if self.env.rank == 0:
-            print(f"[train] resumed from {root / tag} at step {self.step}", flush=True)
+            print(f"[train] resumed from {plan.state_dir} at step {self.step}", flush=True)
 
-    def _save(self) -> None:
+    def _save(self, prune: bool = True) -> bool:
+        """Checkpoint the current step unless a weight is non-finite (such a model is never saved: False).
+        Raises CheckpointWriteError when it could not be written (fit exits EXIT_IO)."""
+        if not params_finite(self.engine.module):
+            self.log.print(f"[train] the model has non-finite weights at step {self.step}: not saving it; "
+                           f"{self.ckpt.latest() or 'no checkpoint'} stays the latest")
+            return False
         state = {"loader": self.loader.state_dict(), "rng": rng_state(), "last_loss": self.last_loss,
                  "first_loss": self.first_loss}
-        tag = self.ckpt.save(self.engine, self.step, state)
+        tag = self.ckpt.save(self.engine, self.step, state, self.fingerprint, prune=prune)
         self.log.print(f"[train] checkpoint {self.out / 'checkpoints' / tag}")
+        return True
 
     # ----- one optimizer step -------------------------------------------------------------------------------
-    def _zero_step(self, it, timer: StepTimer, rec: StepRecord) -> int:
-        """Runs micro-batches until grad_accum of them had a finite loss. Returns the number of
-        consecutive non-finite micro-batches at the end (0 when the step completed)."""
+    def _zero_step(self, it, timer: StepTimer, rec: StepRecord, consecutive: int) -> int:
+        """Runs micro-batches until grad_accum of them had a finite loss, then the optimizer step, which the
+        engine skips when the global gradient norm is not finite (train/engine.py). `consecutive` counts the
+        non-finite events (skipped micro-batches and steps) since the last applied step; returns it updated
+        (0 after an applied step), early once it reaches checkpoint.max_consecutive_nonfinite."""
         cfg, engine = self.cfg, self.engine
-        done, consecutive = 0, 0
+        done = 0
         while done < cfg.optim.grad_accum:
             batch, rows = timer.fetch(it)
             out = engine(batch["input_ids"], task_ids=batch["task_ids"], position_ids=batch["position_ids"])
@@ -161,13 +263,7 @@ class Trainer:
                 if consecutive >= cfg.checkpoint.max_consecutive_nonfinite:
                     return consecutive
                 continue
-            consecutive = 0
             engine.backward(loss)
-            if self.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
-                # DeepSpeed reports no grad norm for a plain torch optimizer under ZeRO-0 (it clips
-                # without keeping the norm): take it here, after backward's all-reduce, before the step.
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
             engine.step()
             t = int(batch["task_ids"][0])
             rec.loss_sum[t] += ce.detach()
@@ -177,9 +273,19 @@ class Trainer:
             rec.samples += batch["input_ids"].shape[0]
             rec.microbatches.append(rows)  # a skipped micro-batch's forward is not counted
             done += 1
-        return 0
+        # The last engine.step() was the accumulation boundary: the engine applied the update or skipped it.
+        rec.applied = engine.was_step_applied()
+        if rec.applied:
+            return 0
+        consecutive += 1
+        self.log.print(f"[train] step {self.step + 1}: non-finite gradient norm, optimizer step skipped "
+                       f"({consecutive} in a row)")
+        return consecutive
 
-    def _pipeline_step(self, it, timer: StepTimer, rec: StepRecord) -> int:
+    def _pipeline_step(self, it, timer: StepTimer, rec: StepRecord, consecutive: int) -> int:
+        """One train_batch (DeepSpeed runs every micro-batch and the step). PipeLoss on the last stage turns a
+        non-finite loss into a zero contribution and counts it; the engine skips the step on a non-finite
+        global gradient norm. Returns `consecutive` (see _zero_step) updated."""
         from train.pipeline import PipelineStepStats
 
         stats = PipelineStepStats.attach(self.engine, rec)
@@ -187,9 +293,17 @@ class Trainer:
         self.engine.train_batch(data_iter=timed)
         stats.detach()
         rec.samples += self.cfg.data.micro_batch_size * self.cfg.optim.grad_accum
-        # PipeLoss (last stage) counted non-finite micro-batches; every stage learns the count.
-        flag = _all_reduce(torch.tensor([float(rec.skipped_nonfinite)], device=self.device), dist.ReduceOp.MAX)
-        return int(flag.item())
+        # Only the last stage counted the non-finite micro-batches; every stage learns the count and whether
+        # the step was applied (the engine decides from the norm over all stages, so they agree anyway).
+        flags = _all_reduce(torch.tensor([float(rec.skipped_nonfinite), float(not self.engine.was_step_applied())],
+                                         device=self.device), dist.ReduceOp.MAX)
+        rec.skipped_nonfinite = int(flags[0].item())
+        rec.applied = flags[1].item() == 0
+        if rec.applied and rec.skipped_nonfinite == 0:
+            return 0
+        if not rec.applied:
+            self.log.print(f"[train] step {self.step + 1}: non-finite gradient norm, optimizer step skipped")
+        return consecutive + rec.skipped_nonfinite + (0 if rec.applied else 1)
 
     def _step_flops(self, rec: StepRecord) -> tuple[StepFlops | None, StepFlops | None]:
         """The global step's FLOPs (recompute as configured; and without it, for MFU) on the ranks that count
@@ -211,26 +325,56 @@ class Trainer:
                 StepFlops(actual=actual_model, dense=dense_model, tokens=tokens, real_tokens=real))
 
     # ----- the run -------------------------------------------------------------------------------------------
-    def fit(self) -> int:
+    def fit(self, stop: StopSignal | None = None) -> int:
+        """Train to run.max_steps; returns the exit code. `stop` is main()'s handler (installed at the start of
+        start-up); without one, fit installs its own for its duration. What a signal does in each phase is
+        described in train/signals.py."""
         cfg = self.cfg
-        if self.env.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save_yaml(self.out / "config.yaml")
-        self._resume()
+        own_stop = stop is None
+        stop = stop or StopSignal(raise_now=False)
+        try:
+            return self._fit(stop)
+        finally:
+            if own_stop:
+                stop.restore()
+
+    def _fit(self, stop: StopSignal) -> int:
+        cfg = self.cfg
+        error, code = self.refusal, EXIT_CONFIG
+        if error is None:
+            error, code = self._write_configs(), EXIT_IO
+        if error is None:
+            try:
+                self._resume()
+            except ValueError as e:  # the loader's own check: the batch order would change
+                error, code = str(e), EXIT_CONFIG
+        if error is not None:
+            if self.env.rank == 0:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            return code
         start_step = self.step
-        if start_step >= cfg.run.max_steps and (self.out / "summary.json").exists():
-            # A finished run (e.g. the demo run again): nothing to train, keep its summary as it is.
+        if start_step >= cfg.run.max_steps and _summary_status(self.out) == "completed":
+            # A finished run (e.g. the demo run again): nothing to train, keep its summary as it is. One that
+            # trained to the end but was killed before its summary goes on to the export and evaluation below.
             if self.logs_here:
                 print(f"[train] {self.out} already reached run.max_steps={cfg.run.max_steps}; its summary:",
                       flush=True)
                 print((self.out / "summary.json").read_text(), flush=True)
             return 0
+        if stop.agreed(self.device):
+            # Built and resumed, not yet trained: the checkpoint resumed from (if any) is still the newest.
+            if self.logs_here:
+                print(f"[train] stop signal before the first step: exiting with code {EXIT_PREEMPTED}, nothing new "
+                      f"to save (resume with checkpoint.resume=auto)", flush=True)
+                if not (self.out / "summary.json").exists():  # an earlier attempt's summary still describes the run
+                    self._write_summary(_ZERO_TOTALS, 0.0, EXIT_PREEMPTED, start_step,
+                                        notes={"stopped_during": "startup", "signal": stop.name})
+            return EXIT_PREEMPTED
         self.log = MetricsLogger(self.out, self.logs_here, cfg.run.max_steps, start_step, cfg.logging.progress_bar)
-        stop = StopSignal()
         it = self._batches()
         timer = StepTimer(self.device)
         t_run = time.perf_counter()
-        totals = {"tokens": 0, "real_tokens": 0, "actual": 0, "dense": 0, "train_s": 0.0, "skipped_nonfinite": 0}
+        totals = dict(_ZERO_TOTALS)
         exit_code = 0
         consecutive = 0
         try:
@@ -238,21 +382,21 @@ class Trainer:
                 rec = self._zeros()
                 timer.start()
                 step_fn = self._pipeline_step if self.pipeline else self._zero_step
-                bad = step_fn(it, timer, rec)
+                consecutive = step_fn(it, timer, rec, consecutive)
                 step_s = timer.stop()
                 totals["skipped_nonfinite"] += rec.skipped_nonfinite
-                if bad:
-                    consecutive = consecutive + bad if self.pipeline else bad
-                    if consecutive >= cfg.checkpoint.max_consecutive_nonfinite:
-                        self.log.print(f"[train] {consecutive} consecutive non-finite losses at step "
-                                       f"{self.step + 1}: saving and stopping; lower optim.lr or check the data")
-                        self._save()
-                        exit_code = EXIT_NONFINITE
-                        break
-                    if not self.pipeline:
-                        continue
-                else:
-                    consecutive = 0
+                totals["skipped_steps"] += not rec.applied
+                if consecutive >= cfg.checkpoint.max_consecutive_nonfinite:
+                    self.log.print(f"[train] {consecutive} consecutive non-finite losses or gradient norms at step "
+                                   f"{self.step + 1}: stopping; lower optim.lr (resuming with a new value needs "
+                                   f"--set checkpoint.accept_changes=[optim.lr]) or check the data")
+                    # Saved only if the weights are finite, never over a complete checkpoint of this step, and
+                    # without pruning: the checkpoints before the trouble stay.
+                    self._save(prune=False)
+                    exit_code = EXIT_NONFINITE
+                    break
+                if not rec.applied:
+                    continue  # the step is taken again with the next micro-batches
                 self.step += 1
 
                 # Reduce what this step did across ranks (loss owners only matter for logging).
@@ -286,24 +430,43 @@ class Trainer:
                                    routing, flops, flops_model, rec.samples * self.dp_world)
                 self.log.advance()
 
-                if stop.agreed(self.device):
+                # The last step is not a stop: training is complete and the end-of-run phase below applies.
+                last = self.step >= cfg.run.max_steps
+                if not last and stop.agreed(self.device):
                     self.log.print(f"[train] stop signal received: checkpointing at step {self.step} and exiting "
                                    f"with code {EXIT_PREEMPTED} (resume with checkpoint.resume=auto)")
                     self._save()
                     exit_code = EXIT_PREEMPTED
                     break
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
-                    self._save()
+                    if not self._save():  # non-finite weights: nothing this run does from here can be kept
+                        exit_code = EXIT_NONFINITE
+                        break
+                    if not last and stop.agreed(self.device):
+                        # It arrived while this checkpoint was written (the workers kept running): that one is
+                        # complete and is the one to resume from; a second save would only spend the grace time.
+                        self.log.print(f"[train] stop signal received while checkpointing step {self.step}: that "
+                                       f"checkpoint is complete; exiting with code {EXIT_PREEMPTED} (resume with "
+                                       f"checkpoint.resume=auto)")
+                        exit_code = EXIT_PREEMPTED
+                        break
                 if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < cfg.run.max_steps:
                     self.evaluate()
             else:
-                if self.ckpt.latest() != f"step_{self.step:08d}":
-                    self._save()
+                if self.ckpt.latest() != f"step_{self.step:08d}" and not self._save():
+                    exit_code = EXIT_NONFINITE
+        except CheckpointWriteError as e:
+            self.log.print(f"[train] error: {e}; exiting with code {EXIT_IO}")
+            exit_code = EXIT_IO
         finally:
-            stop.restore()
+            it.close()  # shuts the loader's workers down in order (they ignore stop signals: data/loader.py)
             self.log.close()
 
-        eval_metrics = None
+        # Training is complete and its final checkpoint too: a stop signal from here on is not a preemption.
+        # The export is finished (the run's deliverable; its gather is collective anyway), the final evaluation
+        # is skipped if the signal came before it started and finished if it came during it, and the run
+        # exits 0 with status "completed". Requeueing would find the run finished and do nothing more.
+        eval_metrics, notes = None, {}
         if exit_code == 0 and (cfg.checkpoint.export_hf or cfg.logging.eval_at_end):
             partitioned = self.pipeline or self.zero_stage == 3
             # Gathered once, for both the export and the final evaluation (which needs it only when the
@@ -311,10 +474,17 @@ class Trainer:
             state = self._gathered_state() if cfg.checkpoint.export_hf or partitioned else None
             if cfg.checkpoint.export_hf:
                 self.export_hf(self.out / "hf", state)
-            if cfg.logging.eval_at_end:
+            if cfg.logging.eval_at_end and stop.agreed(self.device):
+                notes["eval_skipped"] = (f"stop signal before the final evaluation; run it with python -m "
+                                         f"train.evaluate --checkpoint {self.out} --out {self.out / 'eval.json'}")
+                if self.env.rank == 0:
+                    print(f"[train] training is complete; {notes['eval_skipped']}", flush=True)
+            elif cfg.logging.eval_at_end:
+                if self.env.rank == 0:
+                    print("[train] final evaluation (a stop signal from now on waits for it to finish)", flush=True)
                 eval_metrics = self.evaluate(final=True, state=state)
         if self.logs_here:  # the loss owner: rank 0, or the last pipeline stage's first replica
-            self._write_summary(totals, time.perf_counter() - t_run, exit_code, start_step, eval_metrics)
+            self._write_summary(totals, time.perf_counter() - t_run, exit_code, start_step, eval_metrics, notes)
         return exit_code
 
     # ----- evaluation (train/evaluate.py: understanding, generation, perplexity, router agreement) ----------
@@ -386,9 +556,7 @@ class Trainer:
         scalars = {"loss/total": total_loss, "mod/aux_loss": float(aux_sum) / n_micro,
                    "optim/lr": self.engine.get_lr()[0], "time/step_s": step_s,
                    "time/data_pct": 100.0 * data_s / step_s if step_s > 0 else 0.0}
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = self._grad_norm
+        grad_norm = self.engine.get_global_grad_norm()  # ZeRO-0 fp32: FiniteAdamW's, which the engine reads
         if grad_norm is not None:
             scalars["optim/grad_norm"] = float(grad_norm)
         for t, task in enumerate(cfg.model.mod.tasks):
@@ -409,11 +577,12 @@ class Trainer:
         scalars["data/captions_dropped"] = float(counters.get("captions_dropped", 0))
         self.log.log(self.step, scalars)
 
-    def _write_summary(self, totals, wall_s, exit_code, start_step, eval_metrics=None) -> None:
+    def _write_summary(self, totals, wall_s, exit_code, start_step, eval_metrics=None, notes=None) -> None:
         world = self.env.world_size
         train_s = max(totals["train_s"], 1e-9)
         summary = {
-            "status": {0: "completed", EXIT_PREEMPTED: "preempted", EXIT_NONFINITE: "stopped_nonfinite"}[exit_code],
+            "status": {0: "completed", EXIT_PREEMPTED: "preempted", EXIT_NONFINITE: "stopped_nonfinite",
+                       EXIT_IO: "checkpoint_write_failed"}[exit_code],
             "steps": self.step,
             "steps_this_run": self.step - start_step,
             "tokens": totals["tokens"],
@@ -429,6 +598,7 @@ class Trainer:
             "flops_dense": totals["dense"],  # the dense baseline: real tokens only, each document alone
             "mod_flops_saved_pct": 100.0 * (1 - totals["actual"] / totals["dense"]) if totals["dense"] else 0.0,
             "skipped_nonfinite_microbatches": totals["skipped_nonfinite"],
+            "skipped_nonfinite_steps": totals["skipped_steps"],
             "wall_time_s": wall_s,
             "world_size": world,
             "mode": self.cfg.parallel.mode,
@@ -440,10 +610,12 @@ class Trainer:
             eval_metrics.pop("step", None)
         if eval_metrics is not None:
             summary["eval"] = {k: v for k, v in eval_metrics.items() if not k.startswith("router/")}
+        summary.update(notes or {})  # how a stop signal shaped this attempt (stopped_during, eval_skipped)
         path = self.out / "summary.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, path)
+        try:
+            atomic_write(path, json.dumps(summary, indent=2))
+        except OSError as e:  # a full disk must not turn the run's exit code into a traceback
+            print(f"[train] error: {describe_write_error(e, path)}; the summary is only printed", flush=True)
         print(json.dumps(summary, indent=2), flush=True)
 
     def export_hf(self, path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -457,6 +629,17 @@ class Trainer:
             print(f"[train] exported HF Emu3 weights to {path}", flush=True)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+
+
+def _summary_status(out: Path) -> str | None:
+    try:
+        return json.loads((out / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+_ZERO_TOTALS = {"tokens": 0, "real_tokens": 0, "actual": 0, "dense": 0, "train_s": 0.0, "skipped_nonfinite": 0,
+                "skipped_steps": 0}
 
 
 class _TimedIter:

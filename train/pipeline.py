@@ -34,7 +34,7 @@ from model.hf import iter_hf_tensors
 from model.layers import Embedding, Linear, RMSNorm, rope_cos_sin
 from model.mod import DecoderLayer, capacity_table, routable_table, row_layout, token_kinds
 from train.config import RunConfig
-from train.engine import check_hf_matches, iter_hf_routers, make_optimizer, torch_dtype
+from train.engine import check_hf_matches, guard_nonfinite_steps, iter_hf_routers, make_optimizer, torch_dtype
 
 
 class EmbedPipe(nn.Module):
@@ -170,8 +170,12 @@ def build_pipeline_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: 
     module.to(device=device, dtype=torch_dtype(precision) if precision != "fp32" else torch.float32)
     if cfg.checkpoint.init_from_hf:
         load_hf_into_pipeline(module, cfg.model, cfg.checkpoint.init_from_hf)
-    opt, sched = make_optimizer(cfg, module.named_parameters(), ds_config, device.type == "cuda")
+    opt, sched, ds_config = make_optimizer(cfg, module.named_parameters(), ds_config, device.type == "cuda",
+                                           norm_group=module._grid.get_pipe_parallel_group())
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    guard_nonfinite_steps(engine)
+    from train.safe_load import install_safe_checkpoint_engine  # resume unpickles nothing but weights
+    install_safe_checkpoint_engine(engine)
     if engine.global_rank == 0:
         parts = module.parts
         L = cfg.model.num_hidden_layers

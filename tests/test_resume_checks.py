@@ -1,0 +1,83 @@
+"""What a resume may change (train/fingerprint.py): refused changes exit 2 before any engine is built, naming the
+field, the old and new value and the override; accepted schedule changes take effect from the resumed step; every
+start keeps its config (configs/config_NNN.yaml)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_train_single import _main, in_process  # noqa: F401 (fixture)
+from tests.train_helpers import read_metrics
+
+
+def test_compare_sorts_layout_shape_accepted_and_refused():
+    from train.fingerprint import compare
+
+    old = {"parallel.world_size": 2, "model.hidden_size": 64, "optim.lr": 1e-3, "run.max_steps": 10,
+           "model.mod.aux_loss_weight": 0.01, "model.mod.tasks": ["t2i", "mmu", "lm"]}
+    new = {**old, "parallel.world_size": 4, "model.hidden_size": 128, "optim.lr": 5e-4, "run.max_steps": 20,
+           "model.mod.aux_loss_weight": 0.1, "model.mod.tasks": ["mmu", "t2i", "lm"], "run.seed": 3}
+    c = compare(old, new, accept=["optim.lr", "run.max_steps", "model.hidden_size", "optim.eps"])
+    assert [x.field for x in c.layout] == ["parallel.world_size"]
+    assert [x.field for x in c.shape] == ["model.hidden_size", "model.mod.tasks"]  # accepting a shape does nothing
+    assert [x.field for x in c.accepted] == ["optim.lr", "run.max_steps"]
+    assert [x.field for x in c.refused] == ["model.mod.aux_loss_weight"]  # run.seed: absent from the old one
+    assert c.unused_accepts == ["model.hidden_size", "optim.eps"] and not c.ok
+    msg = c.error("checkpoint X")
+    assert "model.hidden_size: 64 -> 128" in msg and "cannot be accepted" in msg
+    assert "--set checkpoint.accept_changes=[model.mod.aux_loss_weight]" in msg
+    assert "model.mod.aux_loss_weight: 0.01 -> 0.1" in msg and "parallel.world_size: 2 -> 4" in msg
+
+
+@pytest.fixture
+def two_steps(in_process, demo_dataset, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert _main(demo_dataset, out, run__max_steps=2, optim__warmup_steps=0) == 0
+    return out
+
+
+@pytest.mark.parametrize("change,field,old,new", [
+    (dict(model__hidden_size=32), "model.hidden_size", "64", "32"),
+    (dict(model__mod__tasks="[mmu,t2i,lm]"), "model.mod.tasks", '["t2i", "mmu", "lm"]', '["mmu", "t2i", "lm"]'),
+])
+def test_shape_change_exits_2_before_the_engine(two_steps, demo_dataset, monkeypatch, capsys, change, field, old, new):
+    import train.engine
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine was built for a refused resume")
+
+    monkeypatch.setattr(train.engine, "build_zero_engine", no_engine)
+    capsys.readouterr()
+    rc = _main(demo_dataset, two_steps, run__max_steps=2, optim__warmup_steps=0, **change,
+               checkpoint__accept_changes=f"[{field}]")
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"{field}: {old} -> {new}" in err and "cannot be accepted" in err, err
+    assert "size mismatch" not in err
+
+
+def test_capacity_and_seed_changes_are_refused_until_accepted(two_steps, demo_dataset, capsys):
+    capsys.readouterr()
+    changed = dict(model__mod__aux_loss_weight=0.05, run__max_steps=2, optim__warmup_steps=0)
+    assert _main(demo_dataset, two_steps, **changed) == 2
+    err = capsys.readouterr().err
+    assert "model.mod.aux_loss_weight: 0.01 -> 0.05" in err, err
+    assert "--set checkpoint.accept_changes=[model.mod.aux_loss_weight]" in err, err
+
+
+def test_accepted_max_steps_and_lr_reshape_the_schedule_from_the_resumed_step(two_steps, demo_dataset, capsys):
+    from train.config import OptimConfig
+    from train.engine import lr_lambda
+
+    rc = _main(demo_dataset, two_steps, run__max_steps=4, optim__warmup_steps=0, optim__lr=0.002,
+               checkpoint__accept_changes="[run.max_steps,optim.lr]")
+    assert rc == 0, capsys.readouterr().err
+    records = {r["step"]: r["optim/lr"] for r in read_metrics(two_steps / "metrics.jsonl")}
+    old, new = lr_lambda(OptimConfig(warmup_steps=0), 2), lr_lambda(OptimConfig(warmup_steps=0), 4)
+    assert records[2] == pytest.approx(3e-3 * old(2), rel=1e-9)  # the first run: cosine over 2 steps, smoke lr
+    assert records[3] == pytest.approx(0.002 * new(3), rel=1e-9) and records[4] == pytest.approx(0.002 * new(4))
+    # Each start kept its config; config.yaml is the latest one.
+    configs = sorted(p.name for p in (two_steps / "configs").iterdir())
+    assert configs == ["config_000.yaml", "config_001.yaml"]
+    assert "max_steps: 2" in (two_steps / "configs" / "config_000.yaml").read_text()
+    assert (two_steps / "config.yaml").read_text() == (two_steps / "configs" / "config_001.yaml").read_text()
