@@ -5,9 +5,10 @@
 
 Reads every checkpoint kind this trainer writes: ZeRO-1/2/3 shards (consolidated to fp32 with DeepSpeed's
 zero_to_fp32), ZeRO-0 model states, and pipeline per-layer files. The model shape comes from the run's
-resolved `config.yaml` (two levels above the checkpoint), or `--config`. Tensors load with
-`torch.load(weights_only=True)`. The result loads with `UnifiedTransformer.from_hf` and with
-`transformers.Emu3ForCausalLM.from_pretrained`.
+resolved `config.yaml` (two levels above the checkpoint), or `--config`. Every file loads with
+`torch.load(weights_only=True)` and the allow-list of train/safe_load.py (zero_to_fp32 included), so a
+checkpoint with a planted pickle is refused, never run. The result loads with `UnifiedTransformer.from_hf`
+and with `transformers.Emu3ForCausalLM.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 from model import ModelConfig, UnifiedTransformer
 from train.checkpoint import CheckpointManager
 from train.pipeline import pipe_key_to_hf
+from train.safe_load import safe_torch_load, weights_only_torch_load
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 
@@ -38,16 +40,17 @@ def checkpoint_state_dict(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, to
         state = {}
         for f in layer_files:
             idx = int(_LAYER_FILE.match(f).group(1))
-            for k, v in torch.load(tag_dir / f, map_location="cpu", weights_only=True).items():
+            for k, v in safe_torch_load(tag_dir / f, map_location="cpu").items():
                 state[pipe_key_to_hf(f"{idx}.{k}", model_cfg.num_hidden_layers)] = v.float()
         return state
     if any(f.startswith("zero_pp_rank_") and f.endswith("optim_states.pt") for f in files):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
+        with weights_only_torch_load():  # zero_to_fp32 calls torch.load(weights_only=False) itself
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
     model_file = tag_dir / "mp_rank_00_model_states.pt"
     if model_file.exists():
-        return {k: v.float() for k, v in torch.load(model_file, map_location="cpu", weights_only=True)["module"].items()}
+        return {k: v.float() for k, v in safe_torch_load(model_file, map_location="cpu")["module"].items()}
     raise ValueError(f"{tag_dir}: no DeepSpeed model states found (not a checkpoint of this trainer)")
 
 

@@ -92,9 +92,12 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
     if str(device).startswith("cpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported by the reader
     from train.export import load_checkpoint_model
+    from train.safe_load import UnsafeCheckpointError
 
     try:
         model, _, run_config = load_checkpoint_model(path, dtype=dtype)
+    except UnsafeCheckpointError:
+        raise  # it names the refused file and global; "not an HF directory" would only blur that
     except ValueError as e:
         raise ValueError(f"--checkpoint {path}: not an HF directory, and {e}") from None
     return Loaded(model.to(device).eval(), "deepspeed", run_config)
