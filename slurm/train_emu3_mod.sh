@@ -35,8 +35,10 @@
 # OUTPUT_DIR/logs/job-<job id>.log. TensorBoard: OUTPUT_DIR/tensorboard.
 #
 # Preemption and time limits: Slurm sends SIGUSR1 five minutes before the time limit (--signal below);
-# the trainer checkpoints at the next step and exits 75; this script then runs `scontrol requeue`, and
-# the requeued job resumes from that checkpoint (RESUME=auto). Exit codes otherwise propagate:
+# the trainer checkpoints at the next step and exits 75 (a stop during start-up also exits 75, with nothing
+# to save); this script then runs `scontrol requeue`, and the requeued job resumes from that checkpoint
+# (RESUME=auto). One process per rank under srun keeps the ranks' 75 as srun's exit code (torchrun would
+# turn it into 1; docs/slurm.md, "Launchers and exit code 75"). Exit codes otherwise propagate:
 # 0 done, 2 bad setting or configuration, 3 repeated non-finite losses, anything else a crash.
 #
 #SBATCH --job-name=emu3-unimod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -314,3 +315,52 @@ def test_torchrun_two_ranks_all_reduce(tmp_path):
     assert _results(proc, tmp_path) == [
         f"RESULT rank={r} world=2 local={r}/2 launcher=torchrun device=cpu sum=3" for r in (0, 1)
     ]
+
+
+_LONE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {repo!r})
+    import psutil
+    import torch
+    import torch.distributed as dist
+    from train.launch import discover, init_distributed
+
+    env = init_distributed(discover(), timeout_s=60)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    listening = sorted({{c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+                        if c.status == psutil.CONN_LISTEN}})
+    print("RESULT", env.launcher, env.world_size, t.item(), ",".join(listening))
+    dist.destroy_process_group()
+""")
+
+
+def test_lone_process_listens_on_loopback_only(tmp_path):
+    """torch's TCPStore server binds every interface whatever MASTER_ADDR says (`ss -ltnp` showed `*:<port>`),
+    and gloo binds the address the hostname resolves to: a one-process run must open neither to the network."""
+    script = tmp_path / "lone.py"
+    script.write_text(_LONE.format(repo=str(REPO)))
+    proc = subprocess.run([sys.executable, str(script)], env=_clean_env(MASTER_PORT=str(_free_port())),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
+    _, launcher, world, total, listening = line.split(" ")
+    assert (launcher, world, float(total)) == ("single", "1", 1.0)
+    assert set(filter(None, listening.split(","))) <= {"127.0.0.1", "::1"}, listening
+
+
+# ----- how launchers report a rank's exit code 75 (docs/slurm.md) ----------------------------------------------
+def test_torchrun_reports_a_ranks_75_as_1_and_the_deepspeed_launcher_keeps_it(tmp_path):
+    """What train/main.py's docstring and docs/slurm.md tell users: under torchrun a stopped run's exit code is
+    1 (the 75 only appears in its failure report), under the deepspeed launcher it is 75."""
+    script = tmp_path / "stopped.py"
+    script.write_text("import sys; sys.exit(75)\n")
+    bin_dir = Path(sys.executable).parent
+    torchrun = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                               str(_free_port()), str(script)], env=_clean_env(), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 1, torchrun.stderr[-2000:]
+    assert re.search(r"exitcode\s*:\s*75", torchrun.stderr), torchrun.stderr[-2000:]
+    ds = subprocess.run([str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+                         str(script)], env=_clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ds.returncode == 75, (ds.stdout + ds.stderr)[-2000:]

@@ -214,3 +214,31 @@ def test_routing_a_kind_the_task_never_holds_exits_2(capsys, no_launch):
     assert rc == 2, err
     assert "model.mod.routable.lm = 'image'" in err and "layers [2, 3]" in err, err
     cfg("model.mod.routable.lm=all", 'model.mod.capacity={"2-3": {lm: 0.5}}')  # routable text: accepted
+
+
+# ----- numbers such as 1e-4 are numbers (PyYAML's YAML 1.1 reads them as strings) --------------------------------
+@pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("2E-5", 2e-5), ("-3e+2", -300.0), ("1.5e3", 1500.0),
+                                        (".5e1", 5.0), ("3.0e-3", 3e-3), ("1e4", 1e4)])
+def test_exponent_floats_are_numbers_in_set_values(text, value):
+    from train.config import load_yaml
+
+    assert load_yaml(text) == value and isinstance(load_yaml(text), float)
+    assert apply_overrides({}, [f"optim.lr={text}"])["optim"]["lr"] == value
+
+
+def test_exponent_floats_are_numbers_in_yaml_files_and_set(tmp_path):
+    """The --help example (`--set optim.lr=1e-4`), docs/slurm.md's EXTRA_SETS="optim.lr=2e-5", and a YAML file
+    that says `lr: 1e-4`."""
+    import yaml
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(SMOKE.read_text().replace("  lr: 3.0e-3", "  lr: 1e-4"))
+    assert "lr: 1e-4" in yaml_file.read_text()
+    assert RunConfig.load(yaml_file, SMALL).optim.lr == 1e-4
+    assert cfg("optim.lr=2e-5").optim.lr == 2e-5
+    for text in ("yes", "1_000", "0x1f", "on", "1.0", "12:30"):  # YAML 1.1's other readings are kept
+        assert apply_overrides({}, [f"a.b={text}"])["a"]["b"] == yaml.safe_load(text)
+
+
+def test_strings_that_look_like_exponents_stay_strings_when_quoted():
+    assert apply_overrides({}, ["run.output_dir='1e3'"])["run"]["output_dir"] == "1e3"

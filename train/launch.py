@@ -33,6 +33,10 @@ share one node, otherwise rank 0's hostname broadcast over MPI (`mpi_master_addr
 `resolve`). MASTER_PORT: an explicit MASTER_PORT wins; else Slurm: 20000 + SLURM_JOB_ID % 10000
 (the same on every rank, different for concurrent jobs on shared nodes); else 29500.
 
+A job of one process has no peers to meet: `init_distributed` gives it an in-process store and the loopback
+interface for gloo/NCCL, so it opens no port on the machine's other interfaces. (torch's TCPStore server
+listens on every interface whatever MASTER_ADDR says, and gloo binds the address the hostname resolves to.)
+
 On CPU the first `init_distributed` on a machine JIT-compiles DeepSpeed's shm_comm op (~30 s, then
 cached in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR).
 """
@@ -423,13 +427,42 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: int = 
         import torch
 
         torch.cuda.set_device(device)  # before init: NCCL binds each rank's communicator to this GPU
+    if env.world_size == 1:
+        _init_lone_process(backend or ("nccl" if device.startswith("cuda") else "gloo"), timeout_s)
     import deepspeed
 
+    # Adopts a process group that already exists (the lone process's), else starts one from the variables above.
     deepspeed.init_distributed(
         dist_backend=backend or ("nccl" if device.startswith("cuda") else "gloo"),
         auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=env.is_main,
     )
     return dataclasses.replace(env, device=device)
+
+
+def loopback_interface() -> str | None:
+    """Name of the interface that holds 127.0.0.1 ("lo" on Linux), or None when none does."""
+    import psutil  # a DeepSpeed dependency
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == LOCALHOST for a in addrs):
+            return name
+    return None
+
+
+def _init_lone_process(backend: str, timeout_s: int) -> None:
+    """The default process group of a one-process job, reachable from this machine only: an in-process
+    HashStore instead of a TCPStore (whose server binds every interface, measured with `ss -ltnp`), and gloo's
+    and NCCL's sockets on the loopback interface unless the user chose one (GLOO_/NCCL_SOCKET_IFNAME)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a second run in one process (tests, notebooks) keeps the first group
+        return
+    lo = loopback_interface()
+    if lo is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:

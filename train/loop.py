@@ -111,7 +111,11 @@ class Trainer:
         # the engine exists: DeepSpeed reads "load_universal" at initialize (train/elastic.py).
         from train.elastic import before_engine
 
-        self.resume_plan = before_engine(cfg, ds_config, env.rank, env.world_size)
+        try:  # a refused layout change is the same on every rank: exit 2 like the checks above
+            self.resume_plan = before_engine(cfg, ds_config, env.rank, env.world_size)
+        except ValueError as e:
+            self.refusal = str(e)
+            return
         if self.pipeline:
             from train.pipeline import build_pipeline_engine
 

@@ -12,8 +12,11 @@ The one entry point, unchanged under every launcher (train/launch.py finds rank 
     python train/main.py --config ... --plan --nodes 4 --gpus-per-node 8   # capacity planner, no GPU
 
 Options: `--set section.field=value` (repeatable) overrides the YAML; `--resume auto|none|PATH`.
-Exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after checkpointing (run again to continue);
-3 stopped after repeated non-finite losses; 2 bad configuration.
+Exit codes: 0 done (also when a stop signal came after the last step: see train/signals.py); 75 stopped by
+SIGTERM/SIGUSR1 with a complete checkpoint, or during start-up with nothing to save (run again to continue);
+3 stopped after repeated non-finite losses; 2 bad configuration or environment (named field, raised before
+the process group and the model exist). torchrun reports a rank's 75 as its own exit code 1; the deepspeed
+launcher and one process per rank under srun keep it (docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -70,11 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def ensure_demo_data(config_path: str, overrides: list[str], local_rank: int) -> None:
     """Build the demo dataset where the config points, once per machine (local rank 0); the other
     ranks wait for its manifest, which the builder writes last."""
-    import yaml
+    from train.config import read_config_doc
 
-    from train.config import apply_overrides
-
-    doc = apply_overrides(yaml.safe_load(Path(config_path).read_text()) or {}, overrides)
+    doc = read_config_doc(config_path, overrides)
     dataset_dir = (doc.get("data") or {}).get("dataset_dir")
     if not dataset_dir:
         raise ValueError("--prepare-demo-data needs data.dataset_dir in the config")
@@ -135,9 +136,29 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First thing: from here on SIGTERM / SIGUSR1 end the run with exit 75 whatever phase it is in (before
+    # this, a SIGUSR1 one second into start-up killed the process with 138 and no summary).
+    from train.signals import EXIT_PREEMPTED, StopRequested, StopSignal
+
+    stop = StopSignal()
+    where = {}  # what start-up has learnt so far, for the report of a stop during it
+    try:
+        return _run(argv, stop, where)
+    except StopRequested as e:
+        print(f"[train] {e} during start-up, before the process group: exiting with code {EXIT_PREEMPTED}, "
+              f"nothing to save (run again to continue)", file=sys.stderr, flush=True)
+        _startup_stop_summary(where, str(e))
+        return EXIT_PREEMPTED
+    finally:
+        stop.restore()
+
+
+def _run(argv: list[str] | None, stop, where: dict) -> int:
     args = parse_args(argv)
-    from train.config import RunConfig, load_ds_config, reconcile_ds_config, resolve_precision
+    from train.config import (RunConfig, check_environment, load_ds_config, reconcile_ds_config,
+                              resolve_precision)
     from train.launch import init_distributed, resolve
+    from train.signals import EXIT_PREEMPTED
 
     try:
         if args.plan:
@@ -146,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prepare_demo_data:
             ensure_demo_data(args.config, args.set, env.local_rank)
         cfg = RunConfig.load(args.config, args.set)
+        where.update(cfg=cfg, env=env)
 
         import torch
 
@@ -155,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_path = args.deepspeed_config or DEFAULT_DS_CONFIG["gpu" if on_gpu else "cpu"]
         # Every contradiction is reported here, before a process group or a model exists.
         ds_config = reconcile_ds_config(load_ds_config(ds_path), cfg, env.world_size, on_gpu, where=str(ds_path))
+        check_environment(cfg, env.world_size, where=args.config)
         precision = resolve_precision(cfg.parallel.precision, on_gpu)
         if not on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -166,15 +189,49 @@ def main(argv: list[str] | None = None) -> int:
         # A lone process only talks to itself: a free port, so two runs on one machine (or another job on
         # 29500) cannot collide with EADDRINUSE.
         env = dataclasses.replace(env, master_port=_free_port())
+    # From here a rank that left on its own would leave the others in a collective: signals are recorded and
+    # agreed on (all-reduce) instead.
+    stop.defer()
     env = init_distributed(env, device="cuda" if on_gpu else "cpu")
     device = torch.device(env.device)
+    if stop.agreed(device):
+        if env.rank == 0:
+            print(f"[train] stop signal during start-up, before the model was built: exiting with code "
+                  f"{EXIT_PREEMPTED}, nothing to save (run again to continue)", flush=True)
+            _startup_stop_summary(where, stop.name or "a stop signal (on another rank)")
+        return EXIT_PREEMPTED
     if env.rank == 0:
         print(f"[train] {env.world_size} process(es) via {env.launcher}, device {device}, precision {precision}, "
               f"mode {cfg.parallel.mode}, ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}", flush=True)
         print(f"[train] deepspeed config: {json.dumps(ds_config)}", flush=True)
     from train.loop import Trainer
 
-    return Trainer(cfg, ds_config, env, device, precision).fit()
+    return Trainer(cfg, ds_config, env, device, precision).fit(stop)
+
+
+def _startup_stop_summary(where: dict, signal_name: str) -> None:
+    """summary.json for a run stopped before its first step, written by rank 0 when the output directory is
+    known and holds no summary yet: an earlier attempt's summary (preempted at step N, or completed) still
+    describes the run, since this attempt trained nothing."""
+    cfg, env = where.get("cfg"), where.get("env")
+    if cfg is None or env is None or env.rank != 0:
+        return
+    out = Path(cfg.run.output_dir)
+    path = out / "summary.json"
+    if path.exists() or not out.is_dir():
+        return
+    from train.checkpoint import CheckpointManager
+
+    try:
+        found = CheckpointManager.resolve(cfg.checkpoint.resume, out / "checkpoints")
+    except ValueError:
+        found = None
+    steps = int(found[1].removeprefix("step_")) if found else 0
+    summary = {"status": "preempted", "stopped_during": "startup", "signal": signal_name, "steps": steps,
+               "steps_this_run": 0, "world_size": env.world_size}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
