@@ -126,7 +126,7 @@ def test_pad_to_longest_cuts_only_trailing_padding(dataset):
 def test_pad_to_longest_is_refused_in_pipeline_mode(tmp_path):
     from train.config import RunConfig
 
-    doc = {"model": {"preset": "debug"}, "data": {"dataset_dir": str(tmp_path), "pad_to": "longest"},
+    doc = {"model": {"preset": "debug"}, "data": {"dataset_dir": str(tmp_path), "pad_to": "longest", "seq_len": 1024},
            "parallel": {"mode": "pipeline", "pipeline_stages": 2}}
     with pytest.raises(ValueError, match="data.pad_to='longest'.*fixed shapes"):
         RunConfig.from_dict(doc)

@@ -461,3 +461,26 @@ def test_nan_gradient_steps_stop_and_lower_lr_resume_takes_effect(in_process, de
         assert records[step]["optim/lr"] == pytest.approx(0.001 * f(step), rel=1e-9), records[step]
     old = lr_lambda(OptimConfig(lr=0.003, warmup_steps=0), 4)
     assert records[2]["optim/lr"] == pytest.approx(0.003 * old(2), rel=1e-9)  # the first run's schedule
+
+
+def test_dropped_shard_is_counted_in_metrics_and_summary(in_process, demo_dataset, tmp_path):
+    """A shard that is not a tar, under data.bad_input: skip, reaches TensorBoard's twin (metrics.jsonl) and
+    summary.json per reason with the samples it held, summed over ranks (here one)."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    held = manifest["splits"]["train"]["shard_samples"]["lm"][1]
+    (data / "lm-train-000001.tar").write_bytes(np.random.default_rng(0).bytes(4096))
+    out = tmp_path / "run"
+    assert _main(data, out, run__max_steps=2, data__bad_input="skip", data__max_skip_fraction=1.0) == 0
+    data_summary = summary(out)["data"]
+    assert data_summary["skipped_shards"] == 1 and data_summary["skipped_shards/unreadable_shard"] == 1
+    assert data_summary["lost_samples"] == held and data_summary["lost_samples/unreadable_shard"] == held
+    assert data_summary["read_samples"] > 0 and data_summary["skipped_samples"] == 0
+    last = read_metrics(out / "metrics.jsonl")[-1]
+    assert last["data/skipped_shards/unreadable_shard"] == 1 and last["data/lost_samples"] == held

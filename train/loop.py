@@ -66,6 +66,11 @@ def _sum_exact(values: list[int], device: torch.device, group=None) -> list[int]
     return [(h << 32) + l for h, l in zip(hi, lo)]
 
 
+_DATA_TOTALS = ("read_samples", "skipped_samples", "skipped_shards", "lost_samples", "captions_dropped")
+"""Loader counters logged at every log step and kept in summary.json even when 0; the per-reason ones
+(`skipped_samples/<reason>`, ...) appear once they are not."""
+
+
 @dataclasses.dataclass
 class StepRecord:
     """What one optimizer step produced on this rank (reduced across ranks before logging)."""
@@ -465,6 +470,7 @@ class Trainer:
         finally:
             it.close()  # shuts the loader's workers down in order (they ignore stop signals: data/loader.py)
             self.log.close()
+        data_counters = self._data_counters()
 
         # Training is complete and its final checkpoint too: a stop signal from here on is not a preemption.
         # The export is finished (the run's deliverable; its gather is collective anyway), the final evaluation
@@ -488,6 +494,7 @@ class Trainer:
                     print("[train] final evaluation (a stop signal from now on waits for it to finish)", flush=True)
                 eval_metrics = self.evaluate(final=True, state=state)
         if self.logs_here:  # the loss owner: rank 0, or the last pipeline stage's first replica
+            notes["data"] = {k: v for k, v in (data_counters or {}).items() if k in _DATA_TOTALS or v}
             self._write_summary(totals, time.perf_counter() - t_run, exit_code, start_step, eval_metrics, notes)
         return exit_code
 
@@ -552,8 +559,24 @@ class Trainer:
             dist.barrier()
         return metrics
 
+    def _data_counters(self) -> dict[str, int] | None:
+        """The loader's counters (data/loader.py `counters()`: samples read, skipped and lost per reason,
+        shards dropped, captions dropped) summed over the ranks that read data: every rank under ZeRO, the last
+        stage's data-parallel replicas under the pipeline (the first stage reads the same micro-batches). A
+        collective over those ranks; None on the others."""
+        if self.pipeline and not self.engine.is_last_stage():
+            return None
+        from data.validate import REASONS
+
+        keys = list(_DATA_TOTALS) + [f"{kind}/{reason}" for kind in ("skipped_samples", "skipped_shards",
+                                                                      "lost_samples") for reason in REASONS]
+        mine = self.loader.counters()
+        group = self.engine.grid.get_data_parallel_group() if self.pipeline else None
+        return dict(zip(keys, _sum_exact([int(mine.get(k, 0)) for k in keys], self.device, group)))
+
     def _log_step(self, step_s, data_s, total_loss, loss_sum, loss_count, aux_sum, n_micro, routing, flops,
                   flops_model, samples) -> None:
+        counters = self._data_counters()  # a collective: before the ranks that do not log leave
         if not self.logs_here:
             return
         cfg = self.cfg
@@ -575,10 +598,12 @@ class Trainer:
                 if n_routable > 0:
                     scalars[f"mod/capacity/{task}/layer_{layer}"] = n_selected / n_routable
         scalars.update(memory_scalars(self.device))
-        counters = self.loader.counters()
-        scalars["data/skipped_samples"] = float(counters.get("skipped_samples", 0))
-        # Cumulative on this rank; shows classifier-free-guidance dropout (data.caption_dropout) is live.
-        scalars["data/captions_dropped"] = float(counters.get("captions_dropped", 0))
+        # Cumulative over the run and summed over the ranks that read data. captions_dropped shows that
+        # classifier-free-guidance dropout (data.caption_dropout) is live; the skip and loss counters make data
+        # dropped under data.bad_input: skip visible per reason (data.max_skip_fraction bounds them).
+        for key, value in (counters or {}).items():
+            if key in _DATA_TOTALS or value:
+                scalars[f"data/{key}"] = float(value)
         self.log.log(self.step, scalars)
 
     def _write_summary(self, totals, wall_s, exit_code, start_step, eval_metrics=None, notes=None) -> None:
@@ -614,7 +639,7 @@ class Trainer:
             eval_metrics.pop("step", None)
         if eval_metrics is not None:
             summary["eval"] = {k: v for k, v in eval_metrics.items() if not k.startswith("router/")}
-        summary.update(notes or {})  # how a stop signal shaped this attempt (stopped_during, eval_skipped)
+        summary.update(notes or {})  # data counters; how a stop signal shaped this attempt (stopped_during, eval_skipped)
         path = self.out / "summary.json"
         try:
             atomic_write(path, json.dumps(summary, indent=2))
