@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_train_single import _main, in_process  # noqa: F401 (fixture)
-from tests.train_helpers import complete_checkpoints, free_port, latest
+from tests.train_helpers import complete_checkpoints, free_port, latest, release_process_group
 
 
 class Crash(BaseException):
@@ -53,7 +53,6 @@ def _fail_writes(monkeypatch, match, exc=lambda path: Crash(str(path))):
 def engine():
     import deepspeed
     import torch
-    import torch.distributed as dist
 
     saved = dict(os.environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
@@ -65,8 +64,7 @@ def engine():
           "zero_optimization": {"stage": 0}, "steps_per_print": 1 << 30}
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     yield eng
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    release_process_group()
     os.environ.clear()
     os.environ.update(saved)
 

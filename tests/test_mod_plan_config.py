@@ -8,7 +8,8 @@ from train.config import RunConfig
 
 def _doc(tmp_path, **model):
     return {"model": {"preset": "debug", **model},
-            "data": {"shards": {"t2i": str(tmp_path / "x.tar")}, "tasks": {"t2i": 1.0}, "batches_per_epoch": 1}}
+            "data": {"shards": {"t2i": str(tmp_path / "x.tar")}, "tasks": {"t2i": 1.0}, "batches_per_epoch": 1,
+                     "seq_len": 1024}}
 
 
 def test_plan_file_sets_the_mod_section(tmp_path):

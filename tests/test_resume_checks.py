@@ -29,6 +29,20 @@ def test_compare_sorts_layout_shape_accepted_and_refused():
     assert "model.mod.aux_loss_weight: 0.01 -> 0.1" in msg and "parallel.world_size: 2 -> 4" in msg
 
 
+
+def test_grad_accum_that_keeps_the_global_batch_needs_no_acceptance():
+    from train.fingerprint import compare
+
+    old = {"parallel.world_size": 2, "parallel.data_parallel_size": 2, "data.micro_batch_size": 4,
+           "optim.grad_accum": 1}
+    fewer = {**old, "parallel.world_size": 1, "parallel.data_parallel_size": 1, "optim.grad_accum": 2}
+    c = compare(old, fewer, accept=["parallel.layout"])
+    assert [x.field for x in c.accepted] == ["optim.grad_accum"] and not c.refused and not c.unused_accepts
+    # The same accumulation change on the same ranks doubles the global batch: that one must be accepted.
+    c = compare(old, {**old, "optim.grad_accum": 2}, accept=[])
+    assert [x.field for x in c.refused] == ["optim.grad_accum"]
+    assert "elastic resume" in compare(old, fewer, accept=[]).error("X")
+
 @pytest.fixture
 def two_steps(in_process, demo_dataset, tmp_path):  # noqa: F811
     out = tmp_path / "run"

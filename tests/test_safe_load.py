@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.train_helpers import BIN, REPO, SMOKE, child_env, free_port, run
+from tests.train_helpers import BIN, REPO, SMOKE, child_env, free_port, release_process_group, run
 from train.safe_load import (ALLOWED_GLOBALS, SafeTorchCheckpointEngine, UnsafeCheckpointError,
                              install_safe_checkpoint_engine, weights_only_torch_load)
 
@@ -48,15 +48,13 @@ TAG = "step_00000001"
 def world_of_one():
     """A gloo group of one process for deepspeed.initialize; environment and group undone afterwards."""
     import deepspeed
-    import torch.distributed as dist
 
     saved = dict(os.environ)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    release_process_group()
     os.environ.clear()
     os.environ.update(saved)
 

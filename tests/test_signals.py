@@ -16,7 +16,6 @@ the process group) run in-process with a function on the way patched to signal i
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -25,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import (DS_SINGLE, DS_ZERO3, REPO, SMOKE, child_env, complete_checkpoints, finish, free_port,
-                                 kill_group, latest, overrides, read_metrics, settings, single_cmd, start, summary,
-                                 torchrun_cmd)
+                                 kill_group, latest, overrides, read_metrics, release_process_group, settings, single_cmd,
+                                 start, summary, torchrun_cmd)
 
 # Small and quick, but with a loader worker (the process that used to die of the group's SIGTERM), periodic
 # checkpoints to interrupt, an HF export and a short final evaluation.
@@ -194,7 +193,7 @@ def test_two_ranks_signalled_while_the_final_checkpoint_is_written_complete_the_
     stopped = two_ranks["midstep"]["summary"]["steps"]
     st = two_ranks["final_save"]
     r, s = st["result"], st["summary"]
-    assert f"resumed from" in r.output and f"at step {stopped}" in r.output, r.explain()
+    assert "resumed from" in r.output and f"at step {stopped}" in r.output, r.explain()
     assert two_ranks["final_save_at"].name == "step_00000006"
     assert s["status"] == "completed" and s["steps"] == 6 and s["steps_this_run"] == 6 - stopped, s
     assert "stop signal before the final evaluation" in s["eval_skipped"] and "eval" not in s, s
@@ -209,7 +208,6 @@ def test_two_ranks_signalled_while_the_final_checkpoint_is_written_complete_the_
 def in_process(monkeypatch):
     """`train.main.main` in this process with a free MASTER_PORT; its exported variables and process group are
     undone afterwards."""
-    import torch.distributed as dist
 
     saved = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "OMPI_COMM_WORLD_RANK",
@@ -218,8 +216,7 @@ def in_process(monkeypatch):
     os.environ["MASTER_PORT"] = str(free_port())
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    release_process_group()
     os.environ.clear()
     os.environ.update(saved)
     # main() puts the handlers back: a SIGTERM to pytest must still end pytest.

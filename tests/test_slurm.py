@@ -71,6 +71,10 @@ def _cluster_cmd(command: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PATH": SBIN_PATH})
 
 
+# A stop at a step boundary, or while that step's periodic checkpoint was written (which is then used as is).
+STOPPED_AT = r"stop signal received(?:: checkpointing at step| while checkpointing step) (\d+)"
+
+
 @pytest.fixture(scope="module")
 def cluster() -> dict[str, str]:
     """The environment for sbatch/scontrol against the running local cluster."""
@@ -209,7 +213,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, demo_dataset, co
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
         f"{info}\n{log[-4000:]}"
 
-    stopped = re.search(r"stop signal received: checkpointing at step (\d+)", log)
+    stopped = re.search(STOPPED_AT, log)
     assert stopped, log[-4000:]
     k = int(stopped.group(1))
     assert 2 <= k < STEPS, f"the signal was handled at step {k}, not mid-run"
@@ -241,7 +245,7 @@ def test_scancel_checkpoints_and_is_not_requeued(cluster, demo_dataset, tmp_path
     info = wait_job(cluster, job, timeout=120)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", f"{info}\n{log[-3000:]}"
-    stopped = re.search(r"stop signal received: checkpointing at step (\d+)", log)
+    stopped = re.search(STOPPED_AT, log)
     assert stopped, log[-3000:]
     assert_complete_checkpoint(out, int(stopped.group(1)))
     assert "not requeueing" in log and "requeueing job" not in log, log[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import (DS_SINGLE, MAIN, SMOKE, assert_hf_export_loads, child_env, complete_checkpoints,
-                                 finish, free_port, kill_group, latest, losses, read_metrics, run, settings,
-                                 single_cmd, start, summary, wait_for_step)
+                                 finish, free_port, kill_group, latest, losses, read_metrics, release_process_group, run,
+                                 settings, single_cmd, start, summary, wait_for_step)
 
 SMOKE_LIMIT_S = 120  # the issue: the first run a user makes finishes in under 2 minutes on 2 CPU cores
 
@@ -234,7 +235,9 @@ def test_sigterm_checkpoints_and_exits_75(interrupted):
     tag = f"step_{s['steps']:08d}"
     assert st["latest"] == tag and tag in st["complete"], st
     assert st["steps"] == list(range(1, s["steps"] + 1))  # it stopped at the step it checkpointed
-    assert f"stop signal received: checkpointing at step {s['steps']}" in r.output, r.explain()
+    # At a step boundary, or while step 2's periodic checkpoint was written (then that one is used as is).
+    assert re.search(rf"stop signal received(: checkpointing at step| while checkpointing step) {s['steps']}\b",
+                     r.output), r.explain()
 
 
 def test_sigusr1_checkpoints_and_resume_continues(interrupted):
@@ -306,13 +309,11 @@ def test_latest_naming_an_incomplete_checkpoint_is_not_used(tmp_path):
 def in_process():
     """`train.main.main` in this process: a free MASTER_PORT for its world-of-1 gloo group; the environment
     it exports (RANK, WORLD_SIZE, ...) and the process group are undone afterwards for later tests."""
-    import torch.distributed as dist
 
     saved = dict(os.environ)
     os.environ["MASTER_PORT"] = str(free_port())
     yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    release_process_group()
     os.environ.clear()
     os.environ.update(saved)
 

@@ -240,3 +240,19 @@ def assert_hf_export_loads(hf_dir: Path, seq_len: int = 24) -> None:
         b = theirs(ids).logits
     assert a.abs().sum() > 0
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def release_process_group() -> None:
+    """Undo an in-process run's process group for the tests after it. Through DeepSpeed's own teardown when it
+    built one: DeepSpeed caches groups made from the world (deepspeed.utils.groups), and a later in-process run
+    in this pytest process would otherwise reuse a destroyed one ("Group ... is not registered")."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()

@@ -159,8 +159,8 @@ class Comparison:
                 note = f"  ({_LOADER_BOUND[c.field]})" if c.field in _LOADER_BOUND else ""
                 lines.append(f"  {c}{note}")
         if self.layout:
-            lines.append(f"the parallel layout differs from {where} (resuming across a layout change is not "
-                         f"supported yet; launch with the checkpoint's layout):")
+            lines.append(f"the parallel layout differs from {where} (elastic resume converts the checkpoint when "
+                         f"--set checkpoint.accept_changes=[parallel.layout] accepts it; see docs/elastic.md):")
             lines += [f"  {c}" for c in self.layout]
         return "\n".join(lines)
 
@@ -176,9 +176,21 @@ def compare(saved: dict[str, Any], current: dict[str, Any], accept: list[str]) -
             layout.append(change)
         elif field in SHAPE_FIELDS:
             shape.append(change)
-        elif field in accept:
+        elif field in accept or (field == "optim.grad_accum" and _same_global_batch(saved, current)):
+            # More or fewer micro-batches per rank that keep the global batch is how a job moves to another
+            # data-parallel size (elastic resume): the optimization does not change, so it needs no acceptance.
             accepted.append(change)
         else:
             refused.append(change)
     named = {c.field for c in accepted}
+    if layout:  # elastic resume (train/elastic.py) judges these; "parallel.layout" accepts them all
+        named |= {"parallel.layout", *(c.field for c in layout)}
     return Comparison(layout, shape, accepted, refused, [a for a in accept if a not in named])
+
+
+def _same_global_batch(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    keys = ("data.micro_batch_size", "optim.grad_accum", "parallel.data_parallel_size")
+    if not all(k in saved for k in keys):
+        return False
+    product = lambda fp: fp[keys[0]] * fp[keys[1]] * fp[keys[2]]  # noqa: E731
+    return product(saved) == product(current)

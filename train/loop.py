@@ -338,7 +338,6 @@ class Trainer:
         """Train to run.max_steps; returns the exit code. `stop` is main()'s handler (installed at the start of
         start-up); without one, fit installs its own for its duration. What a signal does in each phase is
         described in train/signals.py."""
-        cfg = self.cfg
         own_stop = stop is None
         stop = stop or StopSignal(raise_now=False)
         try:

@@ -14,8 +14,10 @@ The one entry point, unchanged under every launcher (train/launch.py finds rank 
 Options: `--set section.field=value` (repeatable) overrides the YAML; `--resume auto|none|PATH`.
 Exit codes: 0 done (also when a stop signal came after the last step: see train/signals.py); 75 stopped by
 SIGTERM/SIGUSR1 with a complete checkpoint, or during start-up with nothing to save (run again to continue);
-3 stopped after repeated non-finite losses; 2 bad configuration or environment (named field, raised before
-the process group and the model exist). torchrun reports a rank's 75 as its own exit code 1; the deepspeed
+3 stopped after repeated non-finite losses or gradient norms (the last finite checkpoint kept); 74 a checkpoint
+could not be written (disk full, permissions: the path and cause are printed, the partial one removed); 2 bad
+configuration or environment (named field, raised before the process group and the model exist), or a resume
+this configuration may not make (checkpoint.accept_changes). torchrun reports a rank's 75 as its own exit code 1; the deepspeed
 launcher and one process per rank under srun keep it (docs/slurm.md).
 """
 

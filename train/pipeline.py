@@ -19,7 +19,6 @@ stage has a gradient to send back. Shapes are fixed per run (fixed seq_len, fixe
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 from typing import Any
 
