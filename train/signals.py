@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import signal
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL; the same value as train.checkpoint.EXIT_PREEMPTED (this module stays torch-free)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal (after checkpointing); run again to continue
 
 
 class StopRequested(BaseException):
