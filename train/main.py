@@ -159,7 +159,7 @@ def _run(argv: list[str] | None, stop, where: dict) -> int:
     args = parse_args(argv)
     from train.config import (RunConfig, check_environment, load_ds_config, reconcile_ds_config,
                               resolve_precision)
-    from train.launch import init_distributed, resolve
+    from train.launch import init_distributed, resolve, shutdown_distributed
     from train.signals import EXIT_PREEMPTED
 
     try:
@@ -201,6 +201,7 @@ def _run(argv: list[str] | None, stop, where: dict) -> int:
             print(f"[train] stop signal during start-up, before the model was built: exiting with code "
                   f"{EXIT_PREEMPTED}, nothing to save (run again to continue)", flush=True)
             _startup_stop_summary(where, stop.name or "a stop signal (on another rank)")
+        shutdown_distributed()
         return EXIT_PREEMPTED
     if env.rank == 0:
         print(f"[train] {env.world_size} process(es) via {env.launcher}, device {device}, precision {precision}, "
@@ -208,7 +209,9 @@ def _run(argv: list[str] | None, stop, where: dict) -> int:
         print(f"[train] deepspeed config: {json.dumps(ds_config)}", flush=True)
     from train.loop import Trainer
 
-    return Trainer(cfg, ds_config, env, device, precision).fit(stop)
+    code = Trainer(cfg, ds_config, env, device, precision).fit(stop)
+    shutdown_distributed()  # every rank returns from fit at the same point; an exception skips this
+    return code
 
 
 def _startup_stop_summary(where: dict, signal_name: str) -> None:
