@@ -95,3 +95,48 @@ def test_accepted_max_steps_and_lr_reshape_the_schedule_from_the_resumed_step(tw
     assert configs == ["config_000.yaml", "config_001.yaml"]
     assert "max_steps: 2" in (two_steps / "configs" / "config_000.yaml").read_text()
     assert (two_steps / "config.yaml").read_text() == (two_steps / "configs" / "config_001.yaml").read_text()
+
+
+def _pick_on_two_ranks(rank: int, root: str, port: int, answers) -> None:
+    """One rank of test_rank_0_picks_the_checkpoint_for_every_rank: rank 1's own view of the shared filesystem is
+    stale (it would pick step 2); `_check_resume` must hand it rank 0's pick."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from train.checkpoint import CheckpointManager
+    from train.config import RunConfig
+    from train.launch import DistEnv
+    from train.loop import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            CheckpointManager.latest = lambda self: "step_00000002"  # a stale copy of `latest`
+        trainer = Trainer.__new__(Trainer)  # only what _check_resume reads
+        trainer.cfg = RunConfig.from_dict({
+            "model": {"preset": "debug"},
+            "data": {"shards": {"t2i": "x.tar"}, "tasks": {"t2i": 1.0}, "batches_per_epoch": 1, "seq_len": 1024},
+            "run": {"output_dir": root}})
+        trainer.env = DistEnv(rank, 2, rank, 2, "127.0.0.1", port, "single")
+        trainer.out = Path(root)
+        trainer.fingerprint = {}
+        answers[rank] = trainer._check_resume().checkpoint.resume
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0_picks_the_checkpoint_for_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.train_helpers import free_port
+
+    for step in (2, 4):
+        tag = tmp_path / "checkpoints" / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        (tag / "COMPLETE").write_text(f"{step}\n")
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000004\n")
+    answers = mp.Manager().dict()
+    mp.spawn(_pick_on_two_ranks, args=(str(tmp_path), free_port(), answers), nprocs=2, join=True)
+    picked = str(tmp_path / "checkpoints" / "step_00000004")
+    assert dict(answers) == {0: picked, 1: picked}
