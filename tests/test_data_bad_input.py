@@ -28,12 +28,12 @@ def make(tmp_path, mutate=None):
     return str(tmp_path), samples
 
 
-def loader(root, policy, workers=0, **kw) -> UnimodLoader:
+def loader(root, policy, workers=0, tasks=None, **kw) -> UnimodLoader:
     # These datasets are a few dozen samples with one defect each: far past any sensible loss limit,
-    # which tests/test_data_loss.py tests on its own.
+    # which tests/test_data_loss.py tests on its own (passing max_skip_fraction).
     kw.setdefault("max_skip_fraction", 1.0)
-    c = LoaderConfig(dataset_dir=root, tasks={"t2i": 1.0, "lm": 1.0}, seq_len=64, micro_batch_size=1, pack=False,
-                     shuffle_buffer=0, num_workers=workers, bad_input=policy, **kw)
+    c = LoaderConfig(dataset_dir=root, tasks=tasks or {"t2i": 1.0, "lm": 1.0}, seq_len=64, micro_batch_size=1,
+                     pack=False, shuffle_buffer=0, num_workers=workers, bad_input=policy, **kw)
     return UnimodLoader(c, TASKS)
 
 

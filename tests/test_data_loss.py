@@ -21,6 +21,7 @@ import pytest
 from data.loader import DataLossError, LoaderConfig, UnimodLoader
 from data.validate import BadInputError, load_manifest, main as validate_main, read_shard, validate_dataset
 from tests.shard_fixtures import shard_path, write_dataset
+from tests.test_data_bad_input import epoch_keys, loader
 
 TASKS = ["t2i", "mmu", "lm"]
 BAD_KEY = "t2i-train-000001-3"  # last sample of its shard: past the start-up check of the first sample
@@ -29,20 +30,6 @@ BAD_KEY = "t2i-train-000001-3"  # last sample of its shard: past the start-up ch
 def make(tmp_path, mutate=None, **kw) -> tuple[str, dict]:
     kw = {"shards": 4, "per_shard": 4, "tasks": ("t2i", "lm"), **kw}
     return str(tmp_path), write_dataset(str(tmp_path), mutate=mutate, **kw)
-
-
-def loader(root, policy, workers=0, tasks=None, **kw) -> UnimodLoader:
-    kw.setdefault("max_skip_fraction", 1.0)  # the fault tests count losses; the limit has its own tests
-    c = LoaderConfig(dataset_dir=root, tasks=tasks or {"t2i": 1.0, "lm": 1.0}, seq_len=64, micro_batch_size=1,
-                     pack=False, shuffle_buffer=0, num_workers=workers, bad_input=policy, **kw)
-    return UnimodLoader(c, TASKS)
-
-
-def epoch_keys(ld: UnimodLoader) -> list[str]:
-    keys = []
-    for _ in ld:
-        keys.extend(k for row in ld.last_keys for k in row)
-    return keys
 
 
 def members(path: str) -> list[tarfile.TarInfo]:

@@ -243,16 +243,9 @@ def assert_hf_export_loads(hf_dir: Path, seq_len: int = 24) -> None:
 
 
 def release_process_group() -> None:
-    """Undo an in-process run's process group for the tests after it. Through DeepSpeed's own teardown when it
-    built one: DeepSpeed caches groups made from the world (deepspeed.utils.groups), and a later in-process run
-    in this pytest process would otherwise reuse a destroyed one ("Group ... is not registered")."""
-    import torch.distributed as dist
+    """Undo an in-process run's process group for the tests after it, as main() does at the end of a run:
+    through DeepSpeed, which caches groups made from the world (a later in-process run in this pytest process
+    would otherwise reuse a destroyed one: "Group ... is not registered"). Also after a run that raised."""
+    from train.launch import shutdown_distributed
 
-    if not dist.is_initialized():
-        return
-    import deepspeed.comm as ds_comm
-
-    if ds_comm.is_initialized():
-        ds_comm.destroy_process_group()
-    else:
-        dist.destroy_process_group()
+    shutdown_distributed()
