@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -551,9 +550,7 @@ class Trainer:
             if writer is not self.log:
                 writer.close()
             if final:
-                tmp = self.out / "eval.json.tmp"
-                tmp.write_text(json.dumps({"step": self.step, **metrics}, indent=2))
-                os.replace(tmp, self.out / "eval.json")
+                atomic_write(self.out / "eval.json", json.dumps({"step": self.step, **metrics}, indent=2))
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return metrics

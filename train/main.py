@@ -225,7 +225,7 @@ def _startup_stop_summary(where: dict, signal_name: str) -> None:
     path = out / "summary.json"
     if path.exists() or not out.is_dir():
         return
-    from train.checkpoint import CheckpointManager
+    from train.checkpoint import CheckpointManager, atomic_write
 
     try:
         found = CheckpointManager.resolve(cfg.checkpoint.resume, out / "checkpoints")
@@ -234,9 +234,7 @@ def _startup_stop_summary(where: dict, signal_name: str) -> None:
     steps = int(found[1].removeprefix("step_")) if found else 0
     summary = {"status": "preempted", "stopped_during": "startup", "signal": signal_name, "steps": steps,
                "steps_this_run": 0, "world_size": env.world_size}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
