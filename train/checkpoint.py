@@ -199,14 +199,17 @@ class CheckpointManager:
         _barrier()
         return tag
 
-    def load(self, engine, root: Path, tag: str) -> dict[str, Any]:
+    def load(self, engine, root: Path, tag: str, state_dir: Path | None = None) -> dict[str, Any]:
+        """Load `root/tag` into the engine; returns this rank's trainer state, read from `state_dir` (default
+        `root/tag`; an elastic resume loads a converted copy of the checkpoint kept elsewhere)."""
         path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
                                          load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-        mine = root / tag / f"trainer_state_rank{self.rank}.json"
+        state_dir = state_dir or root / tag
+        mine = state_dir / f"trainer_state_rank{self.rank}.json"
         if not mine.exists():  # resumed on a different world size: rank 0's position is the same for all
-            mine = root / tag / "trainer_state_rank0.json"
+            mine = state_dir / "trainer_state_rank0.json"
         return json.loads(mine.read_text())
 
 

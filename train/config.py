@@ -197,7 +197,8 @@ class CheckpointConfig:
     accept_changes: list[str] = field(default_factory=list)
     """Fingerprint fields (train/fingerprint.py) this run may change on resume, e.g. [optim.lr, run.max_steps];
     a resume that changes any other is refused (exit 2) naming the field. Accepted optimizer and schedule
-    changes take effect from the resumed step on. Model shapes and the parallel layout cannot be accepted."""
+    changes take effect from the resumed step on. Model shapes cannot be accepted; the parallel layout
+    (`parallel.layout`, or its fields) resumes through DeepSpeed's universal checkpoint (docs/elastic.md)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.accept_changes, str):  # --set checkpoint.accept_changes=optim.lr

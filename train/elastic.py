@@ -57,7 +57,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-FINGERPRINT = "fingerprint.json"  # written next to each checkpoint by train/checkpoint.py (when it does)
+from train import fingerprint as fingerprints
+from train.checkpoint import CheckpointManager
+from train.safe_load import safe_torch_load, weights_only_torch_load
+
 _UNIVERSAL = "universal_{mode}"   # converted folder inside the tag directory; the names depend on the mode
 MODES = ("zero", "pipeline")
 
@@ -112,16 +115,15 @@ class Layout:
         """From `fingerprint.json` when the checkpoint has one, else from DeepSpeed's file names and our
         trainer_state_rank*.json files (no pickle is opened)."""
         tag_dir = Path(tag_dir)
-        fp = tag_dir / FINGERPRINT
-        if fp.exists():  # train/fingerprint.py: {"version": 1, "fields": {"parallel.world_size": ..., ...}}
-            d = json.loads(fp.read_text()).get("fields", {})
+        d = fingerprints.read(tag_dir)
+        if d is not None:
             try:
                 stage = int(d["parallel.zero_stage"])
                 return cls(str(d["parallel.mode"]), int(d["parallel.world_size"]),
                            int(d.get("parallel.pipeline_stages") or 1), stage,
                            sharded=stage >= 1 or d.get("parallel.precision") == "bf16")
             except KeyError as e:
-                raise ValueError(f"{fp}: field {e.args[0]} is missing") from None
+                raise ValueError(f"{tag_dir / fingerprints.FINGERPRINT}: field {e.args[0]} is missing") from None
         names = [p.name for p in tag_dir.iterdir()]
         world = sum(1 for n in names if re.fullmatch(r"trainer_state_rank\d+\.json", n))
         if world == 0:
@@ -200,11 +202,11 @@ def _shape_zero3_states(out: Path) -> None:
     states = sorted(out.glob("zero_pp_rank_*_mp_rank_*_model_states.pt"))
     if not states:
         return
-    shapes = {k: v for group in torch.load(states[0], map_location="cpu", weights_only=False)["param_shapes"]
+    shapes = {k: v for group in safe_torch_load(states[0], map_location="cpu")["param_shapes"]
               for k, v in group.items()}
     for name, shape in shapes.items():
         for f in (out / "zero" / name).glob("*.pt"):
-            x = torch.load(f, map_location="cpu", weights_only=False)
+            x = safe_torch_load(f, map_location="cpu")
             if f.name != "step.pt" and torch.is_tensor(x):
                 torch.save({"param": x.reshape(shape), "cat_dim": 0}, f)
 
@@ -213,7 +215,7 @@ def _bridge_formats(out: Path) -> None:
     """Give the converted folder what both DeepSpeed universal loaders read (bridge 3 of the docstring)."""
     zero = out / "zero"
     path = zero / "optimizer_state.pt"
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+    sd = safe_torch_load(path, map_location="cpu")
     params = [p for p in sorted(zero.iterdir()) if p.is_dir()]
     if "optimizer_state_dict" in sd:  # from ZeRO-3: the step is global, per-parameter step.pt missing
         step = sd["optimizer_state_dict"]["state"][0]["step"]
@@ -222,7 +224,7 @@ def _bridge_formats(out: Path) -> None:
             if not (p / "step.pt").exists():
                 torch.save(step, p / "step.pt")
     else:  # from ZeRO-1/2 or the pipeline: one step.pt per parameter, equal everywhere
-        steps = {float(torch.load(p / "step.pt", weights_only=False)) for p in params if (p / "step.pt").exists()}
+        steps = {float(safe_torch_load(p / "step.pt")) for p in params if (p / "step.pt").exists()}
         if len(steps) != 1:
             raise RuntimeError(f"{zero}: expected one Adam step over all parameters, found {sorted(steps)}")
         step = torch.tensor(steps.pop())
@@ -249,14 +251,6 @@ def _bridge_formats(out: Path) -> None:
                 shutil.copy2(src, out / name)
 
 
-def _trusted_loads():
-    """DeepSpeed's converter and universal loaders call torch.load(weights_only=False) themselves; inside
-    this block that is train/safe_load.py's weights_only load with its allow-list."""
-    from train.safe_load import weights_only_torch_load
-
-    return weights_only_torch_load()
-
-
 def convert_to_universal(tag_dir: str | Path, old: Layout, new: Layout, num_layers: int) -> Path:
     """Rank-0 work: `<tag_dir>/universal_<new.mode>`, converted once and reused. Written into a temporary
     sibling and renamed, so the final folder exists only complete."""
@@ -275,7 +269,9 @@ def convert_to_universal(tag_dir: str | Path, old: Layout, new: Layout, num_laye
                 keep_temp_folder=False, strict=True,
                 inject_missing_state=True)  # bridge 1: the empty universal_checkpoint_info is right for this model
     try:
-        with _trusted_loads():
+        # DeepSpeed's converter calls torch.load(weights_only=False) itself: inside this block that is
+        # train/safe_load.py's weights_only load with its allow-list.
+        with weights_only_torch_load():
             import argparse
 
             ds_to_universal.main(argparse.Namespace(**args))
@@ -316,26 +312,19 @@ def prepare(plan: ResumePlan, rank: int, ds_config: dict[str, Any], num_layers: 
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
 
-def load(engine, plan: ResumePlan) -> dict[str, Any]:
-    """engine.load_checkpoint under the plan, then the trainer state of this rank (rank 0's when the old
-    run had fewer ranks: the step and loader position are the same on every rank)."""
+def load(engine, plan: ResumePlan, ckpt: CheckpointManager) -> dict[str, Any]:
+    """`ckpt.load` of the plan's (converted) checkpoint, with the trainer state from the original tag (rank 0's
+    when the old run had fewer ranks: the step and loader position are the same on every rank), then the
+    repairs a universal load needs."""
     saved_groups = None
     if plan.universal:
-        path = plan.load_dir / plan.tag / "zero" / "optimizer_state.pt"
-        with _trusted_loads():
-            saved_groups = torch.load(path, map_location="cpu", weights_only=False)["param_groups"]
-    with _trusted_loads():
-        path, _ = engine.load_checkpoint(str(plan.load_dir), tag=plan.tag, load_module_strict=True,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {plan.load_dir / plan.tag}")
+        saved_groups = safe_torch_load(plan.load_dir / plan.tag / "zero" / "optimizer_state.pt",
+                                       map_location="cpu")["param_groups"]
+    # engine.load_checkpoint runs inside train/safe_load.py's guard (install_safe_checkpoint_engine).
+    state = ckpt.load(engine, plan.load_dir, plan.tag, state_dir=plan.state_dir)
     if saved_groups is not None:
         _repair_after_universal_load(engine, saved_groups)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    mine = plan.state_dir / f"trainer_state_rank{rank}.json"
-    if not mine.exists():
-        mine = plan.state_dir / "trainer_state_rank0.json"
-    return json.loads(mine.read_text())
+    return state
 
 
 def _repair_after_universal_load(engine, saved_groups: list[dict[str, Any]]) -> None:
@@ -373,15 +362,13 @@ def before_engine(cfg, ds_config: dict[str, Any], rank: int, world_size: int) ->
     """Called by the Trainer on every rank before it builds the engine: the checkpoint `checkpoint.resume`
     names (None when there is none), compared with this run's layout, converted when the layout changed and
     the run accepts that. Mutates `ds_config` (load_universal) for `deepspeed.initialize`."""
-    from train.checkpoint import CheckpointManager
-
     found = CheckpointManager.resolve(cfg.checkpoint.resume, Path(cfg.run.output_dir) / "checkpoints")
     if found is None:
         return None
     root, tag = found
     old = Layout.of_checkpoint(root / tag)
     new = Layout.of_run(cfg.parallel.mode, world_size, cfg.parallel.pipeline_stages, ds_config)
-    accept = accepts_layout_change(list(getattr(cfg.checkpoint, "accept_changes", None) or []), old, new)
+    accept = accepts_layout_change(list(cfg.checkpoint.accept_changes), old, new)
     plan = resume_plan(root, tag, old, new, accept)
     prepare(plan, rank, ds_config, cfg.model.num_hidden_layers)
     if rank == 0 and plan.changed:

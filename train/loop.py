@@ -220,7 +220,7 @@ class Trainer:
         if plan.changed:
             from train.elastic import load
 
-            state = load(self.engine, plan)
+            state = load(self.engine, plan, self.ckpt)
         else:
             state = self.ckpt.load(self.engine, plan.load_dir, plan.tag)
         self.step = int(state["step"])
