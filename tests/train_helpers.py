@@ -67,7 +67,8 @@ def child_env(port: bool = False, threads: int | None = 1, **extra: str) -> dict
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "OMP_NUM_THREADS") and not k.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_"))}
-    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # PYTHONFAULTHANDLER: a rank that dies of a signal (an abort at exit, a segfault) shows where in the log.
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1")
     if port:
         env["MASTER_PORT"] = str(free_port())
     if threads is not None:

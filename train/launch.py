@@ -440,9 +440,8 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: int = 
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group at the end of a run, through DeepSpeed so its cached groups go too. Left to
-    interpreter exit, gloo's background threads are torn down in no particular order: a rank that had finished
-    its run cleanly was seen to abort with "terminate called without an active exception" (exit -6)."""
+    """Destroy the process group at the end of a run, through DeepSpeed so its cached groups go too, instead of
+    leaving gloo's worker threads to interpreter finalization (see the end of train/main.py `_run`)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import socket
@@ -209,8 +210,15 @@ def _run(argv: list[str] | None, stop, where: dict) -> int:
         print(f"[train] deepspeed config: {json.dumps(ds_config)}", flush=True)
     from train.loop import Trainer
 
-    code = Trainer(cfg, ds_config, env, device, precision).fit(stop)
-    shutdown_distributed()  # every rank returns from fit at the same point; an exception skips this
+    trainer = Trainer(cfg, ds_config, env, device, precision)
+    code = trainer.fit(stop)
+    # Every rank returns from fit at the same point (an exception skips this). The engine's reference cycles
+    # hold gloo work handles and tensors: freed now, while the interpreter is whole, and then the group, rather
+    # than during interpreter finalization, where a finished 2-rank run was seen to abort ("terminate called
+    # without an active exception"; pytorch/pytorch#179291 describes the mechanism).
+    del trainer
+    gc.collect()
+    shutdown_distributed()
     return code
 
 
