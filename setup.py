@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="DeepSpeed training of Emu3-architecture unified multimodal transformers with task-aware Mixture-of-Depths",
     python_requires=">=3.10",
-    packages=find_packages(include=["model", "model.*", "data", "data.*", "train", "train.*", "analysis", "analysis.*"]),
+    packages=find_packages(include=["model", "model.*", "data", "data.*", "train", "train.*", "analysis", "analysis.*", "tools", "tools.*"]),
     package_data={"train": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",

@@ -9,5 +9,5 @@
     probes.py       loss-when-skipped, task interaction, depth/width pruning and MoE probes
     plots.py        heat-maps (layer x task) and probe curves
 
-Entry point: `python -m train.analyze --checkpoint DIR --data DIR --out plan_dir/`.
+Entry point: `python -m tools.analyze --checkpoint DIR --data DIR --out plan_dir/`.
 """

@@ -3,7 +3,7 @@
 Accepted `--checkpoint` forms:
   - an HF Emu3 directory (`config.json` + safetensors, e.g. a run's `hf/`): `UnifiedTransformer.from_hf`;
   - a run directory (`config.yaml` + `checkpoints/`), a `checkpoints/` root (its newest complete
-    checkpoint) or one `step_NNNNNNNN` directory: weights via `train.export.checkpoint_state_dict`,
+    checkpoint) or one `step_NNNNNNNN` directory: weights via `tools.export.checkpoint_state_dict`,
     shape from the run's `config.yaml`.
 
 The analysis measures the dense network (UniMoD plans MoD layers for a dense checkpoint), so any MoD
@@ -51,7 +51,7 @@ def load_dense(checkpoint: str | Path, device: torch.device | str = "cpu",
 
 
 def _from_run_checkpoint(path: Path, dtype: torch.dtype | None):
-    from train.export import load_checkpoint_model
+    from tools.export import load_checkpoint_model
 
     trained, tag_dir, config = load_checkpoint_model(path, dtype=dtype)
     run_cfg = trained.config

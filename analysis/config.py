@@ -15,7 +15,7 @@ def _positive_int(name: str, v: object, allow_none: bool = False) -> None:
 
 @dataclass
 class AnalysisConfig:
-    """Settings of `python -m train.analyze`; each CLI flag maps to one field."""
+    """Settings of `python -m tools.analyze`; each CLI flag maps to one field."""
 
     tasks: list[str] | None = None
     """Tasks to analyse (None: every task of the model that the dataset's train split holds)."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from analysis.samples import Batch
 from model.layers import rope_cos_sin
+from model.loss import causal_lm_nll_per_row
 from model.transformer import UnifiedTransformer
 
 SKIP_KINDS = ("block", "attn", "mlp")
@@ -114,14 +115,7 @@ def sequence_nll(net: UnifiedTransformer, batch: Batch, edits: Edits | None = No
     """Next-token NLL summed per row [B] (fp32) and supervised tokens per row [B], as training's loss
     counts them (labels aligned with inputs, shifted by one). `start`/`x` as in `run_hidden`."""
     h = run_hidden(net, batch.input_ids, edits, start=start, x=x)
-    target = batch.labels[:, 1:]
-    sel = target != -100  # [B, S-1]
-    logits = net.lm_head(net.model.norm(h[:, :-1][sel])).float()
-    nll = F.cross_entropy(logits, target[sel], reduction="none")
-    rows = sel.nonzero(as_tuple=True)[0]
-    B = batch.input_ids.shape[0]
-    total = torch.zeros(B, dtype=torch.float32, device=nll.device).index_add(0, rows, nll)
-    return total, sel.sum(1)
+    return causal_lm_nll_per_row(h, batch.labels, lambda x: net.lm_head(net.model.norm(x)))
 
 
 def mean_nll(net: UnifiedTransformer, batches: list[Batch], edits: Edits | None = None) -> float:

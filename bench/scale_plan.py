@@ -1,4 +1,4 @@
-"""Scale on paper: the capacity planner (train/plan.py) for the Emu3-8B UniMoD run and its dense twin,
+"""Scale on paper: the capacity planner (tools/capacity.py) for the Emu3-8B UniMoD run and its dense twin,
 on 1, 4 and 16 nodes of 8 x 80 GB GPUs, ZeRO-3 and pipeline parallel, in one table.
 
 The dense twin is the same run config with the MoD capacities removed (`model.mod.capacity={}`), so
@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.report import write_markdown  # noqa: E402
 from train.config import RunConfig  # noqa: E402
-from train.plan import GiB, format_plan, plan  # noqa: E402
+from tools.capacity import GiB, format_plan, plan  # noqa: E402
 
 ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
 

@@ -1,4 +1,4 @@
-"""Redundancy analysis (analysis/, train/analyze.py): each metric on a tiny model with a known answer,
+"""Redundancy analysis (analysis/, tools/analyze.py): each metric on a tiny model with a known answer,
 the plan through the config loader, and the CLI end to end on the demo data."""
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def test_load_dense_from_run_checkpoint_drops_routers(tmp_path):
 def test_cli_end_to_end_on_the_demo_data(demo_dataset, tmp_path):
     net, hf = _demo_model(demo_dataset, tmp_path)
     out = tmp_path / "plan"
-    proc = run_module("train.analyze", "--checkpoint", str(hf), "--data", str(demo_dataset), "--out", str(out),
+    proc = run_module("tools.analyze", "--checkpoint", str(hf), "--data", str(demo_dataset), "--out", str(out),
                       "--device", "cpu", "--calib-samples", "4", "--eval-samples", "3", "--batch-size", "4",
                       "--arank-max-tokens", "48", "--moe-experts", "2", "--width-fractions", "0.5",
                       "--prune-max-layers", "1", "--threads", "1", timeout=240)

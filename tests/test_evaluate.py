@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import ModelConfig, UnifiedTransformer
-from train.evaluate import EvalConfig, Evaluator, names_digits
+from tools.evaluate import EvalConfig, Evaluator, names_digits
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

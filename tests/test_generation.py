@@ -181,7 +181,7 @@ def test_trained_model_samples_from_deepspeed_and_hf_dirs(trained_run, demo_data
     # DeepSpeed checkpoint (the run directory), through the real command line.
     ds_png = tmp_path / "ds.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "train.generate", "--checkpoint", str(trained_run), "--task", "t2i",
+        [sys.executable, "-m", "tools.generate", "--checkpoint", str(trained_run), "--task", "t2i",
          "--prompt", "a handwritten digit seven", "--num-samples", "4", "--out", str(ds_png)],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

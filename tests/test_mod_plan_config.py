@@ -1,4 +1,4 @@
-"""A MoD plan written by `python -m train.analyze` is accepted by the run config as `model.mod_plan`."""
+"""A MoD plan written by `python -m tools.analyze` is accepted by the run config as `model.mod_plan`."""
 
 import pytest
 import yaml

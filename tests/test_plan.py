@@ -1,4 +1,4 @@
-"""train/plan.py: the capacity planner on the real Emu3-8B preset (meta device, CPU, seconds).
+"""tools/capacity.py: the capacity planner on the real Emu3-8B preset (meta device, CPU, seconds).
 
 Checks the parameter count against Emu3-8B's published 8.49B, the ZeRO-3 per-GPU states against the
 ZeRO paper's (2 + 2 + 12) * N / N_d, the pipeline partition (every module once, balanced within a
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from model.config import ModelConfig
-from train.plan import GiB, format_plan, main, plan
+from tools.capacity import GiB, format_plan, main, plan
 
 N_EMU3_8B = 8_492_011_520  # HF Emu3ForCausalLM with Emu3TextConfig() defaults
 

@@ -8,7 +8,7 @@ tests/safe_load_ranks.py). Then:
 - a clean resume (`CheckpointManager.load` -> `engine.load_checkpoint`) restores the weights exactly;
 - an object whose unpickling calls `os.mkdir(marker)` is planted in mp_rank_00_model_states.pt, in a ZeRO
   optimizer state file, in a ZeRO-3 model state file and in a pipeline layer file; the resume path, export
-  (`load_checkpoint_model` and `python -m train.export`) and zero_to_fp32 refuse it with an error naming the
+  (`load_checkpoint_model` and `python -m tools.export`) and zero_to_fp32 refuse it with an error naming the
   file and the global, and the marker is never created.
 """
 
@@ -212,7 +212,7 @@ def test_resume_refuses_a_planted_pickle(saved, mode, file, tmp_path):
     ("pipe", "layer_02-model_states.pt"),
 ])
 def test_export_refuses_a_planted_pickle(saved, mode, file, tmp_path):
-    from train.export import load_checkpoint_model
+    from tools.export import load_checkpoint_model
 
     run, tag_dir, marker = planted_copy(saved, mode, file, tmp_path)
     with pytest.raises(UnsafeCheckpointError) as excinfo:
@@ -222,10 +222,10 @@ def test_export_refuses_a_planted_pickle(saved, mode, file, tmp_path):
 
 @pytest.mark.parametrize("entry", ["generate", "analyze"])
 def test_generate_and_analyze_refuse_a_planted_pickle(saved, entry, tmp_path):
-    """`python -m train.generate` and `python -m train.analyze` read checkpoints through load_checkpoint_model;
+    """`python -m tools.generate` and `python -m tools.analyze` read checkpoints through load_checkpoint_model;
     the refusal reaches them unwrapped."""
     from analysis.checkpoint import load_dense
-    from train.generate import load_model
+    from tools.generate import load_model
 
     file = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     run, tag_dir, marker = planted_copy(saved, "zero2", file, tmp_path)
@@ -236,7 +236,7 @@ def test_generate_and_analyze_refuse_a_planted_pickle(saved, entry, tmp_path):
 
 @pytest.mark.parametrize("mode", ["zero0", "zero2", "zero3", "pipe"])
 def test_export_reads_clean_checkpoints(saved, mode):
-    from train.export import load_checkpoint_model
+    from tools.export import load_checkpoint_model
     from train.pipeline import pipe_key_to_hf
 
     run, expected = saved(mode)
@@ -251,7 +251,7 @@ def test_export_reads_clean_checkpoints(saved, mode):
 def test_export_cli_refuses_with_exit_2_and_names_the_file(saved, tmp_path):
     file = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     run, tag_dir, marker = planted_copy(saved, "zero1", file, tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "train.export", "--checkpoint", str(run), "--out",
+    proc = subprocess.run([sys.executable, "-m", "tools.export", "--checkpoint", str(run), "--out",
                            str(tmp_path / "hf")], cwd=REPO, env=child_env(), capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]

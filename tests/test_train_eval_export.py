@@ -1,5 +1,5 @@
 """Evaluation during and after training (TensorBoard eval/* and image grid, eval.json, the summary), and
-`python -m train.export` on the checkpoint of that run (equal to the run's own end-of-run HF export)."""
+`python -m tools.export` on the checkpoint of that run (equal to the run's own end-of-run HF export)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_eval_metrics_and_images_reach_tensorboard_and_the_summary(evaluated_run
 def test_export_cli_matches_the_end_of_run_export(evaluated_run, tmp_path):
     out, _ = evaluated_run
     exported = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "train.export", "--checkpoint", str(out / "checkpoints"),
+    proc = subprocess.run([sys.executable, "-m", "tools.export", "--checkpoint", str(out / "checkpoints"),
                            "--out", str(exported)], cwd=REPO, env=child_env(), capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -56,7 +56,7 @@ def test_export_cli_matches_the_end_of_run_export(evaluated_run, tmp_path):
     tasks = torch.tensor([0])
     with torch.no_grad():
         torch.testing.assert_close(a(ids, task_ids=tasks).logits, b(ids, task_ids=tasks).logits, rtol=0, atol=0)
-    bad = subprocess.run([sys.executable, "-m", "train.export", "--checkpoint", str(tmp_path / "nothing"),
+    bad = subprocess.run([sys.executable, "-m", "tools.export", "--checkpoint", str(tmp_path / "nothing"),
                           "--out", str(tmp_path / "x")], cwd=REPO, env=child_env(), capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "no complete checkpoint" in bad.stderr

@@ -160,7 +160,7 @@ class LoggingConfig:
     progress_bar: bool = True
     """tqdm bar with ETA on rank 0 (off when stderr is not a terminal is fine: it then prints lines)."""
     eval_every: int = 0
-    """Optimizer steps between evaluations on the validation split (train/evaluate.py); 0: never during
+    """Optimizer steps between evaluations on the validation split (tools/evaluate.py); 0: never during
     training. Metrics and a grid of generated images go to TensorBoard under eval/."""
     eval_at_end: bool = False
     """Evaluate the final model: <output_dir>/eval.json, the summary's "eval" entry, printed."""
@@ -260,7 +260,7 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         try:
             model_doc = dict(doc["model"] or {})
-            if "mod_plan" in model_doc:  # a MoD plan written by `python -m train.analyze`
+            if "mod_plan" in model_doc:  # a MoD plan written by `python -m tools.analyze`
                 from analysis.plan import load_plan
 
                 plan_path = model_doc.pop("mod_plan")

@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data.loader import UnimodLoader
+from model.loss import causal_lm_loss
 from model.flops import RowTokens, StepFlops, describe_microbatch, step_flops
 from train import fingerprint as fingerprints
 from train.checkpoint import (EXIT_CONFIG, EXIT_IO, EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager,
@@ -35,15 +35,6 @@ from train.launch import DistEnv
 from train.engine import apply_optim_config, consolidated_state_dict, params_finite
 from train.metrics import MetricsLogger, StepTimer, memory_scalars, throughput_scalars
 from train.signals import StopSignal
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over supervised positions (labels aligned with inputs, -100 =
-    ignored). A micro-batch with nothing supervised gives 0, not NaN."""
-    logits = logits[:, :-1].flatten(0, 1).float()
-    target = labels[:, 1:].flatten()
-    total = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
-    return total / (target != -100).sum().clamp_min(1)
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -484,7 +475,7 @@ class Trainer:
                 self.export_hf(self.out / "hf", state)
             if cfg.logging.eval_at_end and stop.agreed(self.device):
                 notes["eval_skipped"] = (f"stop signal before the final evaluation; run it with python -m "
-                                         f"train.evaluate --checkpoint {self.out} --out {self.out / 'eval.json'}")
+                                         f"tools.evaluate --checkpoint {self.out} --out {self.out / 'eval.json'}")
                 if self.env.rank == 0:
                     print(f"[train] training is complete; {notes['eval_skipped']}", flush=True)
             elif cfg.logging.eval_at_end:
@@ -496,7 +487,7 @@ class Trainer:
             self._write_summary(totals, time.perf_counter() - t_run, exit_code, start_step, eval_metrics, notes)
         return exit_code
 
-    # ----- evaluation (train/evaluate.py: understanding, generation, perplexity, router agreement) ----------
+    # ----- evaluation (tools/evaluate.py: understanding, generation, perplexity, router agreement) ----------
     def _gathered_state(self) -> dict[str, torch.Tensor]:
         """The whole weights under HF names on rank 0 ({} on the other ranks, which all take part in the
         gather from the ZeRO-3 or pipeline shards)."""
@@ -529,8 +520,8 @@ class Trainer:
                 model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, assign=True)
         metrics = None
         if self.env.rank == 0:
-            from train.evaluate import EvalConfig, Evaluator
-            from train.generate import SamplingConfig
+            from tools.evaluate import EvalConfig, Evaluator
+            from tools.generate import SamplingConfig
 
             if self._evaluator is None:
                 self._evaluator = Evaluator(cfg.data.dataset_dir, EvalConfig(

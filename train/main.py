@@ -111,7 +111,7 @@ def ensure_demo_data(config_path: str, overrides: list[str], local_rank: int) ->
 def run_plan(cfg, args) -> int:
     """Print the capacity plan; exit 1 when it does not fit in --gpu-memory-gib."""
     from train.config import load_ds_config
-    from train.plan import format_plan, plan
+    from tools.capacity import format_plan, plan
 
     offload = False
     if args.deepspeed_config:

@@ -31,6 +31,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.hf import iter_hf_tensors
 from model.layers import Embedding, Linear, RMSNorm, rope_cos_sin
+from model.loss import causal_lm_loss
 from model.mod import DecoderLayer, capacity_table, routable_table, row_layout, token_kinds
 from train.config import RunConfig
 from train.engine import check_hf_matches, guard_nonfinite_steps, iter_hf_routers, make_optimizer, torch_dtype
@@ -91,8 +92,6 @@ class PipeLoss:
         self.record = None
 
     def __call__(self, outputs, labels):
-        from train.loop import causal_lm_loss
-
         logits, aux, routing, task_ids = outputs
         ce = causal_lm_loss(logits, labels)
         loss = ce + aux.sum()

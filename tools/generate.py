@@ -1,12 +1,12 @@
 """Sample from a trained model: text-to-image (classifier-free guidance, constrained image blocks, pixels through
 the dataset's image tokenizer) and understanding (image + question -> answer text).
 
-    python -m train.generate --checkpoint runs/smoke --task t2i --prompt "a handwritten digit seven" --out grid.png
-    python -m train.generate --checkpoint runs/smoke/hf --data demo_data --task mmu --image digit.png \
+    python -m tools.generate --checkpoint runs/smoke --task t2i --prompt "a handwritten digit seven" --out grid.png
+    python -m tools.generate --checkpoint runs/smoke/hf --data demo_data --task mmu --image digit.png \
         --prompt "Which digit is this?"
 
 `--checkpoint` is a run directory (its newest complete DeepSpeed checkpoint), a `checkpoints/` root, one
-`step_NNNNNNNN` directory, or an exported HF directory (`hf/`, `python -m train.export`). The dataset (text
+`step_NNNNNNNN` directory, or an exported HF directory (`hf/`, `python -m tools.export`). The dataset (text
 tokenizer, image tokenizer, vocabulary layout) is `--data`, or the run's `config.yaml` `data.dataset_dir`.
 Token-level decoding (KV cache under causal MoD routing, the Emu3 image-block constraint) is
 `model/generation.py`; this file turns text and pixels into prompts and tokens back into text and pixels.
@@ -91,7 +91,7 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
 
     if str(device).startswith("cpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported by the reader
-    from train.export import load_checkpoint_model
+    from tools.export import load_checkpoint_model
     from train.safe_load import UnsafeCheckpointError
 
     try:
@@ -258,7 +258,7 @@ def _parse_grid(text: str | None) -> tuple[int, int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints/ root, step_N dir, or HF dir")
     p.add_argument("--data", help="dataset directory (default: the run config's data.dataset_dir)")
     p.add_argument("--task", required=True, choices=["t2i", "mmu"])

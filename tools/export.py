@@ -1,7 +1,7 @@
 """Export a training checkpoint as an HF Emu3 directory (safetensors), without GPUs or a process group.
 
-    python -m train.export --checkpoint runs/demo/checkpoints/step_00000300 --out exported/
-    python -m train.export --checkpoint runs/demo/checkpoints --out exported/      # the newest complete one
+    python -m tools.export --checkpoint runs/demo/checkpoints/step_00000300 --out exported/
+    python -m tools.export --checkpoint runs/demo/checkpoints --out exported/      # the newest complete one
 
 Reads every checkpoint kind this trainer writes: ZeRO-1/2/3 shards (consolidated to fp32 with DeepSpeed's
 zero_to_fp32), ZeRO-0 model states, and pipeline per-layer files. The model shape comes from the run's
@@ -90,7 +90,7 @@ def export(checkpoint: str | Path, out: str | Path, config: str | Path | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a step_NNNNNNNN directory, or a checkpoints/ root (newest)")
     p.add_argument("--out", required=True, help="HF directory to write")
     p.add_argument("--config", help="the run's config.yaml (default: next to the checkpoints/ root)")

@@ -1,7 +1,7 @@
 """Redundancy analysis of a checkpoint: plans the MoD layers (UniMoD's layer switch) and probes pruning.
 
-    python -m train.analyze --checkpoint runs/smoke/hf --data demo_data --out plans/smoke/
-    python -m train.analyze --checkpoint runs/demo --data demo_data --out plans/demo/ --calib-samples 50
+    python -m tools.analyze --checkpoint runs/smoke/hf --data demo_data --out plans/smoke/
+    python -m tools.analyze --checkpoint runs/demo --data demo_data --out plans/demo/ --calib-samples 50
     python train/main.py --config train/configs/demo.yaml --set "$(cat plans/demo/set_mod.txt)"
 
 Per task, on `--calib-samples` samples of the TRAIN split: ARank per layer, cosine importance (block,
@@ -124,7 +124,7 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
         log(f"analyze: probes done ({time.perf_counter() - t0:.1f}s)")
 
     out_dir = Path(out)
-    header = (f"MoD plan written by `python -m train.analyze` from {loaded.description}\n"
+    header = (f"MoD plan written by `python -m tools.analyze` from {loaded.description}\n"
               f"data {data}; tasks {tasks}; {cfg.calib_samples} calibration samples per task (train split)\n"
               f"per planned task: the {cfg.mod_fraction:.0%} of layers with the lowest ARank, capacity = ARank/length "
               f"clipped to [{cfg.capacity_min}, {cfg.capacity_max}]\n"
@@ -165,7 +165,7 @@ def _names(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.analyze", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.analyze", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="HF directory, run directory, checkpoints/ root or step dir")
     p.add_argument("--data", required=True, help="dataset directory (manifest.json); train split = calibration")
     p.add_argument("--out", required=True, help="directory for the plan, measurements and plots")

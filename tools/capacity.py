@@ -1,6 +1,6 @@
 """Capacity planner: per-GPU memory, pipeline partition, FLOPs and step time of a run, without a GPU.
 
-    python -m train.plan --preset emu3-8b --nodes 1 --gpus-per-node 8 --seq-len 4096 --micro-batch-size 1
+    python -m tools.capacity --preset emu3-8b --nodes 1 --gpus-per-node 8 --seq-len 4096 --micro-batch-size 1
     train/main.py --plan --nodes N --gpus-per-node G [--gpu-memory-gib M]      (the same, from a run config)
 
 Parameters are counted exactly on a meta-device `UnifiedTransformer` (routers included, no memory
@@ -492,7 +492,7 @@ def _parse_mix(text: str) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.capacity", description=__doc__.split("\n")[0])
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--preset", default="emu3-8b", help="model preset (debug, demo, emu3-1b, emu3-8b)")
     src.add_argument("--config", help="YAML file with a `model:` section (preset + overrides + mod)")

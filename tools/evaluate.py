@@ -1,9 +1,9 @@
 """Evaluate a model on a dataset's validation split: understanding accuracy, generation accuracy, text
 perplexity, and agreement of causal router decisions with top-k routing.
 
-    python -m train.evaluate --checkpoint runs/smoke --data demo_data --out eval.json
-    python -m train.evaluate --data demo_data --images real --out real.json    # the metric's ceiling, no model
-    python -m train.evaluate --data demo_data --images noise --out noise.json  # its floor (chance, ~10%)
+    python -m tools.evaluate --checkpoint runs/smoke --data demo_data --out eval.json
+    python -m tools.evaluate --data demo_data --images real --out real.json    # the metric's ceiling, no model
+    python -m tools.evaluate --data demo_data --images noise --out noise.json  # its floor (chance, ~10%)
 
 Metrics (keys of the JSON / TensorBoard scalars):
 - `understanding/accuracy`: greedy answers to the validation understanding samples (image + question)
@@ -39,15 +39,15 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data.demo import CAPTIONS, NAMES, load_digit_images, split_indices
 from data.imagetok import PatchVQ
 from data.layout import make_labels
 from data.shards import iter_samples
 from data.validate import load_manifest
+from model.loss import causal_lm_nll_sum
 from model.mod import routable_table, token_kinds
-from train.generate import Sampler, SamplingConfig, add_sampling_args, image_grid, sampling_config
+from tools.generate import Sampler, SamplingConfig, add_sampling_args, image_grid, sampling_config
 
 IMAGE_SOURCES = ("model", "real", "noise")
 _DIGIT_WORDS = {name: d for d, name in enumerate(NAMES)}
@@ -269,8 +269,9 @@ class Evaluator:
                     labels[b, :len(x)] = torch.as_tensor(make_labels(x, "lm", meta, self.vocab.layout, key=key))
                 ids, labels = ids.to(device), labels.to(device)
                 logits = model(ids, task_ids=task.expand(len(batch)), routing=routing).logits.float()
-                nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum"))
-                count += int((labels[:, 1:] != -100).sum())
+                total, n = causal_lm_nll_sum(logits, labels)
+                nll += float(total)
+                count += int(n)
             out[name] = float(np.exp(nll / max(count, 1)))
         return out
 
@@ -341,7 +342,7 @@ def evaluate_model(model, dataset_dir: str | Path, *, max_samples: int = 50, ima
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="run dir, checkpoints/ root, step_N dir, or HF dir (not needed for "
                                         "--images real|noise)")
     p.add_argument("--data", help="dataset directory (default: the run config's data.dataset_dir)")
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-digit", type=int, default=EvalConfig.images_per_digit)
     add_sampling_args(p)
     args = p.parse_args(argv)
-    from train.generate import dataset_dir_of, load_model
+    from tools.generate import dataset_dir_of, load_model
 
     t0 = time.perf_counter()
     try:
