@@ -15,6 +15,7 @@ for legacy .bin files): nothing from a checkpoint is executed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -154,6 +155,57 @@ def map_hf_key(key: str) -> str | None:
     if key.startswith(("model.vqmodel.", "vqmodel.")) or key.endswith("rotary_emb.inv_freq"):
         return None
     return key
+
+
+def check_hf_matches(model_cfg: ModelConfig, path: str) -> None:
+    theirs, _ = config_from_hf(path)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads"):
+        if theirs[key] != getattr(model_cfg, key):
+            raise ValueError(f"checkpoint.init_from_hf={path}: {key}={theirs[key]} but model.{key}="
+                             f"{getattr(model_cfg, key)}")
+    if theirs["_vocab_size"] != model_cfg.vocab_size:
+        raise ValueError(f"checkpoint.init_from_hf={path}: vocab_size={theirs['_vocab_size']} but the model's "
+                         f"vocabulary layout has {model_cfg.vocab_size}")
+
+
+def iter_hf_routers(model_cfg: ModelConfig, path: str):
+    """Yield (key, tensor) of the MoD router banks `save_hf` writes beside the HF weights
+    (mod_routers.safetensors), when the checkpoint's task list is this run's: a UniMoD checkpoint (e.g. a
+    previous run's hf/ export) then keeps its trained routers. A plain Emu3 checkpoint has none, and a
+    different task list would score the wrong tasks, so routers then start fresh."""
+    from safetensors import safe_open
+
+    file = Path(path) / ROUTERS_FILE
+    theirs, _ = config_from_hf(path)
+    if not file.exists() or (theirs.get("mod") or {}).get("tasks") != list(model_cfg.mod.tasks):
+        return
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
+
+
+def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (parameter name, tensor) for every weight of a model shaped by `cfg` from an HF Emu3 directory,
+    streaming (a ZeRO-3 or pipeline loader copies tensor by tensor). Routers come from the directory's
+    mod_routers.safetensors when its task list is cfg's and a bank's shape matches (the same MoD layers), else
+    they keep their fresh init. Raises ValueError for a shape that differs from cfg, a tensor with no place in
+    the model, or (after the last tensor) a missing one."""
+    check_hf_matches(cfg, path)
+    from model.transformer import UnifiedTransformer
+
+    with torch.device("meta"):
+        expected = {k: tuple(p.shape) for k, p in UnifiedTransformer(cfg).named_parameters()}
+    seen = set()
+    routers = ((k, t) for k, t in iter_hf_routers(cfg, path) if expected.get(k) == tuple(t.shape))
+    for key, tensor in itertools.chain(iter_hf_tensors(path), routers):
+        if key not in expected:
+            raise ValueError(f"checkpoint.init_from_hf={path}: tensor {key} has no place in the model")
+        seen.add(key)
+        yield key, tensor
+    missing = sorted(k for k in expected if k not in seen and ".mod_router." not in k)
+    if missing:
+        raise ValueError(f"checkpoint.init_from_hf={path}: missing tensors {missing[:5]}")
 
 
 def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None, dtype: torch.dtype | None = None,

@@ -130,3 +130,29 @@ class UnifiedTransformer(nn.Module):
         from model.hf import save_hf
 
         save_hf(self, path, **kwargs)
+
+
+# ----- the model as an ordered list of pipeline layers (train/stages.py) ----------------------------------
+def stage_key_to_hf(key: str, num_layers: int) -> str:
+    """'0.embed_tokens.weight' -> 'model.embed_tokens.weight', '3.mlp.up_proj.weight' -> 'model.layers.2...',
+    '<L+1>.norm.weight' -> 'model.norm.weight', '<L+1>.lm_head.weight' -> 'lm_head.weight'."""
+    idx, rest = key.split(".", 1)
+    i = int(idx)
+    if i == 0:
+        return f"model.{rest}"
+    if i <= num_layers:
+        return f"model.layers.{i - 1}.{rest}"
+    return rest if rest.startswith("lm_head.") else f"model.{rest}"
+
+
+def hf_key_to_stage(key: str, num_layers: int) -> str:
+    if key.startswith("model.layers."):
+        i, rest = key[len("model.layers."):].split(".", 1)
+        return f"{int(i) + 1}.{rest}"
+    if key.startswith("model.embed_tokens."):
+        return "0." + key[len("model."):]
+    if key.startswith("model.norm."):
+        return f"{num_layers + 1}." + key[len("model."):]
+    if key.startswith("lm_head."):
+        return f"{num_layers + 1}.{key}"
+    raise ValueError(f"{key} is not a decoder tensor")

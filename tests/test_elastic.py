@@ -272,7 +272,7 @@ def test_pipeline_to_zero3_and_back(pipeline_chain):
         in runs["q"].output
     assert "zero, data-parallel 1, ZeRO stage 3 -> pipeline, 2 stages" in runs["r"].output
     # The converted pipeline weights are the layer files' tensors under the plain model's names, exactly.
-    from train.pipeline import pipe_key_to_hf
+    from model.transformer import stage_key_to_hf
     from train.safe_load import weights_only_torch_load
 
     p2 = p / "checkpoints" / "step_00000002"
@@ -281,7 +281,7 @@ def test_pipeline_to_zero3_and_back(pipeline_chain):
         for layer_file in sorted(p2.glob("layer_*-model_states.pt")):
             idx = int(layer_file.name[len("layer_"):].split("-")[0])
             for key, value in torch.load(layer_file).items():
-                name = pipe_key_to_hf(f"{idx}.{key}", 4)
+                name = stage_key_to_hf(f"{idx}.{key}", 4)
                 assert torch.equal(_state(uni[name] / "fp32.pt", value), value.float()), name
     base = losses(p / "metrics.jsonl")
     got = {**losses(q / "metrics.jsonl"), **losses(r / "metrics.jsonl")}

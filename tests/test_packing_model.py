@@ -150,7 +150,7 @@ def test_gathered_width_is_static_for_fixed_size_images():
 @pytest.mark.parametrize("mode", ["dense", "mod-topk"])
 def test_pipeline_stages_compute_the_model_forward_on_packed_rows(mode):
     """DecoderPipe rebuilds the documents from the position ids that travel between stages."""
-    from train.pipeline import DecoderPipe, EmbedPipe, HeadPipe
+    from train.stages import DecoderPipe, EmbedPipe, HeadPipe
 
     net = make_net(mode)
     cfg = net.config

@@ -237,12 +237,12 @@ def test_generate_and_analyze_refuse_a_planted_pickle(saved, entry, tmp_path):
 @pytest.mark.parametrize("mode", ["zero0", "zero2", "zero3", "pipe"])
 def test_export_reads_clean_checkpoints(saved, mode):
     from tools.export import load_checkpoint_model
-    from train.pipeline import pipe_key_to_hf
+    from model.transformer import stage_key_to_hf
 
     run, expected = saved(mode)
     model, _, _ = load_checkpoint_model(run)
     if mode == "pipe":
-        expected = {pipe_key_to_hf(k, model.config.num_hidden_layers): v for k, v in expected.items()}
+        expected = {stage_key_to_hf(k, model.config.num_hidden_layers): v for k, v in expected.items()}
     got = model.state_dict()
     for k, v in expected.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)

@@ -26,7 +26,7 @@ import yaml
 
 from model import ModelConfig, UnifiedTransformer
 from train.checkpoint import CheckpointManager
-from train.pipeline import pipe_key_to_hf
+from model.transformer import stage_key_to_hf
 from train.safe_load import safe_torch_load, weights_only_torch_load
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
@@ -41,7 +41,7 @@ def checkpoint_state_dict(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, to
         for f in layer_files:
             idx = int(_LAYER_FILE.match(f).group(1))
             for k, v in safe_torch_load(tag_dir / f, map_location="cpu").items():
-                state[pipe_key_to_hf(f"{idx}.{k}", model_cfg.num_hidden_layers)] = v.float()
+                state[stage_key_to_hf(f"{idx}.{k}", model_cfg.num_hidden_layers)] = v.float()
         return state
     if any(f.startswith("zero_pp_rank_") and f.endswith("optim_states.pt") for f in files):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import re
 import shutil
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.files import atomic_write
 from train import fingerprint as fingerprints
 from train.signals import EXIT_PREEMPTED  # noqa: F401 (75; lives with the torch-free signal handler)
 
@@ -64,21 +64,6 @@ def describe_write_error(e: BaseException, where: Path) -> str:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write a temporary file, fsync it and rename it over `path`: readers see the old file or the whole new
-    one, never a part. On failure the temporary file is removed and `path` is untouched."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _distributed() -> bool:

@@ -256,7 +256,7 @@ def convert_to_universal(tag_dir: str | Path, old: Layout, new: Layout, num_laye
     sibling and renamed, so the final folder exists only complete."""
     from deepspeed.checkpoint import ds_to_universal
 
-    from train.pipeline import hf_key_to_pipe, pipe_key_to_hf
+    from model.transformer import hf_key_to_stage, stage_key_to_hf
 
     tag_dir = Path(tag_dir)
     final = tag_dir / _UNIVERSAL.format(mode=new.mode)
@@ -277,8 +277,8 @@ def convert_to_universal(tag_dir: str | Path, old: Layout, new: Layout, num_laye
             ds_to_universal.main(argparse.Namespace(**args))
             _shape_zero3_states(tmp)
             if old.mode != new.mode:  # bridge 2
-                to_new = (lambda k: pipe_key_to_hf(k, num_layers)) if old.mode == "pipeline" else \
-                    (lambda k: hf_key_to_pipe(k, num_layers))
+                to_new = (lambda k: stage_key_to_hf(k, num_layers)) if old.mode == "pipeline" else \
+                    (lambda k: hf_key_to_stage(k, num_layers))
                 _rename_params(tmp / "zero", to_new)
             _bridge_formats(tmp)
         (tmp / "elastic.json").write_text(json.dumps({"from": dataclasses.asdict(old), "names_for": new.mode}))

@@ -15,17 +15,15 @@ ZeRO-0 in fp32 hands our torch optimizer to the engine unwrapped; there `FiniteA
 
 from __future__ import annotations
 
-import itertools
 import math
-from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from model import ModelConfig, UnifiedTransformer
-from model.hf import config_from_hf, iter_hf_tensors
+from model import UnifiedTransformer
+from model.hf import iter_hf_weights
 from train.config import OptimConfig, RunConfig
 
 
@@ -195,59 +193,19 @@ def build_zero_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str,
     return engine, model
 
 
-def check_hf_matches(model_cfg: ModelConfig, path: str) -> None:
-    theirs, _ = config_from_hf(path)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads"):
-        if theirs[key] != getattr(model_cfg, key):
-            raise ValueError(f"checkpoint.init_from_hf={path}: {key}={theirs[key]} but model.{key}="
-                             f"{getattr(model_cfg, key)}")
-    if theirs["_vocab_size"] != model_cfg.vocab_size:
-        raise ValueError(f"checkpoint.init_from_hf={path}: vocab_size={theirs['_vocab_size']} but the model's "
-                         f"vocabulary layout has {model_cfg.vocab_size}")
-
-
-def iter_hf_routers(model_cfg: ModelConfig, path: str):
-    """Yield (key, tensor) of the MoD router banks `save_hf` writes beside the HF weights
-    (mod_routers.safetensors), when the checkpoint's task list is this run's: a UniMoD checkpoint (e.g. a
-    previous run's hf/ export) then keeps its trained routers. A plain Emu3 checkpoint has none, and a
-    different task list would score the wrong tasks, so routers then start fresh."""
-    from safetensors import safe_open
-
-    from model.hf import ROUTERS_FILE
-
-    file = Path(path) / ROUTERS_FILE
-    theirs, _ = config_from_hf(path)
-    if not file.exists() or (theirs.get("mod") or {}).get("tasks") != list(model_cfg.mod.tasks):
-        return
-    with safe_open(str(file), framework="pt") as f:
-        for key in f.keys():
-            yield key, f.get_tensor(key)
-
-
 def load_hf_weights(model: torch.nn.Module, path: str, zero3: bool) -> None:
-    """Copy an HF Emu3 checkpoint into `model`; routers come from its mod_routers.safetensors when it has
-    them for this run's tasks and MoD layers, else keep their fresh init."""
-    check_hf_matches(model.config, path)
+    """Copy an HF Emu3 checkpoint into `model` (model/hf.py `iter_hf_weights` decides which tensors, routers
+    included); under ZeRO-3 tensor by tensor inside GatheredParameters, rank 0 writing."""
     params = dict(model.named_parameters())
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    seen = set()
-    routers = ((k, t) for k, t in iter_hf_routers(model.config, path)
-               if k in params and tuple(getattr(params[k], "ds_shape", params[k].shape)) == tuple(t.shape))
-    for key, tensor in itertools.chain(iter_hf_tensors(path), routers):
-        if key not in params:
-            raise ValueError(f"checkpoint.init_from_hf={path}: tensor {key} has no place in the model")
+    for key, tensor in iter_hf_weights(model.config, path):
         p = params[key]
-        seen.add(key)
         if zero3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if rank == 0:
                     p.data.copy_(tensor.to(p.dtype))
         else:
             p.data.copy_(tensor.to(p.dtype))
-    missing = sorted(k for k in params if k not in seen and ".mod_router." not in k)
-    if missing:
-        raise ValueError(f"checkpoint.init_from_hf={path}: missing tensors {missing[:5]}")
 
 
 def consolidated_state_dict(engine, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:

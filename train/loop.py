@@ -23,12 +23,13 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from data.files import atomic_write
 from data.loader import UnimodLoader
 from model.loss import causal_lm_loss
 from model.flops import RowTokens, StepFlops, describe_microbatch, step_flops
 from train import fingerprint as fingerprints
 from train.checkpoint import (EXIT_CONFIG, EXIT_IO, EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager,
-                              CheckpointWriteError, atomic_write, broadcast_from_rank0, describe_write_error,
+                              CheckpointWriteError, broadcast_from_rank0, describe_write_error,
                               rng_state, set_rng_state)
 from train.config import RunConfig
 from train.launch import DistEnv

@@ -233,7 +233,8 @@ def _startup_stop_summary(where: dict, signal_name: str) -> None:
     path = out / "summary.json"
     if path.exists() or not out.is_dir():
         return
-    from train.checkpoint import CheckpointManager, atomic_write
+    from data.files import atomic_write
+    from train.checkpoint import CheckpointManager
 
     try:
         found = CheckpointManager.resolve(cfg.checkpoint.resume, out / "checkpoints")
