@@ -9,7 +9,7 @@ Built offline from `sklearn.datasets.load_digits` (1,797 real 8x8 scans, 10 clas
      of about 90 tokens. The demo model learns to draw digits from captions in this format.
    - patch16: upsampled to 32x32 (bilinear), 2x2 patches quantised by a KMeans `PatchVQ` codebook
      of 256 codes fit on the training images: a 16x16 grid, about 290 tokens per t2i sample. Closer
-     to a real image tokenizer, but the demo model stays at chance on it (issue 11): 256 learned
+     to a real image tokenizer, but the demo model stays at chance on it: 256 learned
      codes describe an image that has 64 pixels.
 3. a sentencepiece tokenizer (vocab <= 512) is trained on the demo's text templates;
 4. per image one t2i sample (a varied caption naming the digit) and one mmu sample (a varied question,

@@ -10,7 +10,7 @@
   with pixels prepared exactly as `Emu3ImageProcessor` prepares them (resize to a multiple of the
   VQ's downsampling factor, rescale 1/255, normalise with the processor's mean/std).
 
-`load_image_tokenizer(dataset_dir, manifest)` rebuilds either from a manifest's `image_tokenizer`.
+`load_image_tokenizer(manifest)` rebuilds either from a manifest's `image_tokenizer`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from data.manifest import Manifest, load_manifest
 
 PATCH_VQ_TYPE = "patch-vq"
 EMU3_VQ_TYPE = "emu3-vqvae"
@@ -238,15 +240,17 @@ class Emu3VQ:
                 "min_pixels": int(self.processor.min_pixels), "max_pixels": int(self.processor.max_pixels)}
 
 
-def load_image_tokenizer(dataset_dir: str | os.PathLike, manifest: dict[str, Any]) -> PatchVQ | Emu3VQ | None:
+def load_image_tokenizer(manifest: Manifest, _old_doc: Any = None) -> PatchVQ | Emu3VQ | None:
     """The image tokenizer a dataset names in its manifest, or None when it names none."""
-    info = manifest.get("image_tokenizer")
+    if not isinstance(manifest, Manifest):  # (dataset_dir, manifest dict): kept until tools/ passes a Manifest
+        manifest = load_manifest(manifest)
+    info = manifest.doc.get("image_tokenizer")
     if not info or info.get("path") is None:
         return None
-    path = Path(dataset_dir) / info["path"]
+    path = Path(manifest.root) / info["path"]
     if info.get("type") == PATCH_VQ_TYPE:
         return PatchVQ.load(path)
     if info.get("type") == EMU3_VQ_TYPE:
         return Emu3VQ(path, info.get("min_pixels"), info.get("max_pixels"))
-    raise ValueError(f"{Path(dataset_dir) / 'manifest.json'}: field image_tokenizer.type {info.get('type')!r} "
+    raise ValueError(f"{manifest.path}: field image_tokenizer.type {info.get('type')!r} "
                      f"is not {PATCH_VQ_TYPE!r} or {EMU3_VQ_TYPE!r}")

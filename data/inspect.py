@@ -21,7 +21,9 @@ import numpy as np
 
 from data.imagetok import load_image_tokenizer
 from data.layout import IGNORE_INDEX, TASKS, make_labels
-from data.shards import MANIFEST_NAME, SPLITS, iter_samples, read_manifest
+from data.manifest import MANIFEST_NAME, Manifest, load_manifest
+from data.reader import iter_samples
+from data.shards import SPLITS
 from data.vocab import UnifiedVocab
 
 _RAMP = " .:-=+*#%@"  # light to dark
@@ -36,14 +38,14 @@ def ascii_art(image: Any, width: int = 32) -> str:
     return "\n".join("".join(_RAMP[i] for i in row) for row in idx)
 
 
-def _first_shards(dataset_dir: Path, manifest: dict[str, Any], split: str | None, task: str | None) -> list[Path]:
+def _first_shards(manifest: Manifest, split: str | None, task: str | None) -> list[Path]:
     """The first shard of every (split, task) the manifest lists, optionally filtered."""
     out = []
     for s in SPLITS if split is None else (split,):
         for t in TASKS if task is None else (task,):
-            names = manifest["splits"].get(s, {}).get("shards", {}).get(t, [])
-            if names:
-                out.append(dataset_dir / names[0])
+            paths = manifest.shards.get(s, {}).get(t, [])
+            if paths:
+                out.append(Path(paths[0]))
     return out
 
 
@@ -55,12 +57,12 @@ def inspect(path: str, n: int = 3, split: str | None = None, task: str | None = 
     dataset_dir = p if p.is_dir() else p.parent
     if not p.is_dir() and not (dataset_dir / MANIFEST_NAME).exists():
         return _inspect_raw(p, n, out)
-    manifest = read_manifest(dataset_dir)
-    vocab = UnifiedVocab.from_manifest(dataset_dir, manifest)
-    imagetok = load_image_tokenizer(dataset_dir, manifest)
-    print(f"dataset {dataset_dir}: vocab {manifest['vocab']}", file=out)
+    manifest = load_manifest(dataset_dir)
+    vocab = UnifiedVocab.from_manifest(manifest)
+    imagetok = load_image_tokenizer(manifest)
+    print(f"dataset {dataset_dir}: vocab {manifest.doc['vocab']}", file=out)
     if p.is_dir():
-        shards = _first_shards(dataset_dir, manifest, split, task)
+        shards = _first_shards(manifest, split, task)
     else:
         shards = [p]
     if png_dir:

@@ -37,16 +37,6 @@ MMU_ASSISTANT_SUFFIX = " ASSISTANT:"
 """Text appended to the question; the answer starts right after it."""
 
 
-def drop_caption(caption: str, prob: float, rng: np.random.Generator) -> str:
-    """Classifier-free-guidance dropout: "" with probability `prob` (Emu3: 0.05), else `caption`.
-
-    Exactly one draw from `rng` per call, so a seeded generator gives the same choices every build.
-    """
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"caption dropout probability must be in [0, 1], got {prob}")
-    return "" if rng.random() < prob else caption
-
-
 def strip_caption(ids: np.ndarray, layout: VocabLayout) -> np.ndarray:
     """A t2i sample re-laid with an empty caption: `BOS <image block> EOS`, exactly what `t2i_ids` gives
     for `caption_ids=[]` (the loader's per-epoch classifier-free-guidance dropout). Same dtype as `ids`."""

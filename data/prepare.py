@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -28,6 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from data.files import atomic_write
+from data.manifest import MANIFEST_NAME, load_manifest
 from data.shards import DatasetWriter, ShardConfig
 from data.vocab import SentencePieceTrainConfig, UnifiedVocab, train_sentencepiece
 
@@ -203,28 +206,26 @@ def cmd_merge(args: argparse.Namespace) -> None:
     The parts must agree on the vocabulary layout and the text tokenizer (same sha256): ids of different
     tokenizers would mean different things. Shards are hard-linked (copied across file systems) as
     `part<i>-<name>`; the tokenizer, and the image tokenizer when it lives inside the first part, are
-    copied; sample counts add up and per-shard counts (`shard_samples`) follow their shards. The manifest is written last, so a crash leaves no usable half dataset.
+    copied; sample counts add up and per-shard counts (`shard_samples`) follow their shards. The manifest is
+    written last, so a crash leaves no usable half dataset.
     """
-    import os
-
-    from data.shards import MANIFEST_NAME, read_manifest
-
     parts = [Path(p) for p in args.parts]
     out = Path(args.out)
     if out.resolve() in [p.resolve() for p in parts]:
         raise ValueError(f"--out {out} is one of the parts")
-    manifests = [read_manifest(p) for p in parts]
+    manifests = [load_manifest(p) for p in parts]
     ref, ref_dir = manifests[0], parts[0]
     for part, m in zip(parts[1:], manifests[1:]):
-        if m["vocab"] != ref["vocab"]:
-            raise ValueError(f"{part}/{MANIFEST_NAME}: field vocab {m['vocab']} differs from {ref_dir}'s {ref['vocab']}")
-        if m["tokenizer"]["sha256"] != ref["tokenizer"]["sha256"]:
+        if m.vocab != ref.vocab:
+            raise ValueError(f"{part}/{MANIFEST_NAME}: field vocab {m.doc['vocab']} differs from {ref_dir}'s "
+                             f"{ref.doc['vocab']}")
+        if m.tokenizer_sha256 != ref.tokenizer_sha256:
             raise ValueError(f"{part}/{MANIFEST_NAME}: field tokenizer.sha256 differs from {ref_dir}'s: the parts were "
                              f"tokenized with different text tokenizers")
     out.mkdir(parents=True, exist_ok=True)
-    tok_src = ref_dir / ref["tokenizer"]["path"]
+    tok_src = ref_dir / ref.doc["tokenizer"]["path"]
     _copy_tokenizer(str(tok_src), out)
-    image_tok = ref.get("image_tokenizer")
+    image_tok = ref.doc.get("image_tokenizer")
     if image_tok and image_tok.get("path"):
         src = (ref_dir / image_tok["path"]).resolve()
         if src.is_relative_to(ref_dir.resolve()):
@@ -235,21 +236,21 @@ def cmd_merge(args: argparse.Namespace) -> None:
         else:  # a model directory outside the part (e.g. the Emu3VQVAE): point at it from the new place
             image_tok = {**image_tok, "path": os.path.relpath(src, out.resolve())}
     splits: dict[str, Any] = {}
-    for i, (part, m) in enumerate(zip(parts, manifests)):
-        for split, info in m["splits"].items():
+    for i, m in enumerate(manifests):
+        for split, by_task in m.shards.items():
             dst_split = splits.setdefault(split, {"shards": {}, "samples": {}})
-            for task, names in info["shards"].items():
-                for name in names:
-                    new = f"part{i:04d}-{name}"
+            for task, paths in by_task.items():
+                for path in paths:
+                    new = f"part{i:04d}-{os.path.relpath(path, m.root)}"
                     target = out / new
                     if target.exists():
                         target.unlink()
                     try:
-                        os.link(part / name, target)
+                        os.link(path, target)
                     except OSError:
-                        shutil.copyfile(part / name, target)
+                        shutil.copyfile(path, target)
                     dst_split["shards"].setdefault(task, []).append(new)
-            for task, n in info["samples"].items():
+            for task, n in m.samples[split].items():
                 dst_split["samples"][task] = dst_split["samples"].get(task, 0) + n
     # The longest sample of the merge, and the count of every shard, are known only where every part
     # holding the task recorded its own (parts written before shard_samples existed have none).
@@ -257,20 +258,18 @@ def cmd_merge(args: argparse.Namespace) -> None:
         longest: dict[str, int] = {}
         per_shard: dict[str, list[int]] = {}
         for task in dst_split["shards"]:
-            holding = [m["splits"][split] for m in manifests if task in m["splits"].get(split, {}).get("shards", {})]
-            parts_max = [info.get("max_len", {}).get(task) for info in holding]
+            holding = [m for m in manifests if task in m.shards.get(split, {})]
+            parts_max = [m.max_len[split].get(task) for m in holding]
             if parts_max and None not in parts_max:
                 longest[task] = max(parts_max)
-            parts_counts = [info.get("shard_samples", {}).get(task) for info in holding]
+            parts_counts = [m.shard_samples[split].get(task) for m in holding]
             if parts_counts and None not in parts_counts:
                 per_shard[task] = [n for counts in parts_counts for n in counts]
         dst_split["shard_samples"] = per_shard
         dst_split["max_len"] = longest
-    manifest = {**ref, "image_tokenizer": image_tok, "splits": splits,
+    manifest = {**ref.doc, "image_tokenizer": image_tok, "splits": splits,
                 "created_by": _command_line("merge", args)}
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / MANIFEST_NAME)
+    atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=2))
     _report(out, manifest)
 
 

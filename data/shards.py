@@ -12,6 +12,8 @@ and mode so that building the same data twice gives byte-identical shards.
     writer = DatasetWriter(out_dir, ShardConfig(max_count=500), vocab)
     writer.write("train", "t2i", key, ids, meta)
     writer.finish(image_tokenizer=..., created_by="python -m data.prepare demo")  # -> manifest.json
+
+Read back with `data.manifest.load_manifest` and `data.reader` (`read_shard`, `check_sample`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from data import reader
+from data.files import atomic_write
 from data.layout import TASKS
+from data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
 from data.vocab import UnifiedVocab
 
-MANIFEST_FORMAT = "unimod-shards-v1"
-MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "validation")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -152,41 +155,17 @@ class DatasetWriter:
         }
         if extra:
             manifest.update(extra)
-        (self.out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        atomic_write(self.out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
         return manifest
 
 
+# ----- kept only until the callers outside data/ (tools/, tests/test_data_loss.py) read through
+# data.manifest and data.reader directly ----------------------------------------------------------------
 def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    """manifest.json of a dataset directory, with its format checked."""
-    path = Path(dataset_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the manifest ({e})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: field format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    return manifest
-
-
-def _all_urls(urls):
-    return urls
+    """manifest.json as a dict, checked by `data.manifest.load_manifest`."""
+    return load_manifest(dataset_dir).doc
 
 
 def iter_samples(shard: str | os.PathLike):
-    """(key, ids int32, meta dict) for every sample of one shard, read with webdataset.
-
-    Decoded here rather than with webdataset's decoders so that no pickle can ever be loaded.
-    """
-    import io
-
-    import webdataset as wds
-
-    # Every caller wants the whole shard (inspection, evaluation), also inside a multi-rank job, where
-    # webdataset's default node splitter would refuse: keep all URLs on every node.
-    ds = wds.WebDataset(str(shard), shardshuffle=False, empty_check=False, nodesplitter=_all_urls)
-    for sample in ds:
-        key = sample["__key__"]
-        if "ids.npy" not in sample or "json" not in sample:
-            raise ValueError(f"{shard}: sample {key!r} lacks ids.npy or json")
-        ids = np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False)
-        yield key, ids, json.loads(sample["json"])
+    """`data.reader.iter_samples`."""
+    return reader.iter_samples(shard)

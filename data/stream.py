@@ -3,7 +3,7 @@
 Every stream here is a pure function of (seed, epoch, task, slot), where a slot is one (rank,
 worker) pair, so any worker can rebuild its stream and fast-forward to a resume point; the layout of
 an epoch (shard split, pass-bounded shuffle buffer, task quotas) is described in `data/loader.py`,
-which builds the `Plan` and runs the workers.
+which builds the `EpochPlan` and runs the workers.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ import collections
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data.config import LoaderConfig
 from data.layout import TASKS, make_labels, strip_caption
 from data.packing import RowBuilder, make_batch
-from data.validate import SHARD_REASONS, BadInputError, bad, check_sample, read_shard
+from data.reader import SHARD_REASONS, BadInputError, bad, check_sample, read_shard
 from model.config import VocabLayout
-
-if TYPE_CHECKING:
-    from data.loader import LoaderConfig
 
 # Seed-sequence tags, so the shard order, the shuffle buffer, the schedule and caption dropout never
 # share a stream.
@@ -32,7 +30,7 @@ _PASS_END = object()  # marks the end of one pass in a task's sample stream
 
 
 @dataclass(frozen=True)
-class Plan:
+class EpochPlan:
     """Everything a worker needs, fixed at construction and identical on every rank."""
 
     cfg: LoaderConfig
@@ -129,7 +127,7 @@ class DroppedShard:
     shard: str
     """Shard path or URL."""
     reason: str
-    """One of data.validate.SHARD_REASONS."""
+    """One of data.reader.SHARD_REASONS."""
     message: str
     """The BadInputError's message (shard, last key, field, expected vs read)."""
     lost: int | None
@@ -149,7 +147,7 @@ class WorkerNews:
     """Shards dropped since the previous batch (printed once by the training process)."""
 
 
-def _task_samples(plan: Plan, task: str, epoch: int, slot: int, counters: Counters
+def _task_samples(plan: EpochPlan, task: str, epoch: int, slot: int, counters: Counters
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
     """Endless (ids, labels, key) of `task` for one slot: pass after pass over its shard share."""
     cfg, shards = plan.cfg, plan.shards[task]
@@ -225,7 +223,7 @@ def _shuffled(samples: Iterator, size: int, rng: np.random.Generator) -> Iterato
 class _TaskBatches:
     """Endless micro-batches (lists of rows) of one task for one slot."""
 
-    def __init__(self, plan: Plan, task: str, epoch: int, slot: int, counters: Counters) -> None:
+    def __init__(self, plan: EpochPlan, task: str, epoch: int, slot: int, counters: Counters) -> None:
         samples = _task_samples(plan, task, epoch, slot, counters)
         rng = _rng(plan.cfg.seed, epoch, _BUFFER, TASKS.index(task), slot)
         self._samples = _shuffled(samples, plan.cfg.shuffle_buffer, rng)
@@ -253,7 +251,7 @@ class _TaskBatches:
 class EpochDataset(IterableDataset):
     """One rank's epoch from micro-batch `start` on; each DataLoader worker plays one worker role."""
 
-    def __init__(self, plan: Plan, epoch: int, start: int) -> None:
+    def __init__(self, plan: EpochPlan, epoch: int, start: int) -> None:
         super().__init__()
         self.plan, self.epoch, self.start = plan, epoch, start
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from data import layout as L
+from data.manifest import Manifest, load_manifest
 from model.config import VocabLayout
 
 EMU3_TOKEN_NAMES = {
@@ -231,19 +232,21 @@ class UnifiedVocab:
         return cls.from_sentencepiece(path, visual_size)
 
     @classmethod
-    def from_manifest(cls, dataset_dir: str | os.PathLike, manifest: dict[str, Any]) -> "UnifiedVocab":
-        """Rebuild the vocabulary a dataset was written with and check it against the manifest."""
-        info = manifest.get("tokenizer") or {}
-        where = f"{Path(dataset_dir) / 'manifest.json'}"
+    def from_manifest(cls, manifest: Manifest, _old_doc: Any = None) -> "UnifiedVocab":
+        """Rebuild the vocabulary a dataset was written with and check it against its manifest."""
+        if not isinstance(manifest, Manifest):  # (dataset_dir, manifest dict): kept until tools/ passes a Manifest
+            manifest = load_manifest(manifest)
+        info = manifest.doc.get("tokenizer") or {}
+        where = manifest.path
         if info.get("type") not in ("sentencepiece", "hf") or not info.get("path"):
             raise ValueError(f"{where}: field tokenizer must have type sentencepiece|hf and a path, got {info}")
-        path = Path(dataset_dir) / info["path"]
-        expected = VocabLayout(**manifest["vocab"])
+        path = Path(manifest.root) / info["path"]
+        expected = manifest.vocab
         if info["type"] == "sentencepiece":
             vocab = cls.from_sentencepiece(path, expected.visual_size)
         else:
             vocab = cls.from_hf(path, expected.visual_size)
-        if vocab.sha256 != info.get("sha256"):
+        if vocab.sha256 != manifest.tokenizer_sha256:
             raise ValueError(f"{where}: field tokenizer.sha256 does not match the tokenizer at {path}")
         if vocab.layout != expected:
             raise ValueError(f"{where}: field vocab {expected} differs from the tokenizer's layout {vocab.layout}")
@@ -267,11 +270,6 @@ class UnifiedVocab:
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.text.decode(ids)
-
-    def codes_to_ids(self, codes_HW: np.ndarray) -> np.ndarray:
-        """Full image block (with structure) for an (h, w) code grid."""
-        h, w = np.asarray(codes_HW).shape
-        return L.image_block(codes_HW, self.layout, self.encode_text(L.image_size_text(h, w)))
 
     def ids_to_codes(self, ids: np.ndarray) -> np.ndarray:
         """The (h, w) code grid of the first image block in `ids`."""

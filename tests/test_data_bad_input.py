@@ -16,7 +16,9 @@ import webdataset as wds
 
 from data.layout import lm_ids, parse_image_block, t2i_ids
 from data.loader import LoaderConfig, UnimodLoader
-from data.validate import BadInputError, load_manifest, validate_dataset
+from data.manifest import load_manifest
+from data.reader import BadInputError
+from data.validate import validate_dataset
 from tests.shard_fixtures import OTHER_SHA, SHA, SMALL, shard_path, text_ids, write_dataset
 
 TASKS = ["t2i", "mmu", "lm"]
@@ -238,7 +240,7 @@ def test_overlong_image_sample_is_never_cut_even_under_truncate(tmp_path):
 
 def test_seq_len_shorter_than_the_manifests_longest_sample_fails_at_build(demo_dataset):
     """The real writer records each task's longest sample; the loader refuses a data.seq_len below it."""
-    from data.shards import iter_samples
+    from data.reader import iter_samples
 
     manifest = load_manifest(str(demo_dataset))
     longest = {t: max(len(ids) for s in shards for _, ids, _ in iter_samples(s))

@@ -8,7 +8,6 @@ Uses the session `demo_dataset` fixture (tests/conftest.py), built by `python -m
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,20 +16,21 @@ from data.demo import NAMES, DemoConfig, build_demo
 from data.imagetok import PatchVQ, load_image_tokenizer
 from data.inspect import inspect
 from data.layout import make_labels
-from data.shards import iter_samples, read_manifest
+from data.manifest import load_manifest
+from data.reader import iter_samples
 from data.vocab import UnifiedVocab
 from tests.conftest import run_module
 
 
-def _samples(root: Path, manifest, split: str, task: str):
-    for name in manifest["splits"][split]["shards"][task]:
-        yield from iter_samples(root / name)
+def _samples(manifest, split: str, task: str):
+    for shard in manifest.shards[split][task]:
+        yield from iter_samples(shard)
 
 
 @pytest.fixture(scope="module")
 def demo(demo_dataset):
-    manifest = read_manifest(demo_dataset)
-    vocab = UnifiedVocab.from_manifest(demo_dataset, manifest)
+    manifest = load_manifest(demo_dataset)
+    vocab = UnifiedVocab.from_manifest(manifest)
     return demo_dataset, manifest, vocab
 
 
@@ -38,8 +38,8 @@ def demo(demo_dataset):
 def patch16(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo16") / "digits"
     build_demo(root, DemoConfig(image_format="patch16"))
-    manifest = read_manifest(root)
-    return root, manifest, UnifiedVocab.from_manifest(root, manifest)
+    manifest = load_manifest(root)
+    return root, manifest, UnifiedVocab.from_manifest(manifest)
 
 
 def test_build_is_byte_identical(demo_dataset, tmp_path):
@@ -54,7 +54,8 @@ def test_build_is_byte_identical(demo_dataset, tmp_path):
 
 
 def test_manifest_contract(demo):
-    root, m, vocab = demo
+    root, manifest, vocab = demo
+    m = manifest.doc  # the file as written
     lay = vocab.layout
     assert m["format"] == "unimod-shards-v1"
     assert m["tokenizer"]["type"] == "sentencepiece" and (root / m["tokenizer"]["path"]).is_file()
@@ -72,7 +73,7 @@ def test_manifest_contract(demo):
         for task, shards in m["splits"][split]["shards"].items():
             assert all((root / s).is_file() and s.startswith(f"{task}-{split}-") for s in shards)
             # max_len is what the loader checks data.seq_len against: the longest sample, read back.
-            assert m["splits"][split]["max_len"][task] == max(len(ids) for _, ids, _ in _samples(root, m, split, task))
+            assert m["splits"][split]["max_len"][task] == max(len(ids) for _, ids, _ in _samples(manifest, split, task))
     assert len(m["splits"]["train"]["shards"]["t2i"]) >= 4  # enough shards for several ranks/workers
 
 
@@ -83,14 +84,14 @@ def test_shards_read_with_webdataset_and_follow_the_contract(demo):
     lay = vocab.layout
     for split in ("train", "validation"):
         for task in ("t2i", "mmu", "lm"):
-            urls = [str(root / s) for s in m["splits"][split]["shards"][task]]
+            urls = m.shards[split][task]
             n = 0
             for sample in wds.WebDataset(urls, shardshuffle=False).decode():
                 ids, meta = sample["ids.npy"], sample["json"]
                 assert "." not in sample["__key__"] and sample["__key__"].startswith(f"{task}-{split}-")
                 assert ids.dtype == np.int32 and ids.ndim == 1
                 assert ids[0] == lay.bos_id and ids[-1] == lay.eos_id
-                assert meta["task"] == task and meta["tokenizer_sha256"] == m["tokenizer"]["sha256"]
+                assert meta["task"] == task and meta["tokenizer_sha256"] == m.tokenizer_sha256
                 labels = make_labels(ids, task, meta, lay)
                 if task == "t2i":
                     assert meta["image_hw"] == [8, 8]
@@ -108,16 +109,16 @@ def test_shards_read_with_webdataset_and_follow_the_contract(demo):
                 else:
                     assert meta["image_hw"] is None and (labels[1:] == ids[1:]).all()
                 n += 1
-            assert n == m["splits"][split]["samples"][task]
+            assert n == m.samples[split][task]
 
 
-def _decoded(root: Path, m, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _decoded(m, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(sources, labels, code grids, decoded images) of every t2i sample of a split."""
-    vocab = UnifiedVocab.from_manifest(root, m)
-    vq = load_image_tokenizer(root, m)
+    vocab = UnifiedVocab.from_manifest(m)
+    vq = load_image_tokenizer(m)
     assert isinstance(vq, PatchVQ)
     src, lab, codes = [], [], []
-    for _, ids, meta in _samples(root, m, split, "t2i"):
+    for _, ids, meta in _samples(m, split, "t2i"):
         src.append(int(meta["source"].split(":")[1]))
         lab.append(meta["label"])
         codes.append(vocab.ids_to_codes(ids))
@@ -131,7 +132,7 @@ def test_grey8_codes_are_the_scans_grey_levels(demo):
     root, m, _ = demo
     digits = load_digits()
     for split in ("train", "validation"):
-        src, lab, codes, dec = _decoded(root, m, split)
+        src, lab, codes, dec = _decoded(m, split)
         assert (digits.target[src] == lab).all()
         np.testing.assert_array_equal(codes, digits.images[src].astype(np.int64))
         np.testing.assert_array_equal(dec, (digits.images[src] / 16.0).astype(np.float32))
@@ -146,22 +147,22 @@ def test_patch16_images_decode_back_to_their_digits(patch16):
     from sklearn.datasets import load_digits
 
     root, m, vocab = patch16
-    assert m["demo"]["image_format"] == "patch16" and m["image_tokenizer"]["codebook_size"] == 256
+    assert m.doc["demo"]["image_format"] == "patch16" and m.doc["image_tokenizer"]["codebook_size"] == 256
     digits = load_digits()
     originals = digits.images / 16.0
     to_8x8 = lambda img: img.reshape(-1, 8, 4, 8, 4).mean(axis=(2, 4))  # noqa: E731
     for split in ("train", "validation"):
-        src, lab, codes, dec = _decoded(root, m, split)
+        src, lab, codes, dec = _decoded(m, split)
         assert codes.shape[1:] == (16, 16) and (digits.target[src] == lab).all()
         corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(to_8x8(dec), originals[src])]
         assert min(corr) > 0.9, (split, min(corr))
-    train_src, _, _, _ = _decoded(root, m, "train")
-    val_src, val_lab, _, val_dec = _decoded(root, m, "validation")
+    train_src, _, _, _ = _decoded(m, "train")
+    val_src, val_lab, _, val_dec = _decoded(m, "validation")
     ref = originals[train_src].reshape(len(train_src), -1)
     d2 = ((to_8x8(val_dec).reshape(len(val_src), 1, -1) - ref[None]) ** 2).sum(-1)
     accuracy = (digits.target[train_src][d2.argmin(1)] == val_lab).mean()
     assert accuracy >= 0.95, accuracy
-    _, ids, _ = next(_samples(root, m, "train", "t2i"))
+    _, ids, _ = next(_samples(m, "train", "t2i"))
     assert 280 <= len(ids) <= 300  # ~290 tokens, 272 of them codes + EOL
 
 
@@ -172,8 +173,8 @@ def test_train_and_validation_images_are_disjoint(demo):
     targets = load_digits().target
     sources = {}
     for split in ("train", "validation"):
-        t2i = {s["source"] for _, _, s in _samples(root, m, split, "t2i")}
-        mmu = {s["source"] for _, _, s in _samples(root, m, split, "mmu")}
+        t2i = {s["source"] for _, _, s in _samples(m, split, "t2i")}
+        mmu = {s["source"] for _, _, s in _samples(m, split, "mmu")}
         assert t2i == mmu  # both tasks of one image land in the same split
         sources[split] = {int(s.split(":")[1]) for s in t2i}
     assert not sources["train"] & sources["validation"]
@@ -184,18 +185,18 @@ def test_train_and_validation_images_are_disjoint(demo):
         assert abs(n_val - 0.1 * (targets == d).sum()) <= 1
     # No validation image sequence (image + its caption) is a training sequence; lm text is unseen too.
     for task in ("t2i", "lm"):
-        train = {ids.tobytes() for _, ids, _ in _samples(root, m, "train", task)}
-        assert not any(ids.tobytes() in train for _, ids, _ in _samples(root, m, "validation", task))
+        train = {ids.tobytes() for _, ids, _ in _samples(m, "train", task)}
+        assert not any(ids.tobytes() in train for _, ids, _ in _samples(m, "validation", task))
 
 
 def test_every_caption_is_written(demo):
     """Caption dropout moved to the loader: no split holds a captionless t2i sample, and the captions vary."""
     root, m, vocab = demo
     for split in ("train", "validation"):
-        metas = [(ids, meta) for _, ids, meta in _samples(root, m, split, "t2i")]
+        metas = [(ids, meta) for _, ids, meta in _samples(m, split, "t2i")]
         assert all(ids[1] != vocab.layout.boi_id and meta["caption"] for ids, meta in metas)
         assert not any("caption_dropped" in meta for _, meta in metas)
-    assert len({meta["caption"] for _, _, meta in _samples(root, m, "train", "t2i")}) >= 60  # templates x digits
+    assert len({meta["caption"] for _, _, meta in _samples(m, "train", "t2i")}) >= 60  # templates x digits
 
 
 def test_inspect_prints_text_and_writes_pngs(demo, tmp_path):
@@ -207,10 +208,15 @@ def test_inspect_prints_text_and_writes_pngs(demo, tmp_path):
     assert "<image 8*8>" in proc.stdout and "ASSISTANT:" in proc.stdout and "@" in proc.stdout
     import io
 
+    # A dataset shows the first sample of each task's first shard (train: several shards per task).
     buf = io.StringIO()
-    assert inspect(str(root / m["splits"]["train"]["shards"]["t2i"][0]), n=2, png_dir=str(tmp_path), out=buf) == 2
-    vq = load_image_tokenizer(root, m)
-    key, ids, _ = next(iter_samples(root / m["splits"]["train"]["shards"]["t2i"][0]))
+    assert inspect(str(root), n=1, split="train", out=buf) == 3
+    firsts = [next(iter_samples(m.shards["train"][task][0]))[0] for task in ("t2i", "mmu", "lm")]
+    assert [line.split()[1] for line in buf.getvalue().splitlines() if line.startswith("--- ")] == firsts
+    buf = io.StringIO()
+    assert inspect(m.shards["train"]["t2i"][0], n=2, png_dir=str(tmp_path), out=buf) == 2
+    vq = load_image_tokenizer(m)
+    key, ids, _ = next(iter_samples(m.shards["train"]["t2i"][0]))
     png = np.asarray(Image.open(tmp_path / f"{key}.png"), dtype=np.float32) / 255.0
     expected = 1.0 - vq.decode(vocab.ids_to_codes(ids))[0]  # ink dark on white
     assert np.abs(png - expected).max() <= 1 / 255 + 1e-6

@@ -237,8 +237,9 @@ def test_config_and_setup_errors_name_the_field(dataset):
 
 def test_dataset_from_the_real_writer_loads(demo_dataset):
     """Contract check against data/shards.py: the demo build validates and its batches decode."""
-    from data.shards import iter_samples
-    from data.validate import load_manifest, validate_dataset
+    from data.manifest import load_manifest
+    from data.reader import iter_samples
+    from data.validate import validate_dataset
 
     assert not validate_dataset(str(demo_dataset)).skipped
     manifest = load_manifest(str(demo_dataset))

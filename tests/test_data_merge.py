@@ -42,7 +42,7 @@ def test_merge_adds_parts_up_and_trains_from_one_manifest(demo_dataset, tmp_path
     # Each shard keeps its own count, in the order of the merged shard list (the reader checks it).
     assert manifest["splits"]["train"]["shard_samples"]["lm"] == [10, 10, 10, 10, 10, 5]
     # The longest sample of the merge, read back from its shards (what data.seq_len is checked against).
-    from data.shards import iter_samples
+    from data.reader import iter_samples
     longest = max(len(ids) for s in manifest["splits"]["train"]["shards"]["lm"] for _, ids, _ in iter_samples(merged / s))
     assert manifest["splits"]["train"]["max_len"] == {"lm": longest}
     validate_dataset(str(merged))
@@ -64,7 +64,7 @@ def test_merge_refuses_parts_with_another_vocabulary(demo_dataset, tmp_path):
 def test_merge_keeps_shard_counts_only_where_every_part_has_them(demo_dataset, tmp_path):
     """A part written before shard_samples existed: the merged task has no per-shard counts (a partial
     list would not line up with the shards), and the manifest still loads."""
-    from data.validate import load_manifest
+    from data.manifest import load_manifest
 
     tok = demo_dataset / "tokenizer.model"
     a = text_part(tmp_path, "a", tok, [f"line {i}." for i in range(12)])

@@ -19,7 +19,8 @@ import pytest
 from data.inspect import inspect
 from data.layout import make_labels
 from data.prepare import main
-from data.shards import iter_samples, read_manifest
+from data.manifest import load_manifest
+from data.reader import iter_samples
 from data.vocab import SentencePieceTrainConfig, UnifiedVocab, train_sentencepiece
 from tests.conftest import run_module
 
@@ -33,8 +34,8 @@ CORPUS = [
 
 
 def _dataset(root: Path):
-    m = read_manifest(root)
-    return m, UnifiedVocab.from_manifest(root, m)
+    m = load_manifest(root)
+    return m, UnifiedVocab.from_manifest(m)
 
 
 def test_tokenizer_command_is_deterministic_and_encodes_digits(tmp_path):
@@ -104,20 +105,20 @@ def test_images_command_writes_emu3_codes(tmp_path, tiny_vq):
                       "--max-pixels", "1024")
     assert proc.returncode == 0, proc.stderr
     m, vocab = _dataset(out)
-    assert m["splits"]["train"]["samples"] == {"t2i": 2, "mmu": 1}
-    assert m["splits"]["validation"]["samples"] == {"mmu": 1}
-    assert vocab.layout.visual_size == 64 and m["image_tokenizer"]["type"] == "emu3-vqvae"
-    assert (out / m["image_tokenizer"]["path"]).resolve() == tiny_vq.resolve()
+    assert m.samples["train"] == {"t2i": 2, "mmu": 1}
+    assert m.samples["validation"] == {"mmu": 1}
+    assert vocab.layout.visual_size == 64 and m.doc["image_tokenizer"]["type"] == "emu3-vqvae"
+    assert (out / m.doc["image_tokenizer"]["path"]).resolve() == tiny_vq.resolve()
     assert (out / "tokenizer.model").read_bytes() == sp.read_bytes()  # copied: the dataset is self-contained
 
     from transformers import Emu3VQVAE
 
     model = Emu3VQVAE.from_pretrained(str(tiny_vq)).eval()
     seen = 0
-    for split, info in m["splits"].items():
-        for task, shards in info["shards"].items():
+    for split, by_task in m.shards.items():
+        for task, shards in by_task.items():
             for shard in shards:
-                for key, ids, meta in iter_samples(out / shard):
+                for key, ids, meta in iter_samples(shard):
                     line = int(key.split("-")[2])
                     item = items[line - 1]
                     assert key == f"{task}-{split}-{line:06d}" and meta["image_hw"] == [16, 16]
@@ -164,13 +165,13 @@ def test_text_command_chunks_lines_and_splits(tmp_path):
                       "--shard-max-count", "16")
     assert proc.returncode == 0, proc.stderr
     m, vocab = _dataset(out)
-    assert m["image_tokenizer"] is None and vocab.layout.visual_size == 256
-    assert len(m["splits"]["train"]["shards"]["lm"]) > 1  # cut by --shard-max-count
+    assert m.doc["image_tokenizer"] is None and vocab.layout.visual_size == 256
+    assert len(m.shards["train"]["lm"]) > 1  # cut by --shard-max-count
     texts: dict[int, list[tuple[int, np.ndarray]]] = {}
     splits: dict[int, set[str]] = {}
-    for split, info in m["splits"].items():
-        for shard in info["shards"]["lm"]:
-            for key, ids, meta in iter_samples(out / shard):
+    for split, by_task in m.shards.items():
+        for shard in by_task["lm"]:
+            for key, ids, meta in iter_samples(shard):
                 assert len(ids) <= 8 and ids[0] == vocab.layout.bos_id and ids[-1] == vocab.layout.eos_id
                 line = int(meta["source"].split(":")[1])
                 texts.setdefault(line, []).append((int(key.rsplit("-", 1)[1]), ids[1:-1]))

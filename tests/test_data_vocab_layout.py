@@ -156,23 +156,6 @@ def test_parse_image_block_rejects_ragged_rows():
         L.parse_image_block(ids, SMALL)
 
 
-def test_caption_dropout_rate_and_determinism():
-    n, p = 20000, 0.05
-    rng = np.random.default_rng(123)
-    kept = [L.drop_caption("a digit", p, rng) for _ in range(n)]
-    rate = kept.count("") / n
-    # Binomial std is sqrt(p (1 - p) / n) = 0.0015; 4 std either side.
-    assert abs(rate - p) < 0.006
-    assert set(kept) == {"", "a digit"}
-    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
-    assert [L.drop_caption("c", p, rng_a) for _ in range(500)] == [L.drop_caption("c", p, rng_b) for _ in range(500)]
-    rng = np.random.default_rng(0)
-    assert all(L.drop_caption("c", 0.0, rng) == "c" for _ in range(200))
-    assert all(L.drop_caption("c", 1.0, rng) == "" for _ in range(200))
-    with pytest.raises(ValueError, match="probability"):
-        L.drop_caption("c", 1.5, rng)
-
-
 def test_strip_caption_is_the_empty_caption_layout():
     codes = np.arange(6).reshape(2, 3)
     size = [ord(c) for c in "2*3"]
