@@ -2,7 +2,7 @@
 
     config.py       AnalysisConfig (sample counts, ARank subsampling, plan and probe settings)
     samples.py      calibration (train split) and evaluation (validation split) samples per task
-    checkpoint.py   load a run checkpoint or an HF directory as a dense model
+    checkpoint.py   any checkpoint (tools/checkpoints.py reads it) as a dense model: MoD plan and routers dropped
     runner.py       a dense forward with edits (skipped blocks / sublayers, pruned MLP neurons) and hooks
     metrics.py      ARank, input/output cosine similarity, MLP neuron scores, per-task loss
     plan.py         the MoD plan (`mod:` section) from ARank

@@ -9,8 +9,8 @@ Per planned task t (our choices where UniMoD is silent are marked):
      of it), so the ratio needs no correction for the prompt or structural tokens.
   A layer routed for several tasks is a shared MoD layer, one routed for only t a t-MoD layer.
 
-The written file `mod_plan.yaml` is `{model: {mod: {...}}}`; `ModelConfig.from_dict({"preset": ...,
-"mod": doc["model"]["mod"]})` accepts it as is, and `set_mod.txt` holds the same plan as one
+The written file `mod_plan.yaml` is `{model: {mod: {...}}}`: a run config names it as `model.mod_plan`
+(read back by `model.config.read_mod_plan`), and `set_mod.txt` holds the same plan as one
 `model.mod={...}` override for `python train/main.py --config X.yaml --set "$(cat set_mod.txt)"`.
 """
 
@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from analysis.config import AnalysisConfig
+from data.files import atomic_write
 from model.config import ModelConfig, MoDConfig, VocabLayout
 
 _ROUTABLE_IDS = {"image": ("image",), "text": ("text",), "all": ("text", "image")}
@@ -89,21 +90,11 @@ def write_plan(out_dir: str | Path, mod: Mapping[str, Any], header: str) -> tupl
     body = yaml.safe_dump({"model": {"mod": dict(mod)}}, sort_keys=False)
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     plan_path = out_dir / "mod_plan.yaml"
-    plan_path.write_text(comment + body)
+    atomic_write(plan_path, comment + body)
     set_path = out_dir / "set_mod.txt"
     flow = yaml.safe_dump(dict(mod), default_flow_style=True, sort_keys=False, width=1 << 30).strip()
-    set_path.write_text(f"model.mod={flow}\n")
+    atomic_write(set_path, f"model.mod={flow}\n")
     return plan_path, set_path
-
-
-def load_plan(path: str | Path) -> dict[str, Any]:
-    """The `mod:` mapping of a plan file, checked: the file holds exactly `{model: {mod: {...}}}`."""
-    doc = yaml.safe_load(Path(path).read_text())
-    if not isinstance(doc, dict) or set(doc) != {"model"} or not isinstance(doc["model"], dict) \
-            or set(doc["model"]) != {"mod"} or not isinstance(doc["model"]["mod"], dict):
-        raise ValueError(f"{path}: a MoD plan file must hold exactly a model: {{mod: {{...}}}} mapping")
-    MoDConfig(**doc["model"]["mod"])
-    return doc["model"]["mod"]
 
 
 def plan_flops(model_cfg: ModelConfig, mod: Mapping[str, Any], mean_len: Mapping[str, float],

@@ -38,15 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def one_plan(cfg: RunConfig, args: argparse.Namespace, nodes: int, mode: str):
-    tasks = cfg.data.tasks
-    total = sum(tasks.values())
-    return plan(cfg.model, nodes=nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
-                mode=mode, pipeline_stages=args.pipeline_stages if mode == "pipeline" else 1,
-                micro_batch_size=cfg.data.micro_batch_size, seq_len=cfg.data.seq_len, grad_accum=cfg.optim.grad_accum,
-                precision="bf16" if cfg.parallel.precision == "auto" else cfg.parallel.precision,
-                activation_checkpointing=cfg.parallel.activation_checkpointing,
-                task_mix={t: w / total for t, w in tasks.items()}, assumed_mfu=args.assumed_mfu)
+def one_plan(cfg: RunConfig, args: argparse.Namespace, nodes: int):
+    return plan(cfg, nodes=nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
+                assumed_mfu=args.assumed_mfu)
 
 
 def plot(rows: list[dict], png: Path) -> None:
@@ -55,7 +49,7 @@ def plot(rows: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
-    for mode, style in (("zero3", "-"), ("pipeline", "--")):
+    for mode, style in (("zero", "-"), ("pipeline", "--")):
         for variant, marker in (("dense", "s"), ("unimod", "o")):
             sub = [r for r in rows if r["mode"] == mode and r["variant"] == variant]
             x = [r["gpus"] for r in sub]
@@ -75,13 +69,16 @@ def plot(rows: list[dict], png: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    variants = {"unimod": RunConfig.load(args.config, []),
-                "dense": RunConfig.load(args.config, ["model.mod.capacity={}"])}
+    layouts = {"zero": ["parallel.mode=zero", "parallel.pipeline_stages=1"],
+               "pipeline": ["parallel.mode=pipeline", f"parallel.pipeline_stages={args.pipeline_stages}"]}
+    variants = {"unimod": [], "dense": ["model.mod.capacity={}"]}
+    configs = {(mode, name): RunConfig.load(args.config, layout + extra)
+               for mode, layout in layouts.items() for name, extra in variants.items()}
     rows, texts = [], {}
     for nodes in args.nodes:
-        for mode in ("zero3", "pipeline"):
-            for name, cfg in variants.items():
-                p = one_plan(cfg, args, nodes, mode)
+        for mode in layouts:
+            for name in variants:
+                p = one_plan(configs[mode, name], args, nodes)
                 texts[f"{name} {mode} {nodes} node(s)"] = format_plan(p)
                 rows.append({
                     "variant": name, "mode": mode, "nodes": nodes, "gpus": p.num_gpus,
@@ -97,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         twin = next(d for d in rows if d["variant"] == "dense" and d["mode"] == r["mode"] and d["nodes"] == r["nodes"])
         r["speedup_vs_dense"] = twin["step_time_s"] / r["step_time_s"]
         r["flops_saved_vs_dense_pct"] = 100 * (1 - r["flops_per_step"] / twin["flops_per_step"])
-    cfg = variants["unimod"]
+    cfg = configs["zero", "unimod"]
     result = {"config": str(Path(args.config).relative_to(REPO)) if Path(args.config).is_relative_to(REPO) else args.config,
               "seq_len": cfg.data.seq_len, "micro_batch_size": cfg.data.micro_batch_size,
               "grad_accum": cfg.optim.grad_accum, "precision": cfg.parallel.precision,
@@ -116,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
              "| nodes | GPUs | mode | variant | memory/GPU (GiB) | fits | global batch (tokens) | FLOPs/step | step (s) | "
              "tokens/s | vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mode = r["mode"] if r["mode"] == "zero3" else f"PP{r['pipeline_stages']} x DP{r['data_parallel']}"
+        mode = "ZeRO-3" if r["mode"] == "zero" else f"PP{r['pipeline_stages']} x DP{r['data_parallel']}"
         lines.append(f"| {r['nodes']} | {r['gpus']} | {mode} | {r['variant']} | {r['memory_per_gpu_gib']:.1f} | "
                      f"{'yes' if r['fits'] else 'NO'} | {r['tokens_per_step']:,} | {r['flops_per_step']:.3e} | "
                      f"{r['step_time_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['speedup_vs_dense']:.2f}x |")

@@ -16,13 +16,14 @@ from analysis import probes
 from analysis.checkpoint import load_dense
 from analysis.config import AnalysisConfig
 from analysis.metrics import arank, attention_probs, measure_task, subsample_positions
-from analysis.plan import load_plan, nonroutable_fraction, plan_mod, write_plan
+from analysis.plan import nonroutable_fraction, plan_mod, write_plan
 from analysis.runner import Edits, mean_nll, run_hidden
 from analysis.samples import Batch, load_task_samples, make_batches, open_dataset
-from model.config import ModelConfig
+from model.config import ModelConfig, read_mod_plan
 from model.layers import apply_rope, rope_cos_sin
 from model.transformer import UnifiedTransformer
 from tests.conftest import run_module
+from train.config import RunConfig
 
 IDENTITY = 2  # the layer made an identity in the known-answer tests
 
@@ -214,7 +215,7 @@ def test_plan_picks_lowest_arank_half_and_sets_capacity(tmp_path):
 
     plan_path, set_path = write_plan(tmp_path, mod, "test plan\nsecond line")
     assert plan_path.read_text().startswith("# test plan\n# second line\n")
-    loaded = load_plan(plan_path)
+    loaded = read_mod_plan(plan_path)
     built = ModelConfig.from_dict({"preset": "demo", "mod": loaded})
     assert built.mod.mod_layers() == [1, 2, 3, 4, 5, 6, 7]
     assert built.mod.capacity_of(2, "t2i") == 0.13 and built.mod.capacity_of(2, "mmu") == 1.0
@@ -228,7 +229,7 @@ def test_plan_picks_lowest_arank_half_and_sets_capacity(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": {"mod": mod, "preset": "demo"}}))
     with pytest.raises(ValueError, match="exactly a model"):
-        load_plan(bad)
+        read_mod_plan(bad)
 
 
 def test_nonroutable_fraction():
@@ -284,7 +285,9 @@ def test_load_dense_from_run_checkpoint_drops_routers(tmp_path):
     # a ZeRO-0 DeepSpeed checkpoint as the trainer writes it (module states + COMPLETE marker)
     torch.save({"module": net.state_dict()}, tag / "mp_rank_00_model_states.pt")
     (tag / "COMPLETE").write_text("10\n")
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}))
+    data = {"dataset_dir": str(tmp_path / "data"), "seq_len": 256}
+    run = RunConfig.from_dict({"model": cfg.to_dict(), "data": data})
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run.to_dict()))  # as the trainer writes it
     loaded = load_dense(tmp_path / "run")
     assert loaded.net.config.mod.mod_layers() == [] and loaded.source_mod["capacity"] == {"2": {"t2i": 0.25},
                                                                                           "3": {"t2i": 0.25}}
@@ -317,7 +320,7 @@ def test_cli_end_to_end_on_the_demo_data(demo_dataset, tmp_path):
         assert all(math.isfinite(v) for v in lay["cos_block"])
     assert set(report["interaction"]["blocks"]) == set(tasks)
     assert set(report["probes"]["depth_pruning"]["mmu"]) == {"block", "attn", "mlp"}
-    mod = load_plan(out / "mod_plan.yaml")
+    mod = read_mod_plan(out / "mod_plan.yaml")
     assert mod == report["plan"]["mod"]
     built = ModelConfig.from_dict({**{k: v for k, v in net.config.to_dict().items() if k != "mod"}, "mod": mod})
     assert built.mod.tasks == tasks and built.mod.mod_layers()  # half the layers per task, some capacity < 1

@@ -99,7 +99,7 @@ def test_router_agreement_is_one_minus_the_topk_keep_rate_for_zero_routers(evalu
 
 
 def test_evaluate_cli(demo_dataset, tmp_path):
-    from train import evaluate
+    from tools import evaluate
 
     out = tmp_path / "real.json"
     assert evaluate.main(["--data", str(demo_dataset), "--images", "real", "--out", str(out)]) == 0

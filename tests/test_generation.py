@@ -14,7 +14,7 @@ import torch
 
 from data.layout import parse_image_block
 from model import ModelConfig, UnifiedTransformer
-from model.generation import CachedDecoder, generate_image_tokens, generate_text, left_pad
+from model.generation import CachedDecoder, generate_image_tokens, generate_text, left_pad, sample_token
 
 REPO = Path(__file__).resolve().parents[1]
 MOD_PLAN = {"capacity": {"1-3": {"t2i": 0.5, "mmu": 0.5, "lm": 0.5}}, "routable": {"lm": "all"}}
@@ -99,6 +99,19 @@ def test_chunked_prefill_matches_forward_logits():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 5, 49, 50, 0])
+def test_top_k_samples_exactly_the_k_most_likely_ids(top_k):
+    """With top_k = k the draws cover exactly the k largest logits (found here by a plain sort), none else."""
+    V, draws = 50, 4000
+    logits = torch.from_numpy(np.random.default_rng(0).permutation(V).astype(np.float64))  # distinct, shuffled
+    # A high temperature makes the kept ids near equally likely, so each shows up hundreds of times.
+    ids = sample_token(logits.expand(draws, V), temperature=1000.0, top_k=top_k,
+                       generator=torch.Generator().manual_seed(0))
+    k = top_k if 0 < top_k < V else V
+    expected = set(np.argsort(-logits.numpy())[:k].tolist())
+    assert set(ids.tolist()) == expected
+
+
 def _image_prompts(cfg, n: int) -> tuple[list[list[int]], list[int], list[int]]:
     lay = cfg.vocab
     header = [lay.boi_id, 7, 42, 9, lay.img_id]  # any text ids stand in for "h*w"
@@ -176,7 +189,7 @@ def test_trained_model_samples_from_deepspeed_and_hf_dirs(trained_run, demo_data
 
     from data.demo import load_digit_images
     from data.imagetok import PatchVQ
-    from train import generate
+    from tools import generate
 
     # DeepSpeed checkpoint (the run directory), through the real command line.
     ds_png = tmp_path / "ds.png"
@@ -211,7 +224,7 @@ def test_trained_model_samples_from_deepspeed_and_hf_dirs(trained_run, demo_data
 
 
 def test_generate_cli_errors_name_the_problem(tmp_path, capsys):
-    from train import generate
+    from tools import generate
 
     assert generate.main(["--checkpoint", str(tmp_path / "nope"), "--task", "t2i", "--prompt", "x",
                           "--out", str(tmp_path / "g.png")]) == 2

@@ -3,31 +3,41 @@
 Checks the parameter count against Emu3-8B's published 8.49B, the ZeRO-3 per-GPU states against the
 ZeRO paper's (2 + 2 + 12) * N / N_d, the pipeline partition (every module once, balanced within a
 layer), the FLOPs of t2i with capacity 0.2 in layers 16-31 against a hand count under the planner's
-stated row assumption (one 4096-token sample, 90% of it image codes), and the printed table.
+stated row assumption (one 4096-token sample, 90% of it image codes), that every planned quantity is read
+from the RunConfig, and the printed table.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from model.config import ModelConfig
-from tools.capacity import GiB, format_plan, main, plan
+from tools.capacity import GiB, format_plan, main, plan, run_config
+from train.config import RunConfig
 
 N_EMU3_8B = 8_492_011_520  # HF Emu3ForCausalLM with Emu3TextConfig() defaults
+MOD = 'model.mod.capacity={"16-31": {t2i: 0.2, mmu: 0.2}}'
+T2I = "data.tasks={t2i: 1}"
+PIPELINE = ("parallel.mode=pipeline", "optim.grad_accum=16")
+
+
+def cfg(*sets: str, preset: str = "emu3-8b") -> RunConfig:
+    """The planner's stand-alone run config of a preset (seq_len 4096, micro-batch 1, bf16, activation
+    checkpointing on, equal task shares), with `--set` overrides."""
+    return run_config(None, preset, sets)
 
 
 @pytest.fixture(scope="module")
-def emu3_8b() -> ModelConfig:
-    return ModelConfig.from_preset("emu3-8b")
+def emu3_8b() -> RunConfig:
+    return cfg()
 
 
 @pytest.fixture(scope="module")
-def emu3_8b_mod() -> ModelConfig:
-    return ModelConfig.from_preset("emu3-8b", mod={"capacity": {"16-31": {"t2i": 0.2, "mmu": 0.2}}})
+def emu3_8b_mod() -> RunConfig:
+    return cfg(MOD)
 
 
 def test_emu3_8b_zero3_one_node_of_8(emu3_8b):
-    p = plan(emu3_8b, nodes=1, gpus_per_node=8, micro_batch_size=1, seq_len=4096, grad_accum=1)
+    p = plan(emu3_8b, nodes=1, gpus_per_node=8)
     assert p.params_dense == p.params_total == N_EMU3_8B
     assert abs(p.params_total - 8.49e9) / 8.49e9 < 0.001
     states = p.memory_per_gpu["parameters"] + p.memory_per_gpu["gradients"] + p.memory_per_gpu["optimizer states"]
@@ -40,10 +50,10 @@ def test_emu3_8b_zero3_one_node_of_8(emu3_8b):
     assert p.data_parallel == 8 and p.global_batch == 8 and p.fits
 
 
-def test_pipeline_partition_covers_every_layer_once_and_is_balanced(emu3_8b):
+def test_pipeline_partition_covers_every_layer_once_and_is_balanced():
     layer = 218_112_000  # one Emu3-8B decoder layer
     for stages in (4, 8):
-        p = plan(emu3_8b, nodes=2, gpus_per_node=8, mode="pipeline", pipeline_stages=stages, grad_accum=16)
+        p = plan(cfg(*PIPELINE, f"parallel.pipeline_stages={stages}"), nodes=2, gpus_per_node=8)
         names = [n for st in p.stages for n in st.items]
         assert names == ["embed", *(f"layer {i}" for i in range(32)), "norm+head"]
         assert p.stages[0].items[0] == "embed" and p.stages[-1].items[-1] == "norm+head"
@@ -66,8 +76,8 @@ def _train_flops_by_hand(n: int, *, D=4096, F=14336, H=32, KV=8, hd=128) -> int:
     return 4 * linear + (2 + 5 + 2) * H * 2 * n * n * hd
 
 
-def test_mod_flops_for_t2i_by_hand(emu3_8b_mod):
-    p = plan(emu3_8b_mod, nodes=1, gpus_per_node=8, seq_len=4096, task_mix={"t2i": 1.0})
+def test_mod_flops_for_t2i_by_hand():
+    p = plan(cfg(MOD, T2I), nodes=1, gpus_per_node=8)
     assert p.params_total - p.params_dense == 16 * 4096 * 3  # one Linear(D, 3 tasks) per MoD layer
     # The assumed row: floor(0.9 * 4096) = 3686 image codes; a MoD layer keeps the 410 other tokens and
     # ceil(0.2 * 3686) = 738 codes: 1148 of 4096.
@@ -82,30 +92,32 @@ def test_mod_flops_for_t2i_by_hand(emu3_8b_mod):
     assert 34.0 < p.mod_saved_pct < 36.0, p.mod_saved_pct  # 80% of the image codes in half the layers
     assert p.step_time_mod_s == pytest.approx(p.flops_mod / (8 * 989e12 * 0.4))
     assert p.tokens_per_s_mod == pytest.approx(8 * 4096 / p.step_time_mod_s)
-    lm = plan(emu3_8b_mod, nodes=1, gpus_per_node=8, seq_len=4096, task_mix={"lm": 1.0})
+    lm = plan(cfg(MOD, "data.tasks={lm: 1}"), nodes=1, gpus_per_node=8)
     assert abs(lm.mod_saved_pct) < 0.1  # lm keeps capacity 1.0; only the routers cost extra
-    mixed = plan(emu3_8b_mod, nodes=1, gpus_per_node=8, seq_len=4096, task_mix={"t2i": 0.5, "mmu": 0.4, "lm": 0.1})
+    mixed = plan(cfg(MOD, "data.tasks={t2i: 0.5, mmu: 0.4, lm: 0.1}"), nodes=1, gpus_per_node=8)
     assert lm.mod_saved_pct < mixed.mod_saved_pct < p.mod_saved_pct
 
 
-def test_routable_fraction_is_an_option(emu3_8b_mod):
-    kw = dict(nodes=1, gpus_per_node=8, seq_len=4096, task_mix={"t2i": 1.0})
-    every = plan(emu3_8b_mod, routable_fraction={"t2i": 1.0}, **kw)
+def test_routable_fraction_is_an_option():
+    t2i = cfg(MOD, T2I)
+    kw = dict(nodes=1, gpus_per_node=8)
+    every = plan(t2i, routable_fraction={"t2i": 1.0}, **kw)
     assert every.mod_tokens["t2i"][16:] == [820] * 16  # ceil(0.2 * 4096): all 4096 tokens routable
-    half = plan(emu3_8b_mod, routable_fraction={"t2i": 0.5}, **kw)
+    half = plan(t2i, routable_fraction={"t2i": 0.5}, **kw)
     assert half.mod_tokens["t2i"][16:] == [2048 + 410] * 16  # 2048 others + ceil(0.2 * 2048)
-    assert half.mod_saved_pct < plan(emu3_8b_mod, **kw).mod_saved_pct < every.mod_saved_pct
+    assert half.mod_saved_pct < plan(t2i, **kw).mod_saved_pct < every.mod_saved_pct
     with pytest.raises(ValueError, match="plan.routable_fraction.t2i"):
-        plan(emu3_8b_mod, routable_fraction={"t2i": 1.5}, **kw)
+        plan(t2i, routable_fraction={"t2i": 1.5}, **kw)
     with pytest.raises(ValueError, match="plan.routable_fraction names task 'vqa'"):
-        plan(emu3_8b_mod, routable_fraction={"vqa": 0.5}, **kw)
+        plan(t2i, routable_fraction={"vqa": 0.5}, **kw)
 
 
-def test_activation_memory_follows_checkpointing_and_mod(emu3_8b, emu3_8b_mod):
-    kw = dict(nodes=1, gpus_per_node=8, seq_len=4096, task_mix={"t2i": 1.0})
-    ckpt = plan(emu3_8b, **kw).memory_per_gpu["activations"]
-    full = plan(emu3_8b, activation_checkpointing=False, **kw).memory_per_gpu["activations"]
-    full_mod = plan(emu3_8b_mod, activation_checkpointing=False, **kw).memory_per_gpu["activations"]
+def test_activation_memory_follows_checkpointing_and_mod():
+    kw = dict(nodes=1, gpus_per_node=8)
+    off = "parallel.activation_checkpointing=false"
+    ckpt = plan(cfg(T2I), **kw).memory_per_gpu["activations"]
+    full = plan(cfg(T2I, off), **kw).memory_per_gpu["activations"]
+    full_mod = plan(cfg(MOD, T2I, off), **kw).memory_per_gpu["activations"]
     # Checkpointing keeps one S*D bf16 input per layer plus one layer's full activations.
     d, f, dkv = 4096, 14336, 1024
     per_layer_full = 4096 * (6 * d + 2 * dkv + 4 * f) * 2
@@ -132,8 +144,8 @@ def test_tiny_gpu_memory_does_not_fit(emu3_8b):
 def test_format_plan_prints_every_section(emu3_8b_mod):
     sections = ["== Model", "== Layout", "== Memory per GPU", "== Pipeline partition", "== FLOPs per optimizer step",
                 "== Step time at 40% MFU"]
-    zero3 = format_plan(plan(emu3_8b_mod, nodes=1, gpus_per_node=8, task_mix={"t2i": 0.5, "mmu": 0.4, "lm": 0.1}))
-    pipe = format_plan(plan(emu3_8b_mod, nodes=2, gpus_per_node=8, mode="pipeline", pipeline_stages=4, grad_accum=16))
+    zero3 = format_plan(plan(cfg(MOD, "data.tasks={t2i: 0.5, mmu: 0.4, lm: 0.1}"), nodes=1, gpus_per_node=8))
+    pipe = format_plan(plan(cfg(MOD, *PIPELINE, "parallel.pipeline_stages=4"), nodes=2, gpus_per_node=8))
     for text in (zero3, pipe):
         positions = [text.index(s) for s in sections]
         assert positions == sorted(positions), text
@@ -146,33 +158,80 @@ def test_format_plan_prints_every_section(emu3_8b_mod):
     assert "embed + layers 0-5" in pipe and "layers 26-31 + norm+head" in pipe and "pipeline bubble" in pipe
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="tp"), "plan.mode"),
-    (dict(precision="int8"), "plan.precision"),
-    (dict(pipeline_stages=2), "plan.pipeline_stages is 2 but mode is zero3"),
-    (dict(mode="pipeline", pipeline_stages=3), r"plan.pipeline_stages \(3\) must divide"),
-    (dict(gpus_per_node=0), "plan.gpus_per_node"),
-    (dict(task_mix={"video": 1.0}), "plan.task_mix names task 'video'"),
-    (dict(task_mix={"t2i": 0.0}), "plan.task_mix must give"),
-    (dict(assumed_mfu=1.5), "plan.assumed_mfu"),
+def test_every_planned_quantity_comes_from_the_run_config(emu3_8b):
+    base = plan(emu3_8b, nodes=1, gpus_per_node=8)
+    assert (base.mode, base.precision, base.activation_checkpointing) == ("zero", "bf16", True)
+    assert (base.micro_batch_size, base.seq_len, base.grad_accum, base.pipeline_stages) == (1, 4096, 1, 1)
+    assert base.task_mix == pytest.approx({"t2i": 1 / 3, "mmu": 1 / 3, "lm": 1 / 3})
+    p = plan(cfg("data.micro_batch_size=2", "data.seq_len=2048", "optim.grad_accum=4", "parallel.precision=fp32",
+                 "data.tasks={t2i: 1.0, mmu: 1.0, lm: 0.2}", "logging.peak_tflops=500"), nodes=1, gpus_per_node=8)
+    assert (p.micro_batch_size, p.seq_len, p.grad_accum, p.precision) == (2, 2048, 4, "fp32")
+    assert p.global_batch == 2 * 4 * 8 and p.tokens_per_step == 64 * 2048
+    assert p.task_mix == pytest.approx({"t2i": 1 / 2.2, "mmu": 1 / 2.2, "lm": 0.2 / 2.2})
+    assert p.memory_per_gpu["parameters"] == pytest.approx(4 * N_EMU3_8B / 8)  # fp32: 4 + 4 + 8 bytes
+    assert p.memory_per_gpu["optimizer states"] == pytest.approx(8 * N_EMU3_8B / 8)
+    assert p.peak_flops_per_gpu == 500e12
+    assert plan(emu3_8b, nodes=1, gpus_per_node=8, peak_flops_per_gpu=1e15).peak_flops_per_gpu == 1e15
+    assert base.peak_flops_per_gpu == 989e12
+    assert plan(cfg("parallel.precision=auto"), nodes=1, gpus_per_node=8).precision == "bf16"  # auto on a GPU
+
+
+def test_the_shipped_emu3_8b_run_config_plans():
+    from tests.train_helpers import REPO
+
+    run = RunConfig.load(REPO / "train" / "configs" / "emu3_8b_unimod.yaml")
+    p = plan(run, nodes=4, gpus_per_node=8)
+    assert (p.seq_len, p.grad_accum, p.mode, p.activation_checkpointing) == (10240, 4, "zero", True)
+    assert p.global_batch == 4 * 32 and p.fits
+
+
+@pytest.mark.parametrize("sets, kwargs, message", [
+    ((), dict(gpus_per_node=0), "plan.gpus_per_node"),
+    ((), dict(assumed_mfu=1.5), "plan.assumed_mfu"),
+    ((), dict(gpu_memory_gib=0), "plan.gpu_memory_gib"),
+    (("parallel.mode=pipeline", "parallel.pipeline_stages=3"), {}, r"parallel.pipeline_stages \(3\) must divide"),
+    (("model.mod.tasks=[t2i, mmu]", "model.mod.routable={t2i: image, mmu: image}", "data.tasks={lm: 1}"), {},
+     "data.tasks names task 'lm' which is not in model.mod.tasks"),
 ])
-def test_invalid_inputs_name_the_field(kwargs, message):
-    cfg = ModelConfig.from_preset("debug")
+def test_invalid_inputs_name_the_field(sets, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        plan(cfg, **{"nodes": 1, "gpus_per_node": 2, **kwargs})
+        plan(cfg(*sets, preset="debug"), **{"nodes": 1, "gpus_per_node": 2, **kwargs})
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["parallel.mode=tp"], "parallel.mode must be one of"),
+    (["parallel.precision=int8"], "parallel.precision must be one of"),
+    (["parallel.pipeline_stages=2"], "parallel.pipeline_stages > 1 needs parallel.mode: pipeline"),
+    (["data.tasks={t2i: 0}"], "data.tasks.t2i must be a positive number"),
+])
+def test_run_config_errors_exit_2(sets, message, capsys):
+    argv = ["--preset", "debug", "--nodes", "1", "--gpus-per-node", "2"]
+    assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_with_a_yaml_model(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text('model:\n  preset: demo\n  mod:\n    capacity:\n      "4-7": {t2i: 0.25}\n')
-    assert main(["--config", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--seq-len", "1024",
-                 "--task-mix", "t2i=1"]) == 0
+    argv = ["--config", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--set", "data.seq_len=1024", "--set", T2I]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     # floor(0.9 * 1024) = 921 image codes; 103 others + ceil(0.25 * 921) = 231 kept.
     assert "routable tokens per row (assumed)" in out and "t2i 921" in out
-    assert main(["--config", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--seq-len", "1024",
-                 "--task-mix", "t2i=1", "--routable-fraction", "t2i=1"]) == 0
+    assert main([*argv, "--routable-fraction", "t2i=1"]) == 0
     assert "256 of 1024 in layers 4-7" in capsys.readouterr().out  # ceil(0.25 * 1024): everything routable
     assert "demo (L=8, D=256" in out and "334 of 1024 in layers 4-7" in out and out.rstrip().splitlines()[-1].startswith("FITS")
     assert main(["--preset", "emu3-8b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gib", "8"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_cli_with_a_run_config(tmp_path, capsys):
+    """A full run YAML as train/main.py reads it: its data, optim and parallel sections are what is planned."""
+    from tests.train_helpers import REPO
+
+    config = str(REPO / "train" / "configs" / "emu3_8b_unimod.yaml")
+    assert main(["--config", config, "--nodes", "2", "--gpus-per-node", "8", "--set", "parallel.mode=pipeline",
+                 "--set", "parallel.pipeline_stages=4"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline (4 pipeline stages x 4 data-parallel ranks)" in out
+    assert "1 x 10240 x 4" in out and "t2i 0.48, mmu 0.48, lm 0.05" in out

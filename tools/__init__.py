@@ -6,6 +6,9 @@
     python -m tools.analyze    measure a dense checkpoint and write a MoD plan (library: analysis/)
     python -m tools.capacity   memory and FLOPs of a run configuration before it is launched
 
-They import training code only through small public functions (RunConfig, the checkpoint reader) and
-never import DeepSpeed at module level: a CPU laptop can evaluate a cluster's checkpoint.
+generate, evaluate, export and analyze open a checkpoint with `tools.checkpoints.open_checkpoint` (an HF
+directory, a run directory, a checkpoints/ root or one step directory of any layout the trainer writes);
+every tool reads a run's config.yaml with RunConfig. They import training code only through such small
+public functions and never import DeepSpeed at module level (only zero_to_fp32 and the safe loader, when a
+DeepSpeed checkpoint is read): a CPU laptop can evaluate a cluster's checkpoint.
 """

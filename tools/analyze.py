@@ -40,6 +40,7 @@ from analysis.metrics import measure_task
 from analysis.plan import nonroutable_fraction, plan_flops, plan_mod, write_plan
 from analysis.runner import mean_nll
 from analysis.samples import load_task_samples, make_batches, open_dataset
+from data.files import atomic_write
 
 DEFINITIONS = {
     "arank": "mean over samples of the mean over heads of rank(post-softmax causal attention map, diagonal zeroed)",
@@ -130,7 +131,7 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
               f"clipped to [{cfg.capacity_min}, {cfg.capacity_max}]\n"
               f"use: python train/main.py --config X.yaml --set \"$(cat {out_dir / 'set_mod.txt'})\"")
     plan_path, set_path = write_plan(out_dir, mod, header)
-    (out_dir / "measurements.json").write_text(json.dumps(report, indent=1))
+    atomic_write(out_dir / "measurements.json", json.dumps(report, indent=1))
     panels = {"ARank / length": {t: m.arank_ratio for t, m in measures.items()},
               "cosine block": {t: m.cos_block for t, m in measures.items()},
               "cosine attention": {t: m.cos_attn for t, m in measures.items()},

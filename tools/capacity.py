@@ -1,7 +1,16 @@
 """Capacity planner: per-GPU memory, pipeline partition, FLOPs and step time of a run, without a GPU.
 
-    python -m tools.capacity --preset emu3-8b --nodes 1 --gpus-per-node 8 --seq-len 4096 --micro-batch-size 1
-    train/main.py --plan --nodes N --gpus-per-node G [--gpu-memory-gib M]      (the same, from a run config)
+    python -m tools.capacity --config train/configs/emu3_8b_unimod.yaml --nodes 4 --gpus-per-node 8
+    python -m tools.capacity --preset emu3-8b --set data.seq_len=4096 --set parallel.mode=pipeline \
+        --set parallel.pipeline_stages=4 --set optim.grad_accum=16 --nodes 2 --gpus-per-node 8
+    python train/main.py --config X.yaml --plan --nodes N --gpus-per-node G [--gpu-memory-gib M]   (the same)
+
+`plan(cfg, nodes=..., gpus_per_node=...)` takes the run's `RunConfig` (train/config.py): model, parallel mode
+and stages, micro-batch, sequence length, gradient accumulation, precision, activation checkpointing and
+the task mix (`data.tasks` weights as shares of micro-batches) all come from it, in its words; the arguments
+are what a run config cannot know: the cluster, the GPU memory, optimizer offload (a DeepSpeed JSON setting),
+the MFU to assume and the share of routable tokens per row. `parallel.mode: zero` is planned as ZeRO-3 (the
+stage the Emu3-scale configs use); `parallel.precision: auto` as bf16 (what it resolves to on a GPU).
 
 Parameters are counted exactly on a meta-device `UnifiedTransformer` (routers included, no memory
 used); FLOPs come from `model/flops.py`; the pipeline partition is DeepSpeed's own
@@ -41,7 +50,7 @@ sample). Pass measured fractions (`data.inspect` counts a dataset's token kinds)
 padding the dense baseline of a row is the dense model on it, so the saving shown is MoD's own.
 
 FLOPs per optimizer step: global batch = micro_batch * grad_accum * data-parallel size sequences,
-split over tasks by `task_mix` (share of micro-batches per task), counted by `model.flops.step_flops`
+split over tasks by `data.tasks` (as shares of micro-batches), counted by `model.flops.step_flops`
 with recompute when activation checkpointing is on. The step time assumes the hardware sustains
 `assumed_mfu` of its peak on those FLOPs (recomputation included, so strictly a hardware FLOPs
 utilisation): time = FLOPs / (GPUs * peak * assumed_mfu).
@@ -51,15 +60,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from model.config import ModelConfig
 from model.flops import RowTokens, layer_tokens, step_flops
+from train.config import RunConfig, apply_overrides, read_config_doc, resolve_precision
 
 GiB = 1024**3
-MODES = ("zero3", "pipeline")
-PRECISIONS = ("bf16", "fp16", "fp32")
+H100_PEAK_FLOPS = 989e12  # dense bf16, SXM: the default when neither the caller nor logging.peak_tflops sets one
 # Bytes per parameter: (16-bit or fp32 parameters, gradients, optimizer states) per the ZeRO paper.
 _STATE_BYTES = {"bf16": (2, 2, 12), "fp16": (2, 2, 12), "fp32": (4, 4, 8)}
 _ACT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -94,12 +104,13 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
-class Plan:
+class CapacityPlan:
     """Every number the planner computed; `format_plan` turns it into a table."""
 
     model: str
     """Preset name (or "custom") and shape summary."""
     mode: str
+    """parallel.mode: zero (planned as ZeRO-3) | pipeline (ZeRO-1 within each stage)."""
     nodes: int
     gpus_per_node: int
     pipeline_stages: int
@@ -225,28 +236,26 @@ def _activation_bytes(model_cfg: ModelConfig, layers: Sequence[int], layer_token
 
 
 # ----- the plan ----------------------------------------------------------------------------------------
-def plan(
-    model_cfg: ModelConfig, *, nodes: int, gpus_per_node: int, gpu_memory_gib: float = 80.0, mode: str = "zero3",
-    pipeline_stages: int = 1, micro_batch_size: int = 1, seq_len: int = 4096, grad_accum: int = 1,
-    precision: str = "bf16", activation_checkpointing: bool = True, offload_optimizer: bool = False,
-    task_mix: Mapping[str, float] | None = None, assumed_mfu: float = 0.4, peak_flops_per_gpu: float = 989e12,
-    routable_fraction: Mapping[str, float] | None = None,
-) -> Plan:
-    """Memory, partition, FLOPs and step time of training `model_cfg` this way (see module docstring).
+def plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu_memory_gib: float = 80.0,
+         offload_optimizer: bool = False, assumed_mfu: float = 0.4, peak_flops_per_gpu: float | None = None,
+         routable_fraction: Mapping[str, float] | None = None) -> CapacityPlan:
+    """Memory, partition, FLOPs and step time of training run `cfg` on `nodes` x `gpus_per_node` GPUs of
+    `gpu_memory_gib` each (see module docstring).
 
-    `task_mix` maps task names of `model_cfg.mod.tasks` to their share of micro-batches (normalised;
-    default: equal shares). `peak_flops_per_gpu` defaults to the H100 SXM dense bf16 peak.
+    `peak_flops_per_gpu` defaults to `cfg.logging.peak_tflops`, else the H100 SXM dense bf16 peak.
     `routable_fraction` maps tasks to the share of a row's tokens they may skip (missing tasks:
     `DEFAULT_ROUTABLE_FRACTION` of their `mod.routable` kind; see "Rows" in the module docstring).
     """
-    for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node), ("pipeline_stages", pipeline_stages),
-                        ("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("grad_accum", grad_accum)):
+    model_cfg = cfg.model
+    mode, pipeline_stages = cfg.parallel.mode, cfg.parallel.pipeline_stages
+    micro_batch_size, seq_len, grad_accum = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.optim.grad_accum
+    precision = resolve_precision(cfg.parallel.precision, on_gpu=True)
+    activation_checkpointing = cfg.parallel.activation_checkpointing
+    if peak_flops_per_gpu is None:
+        peak_flops_per_gpu = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else H100_PEAK_FLOPS
+    for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"plan.{name} must be a positive integer, got {value!r}")
-    if mode not in MODES:
-        raise ValueError(f"plan.mode must be one of {MODES}, got {mode!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"plan.precision must be one of {PRECISIONS}, got {precision!r}")
     if not gpu_memory_gib > 0:
         raise ValueError(f"plan.gpu_memory_gib must be > 0, got {gpu_memory_gib!r}")
     if not 0 < assumed_mfu <= 1:
@@ -254,21 +263,15 @@ def plan(
     if not peak_flops_per_gpu > 0:
         raise ValueError(f"plan.peak_flops_per_gpu must be > 0, got {peak_flops_per_gpu!r}")
     world = nodes * gpus_per_node
-    if mode == "zero3" and pipeline_stages != 1:
-        raise ValueError(f"plan.pipeline_stages is {pipeline_stages} but mode is zero3: DeepSpeed's pipeline "
-                         f"engine refuses ZeRO-2/3, so use mode='pipeline' (ZeRO-1) for stages")
     if world % pipeline_stages:
-        raise ValueError(f"plan.pipeline_stages ({pipeline_stages}) must divide the {world} GPUs")
-    mix = _normalise_mix(model_cfg, task_mix)
+        raise ValueError(f"parallel.pipeline_stages ({pipeline_stages}) must divide the {world} GPUs")
+    mix = _normalise_mix(model_cfg, cfg.data.tasks)
     fractions = _routable_fractions(model_cfg, routable_fraction)
     rows = {t: _row(model_cfg, t, seq_len, fractions[t]) for t in mix}
     dp = world // pipeline_stages
 
     items = count_params(model_cfg)
     names, weights = list(items), list(items.values())
-    if pipeline_stages > len(names):
-        raise ValueError(f"plan.pipeline_stages ({pipeline_stages}) exceeds the {len(names)} pipeline items "
-                         f"(embed, {model_cfg.num_hidden_layers} layers, norm+head)")
     params_total = sum(weights)
     params_dense = params_total - _router_params(model_cfg)
 
@@ -280,7 +283,7 @@ def plan(
     logits = seq_len * micro_batch_size * model_cfg.vocab_size * 4.0
     layer_of = {n: int(n.split()[1]) for n in names if n.startswith("layer ")}
 
-    if mode == "zero3":
+    if mode == "zero":
         bounds = [0, len(names)]
     else:
         bounds = partition(weights, pipeline_stages)
@@ -292,7 +295,7 @@ def plan(
         acts = _activation_bytes(model_cfg, layers, mod_tokens[worst_task], seq_len, micro_batch_size, a,
                                  activation_checkpointing)
         memory: dict[str, float] = {}
-        if mode == "zero3":
+        if mode == "zero":
             # Running module + prefetched next one, in execution order (forward; backward mirrors it).
             gathered = max(weights[i] + weights[i + 1] for i in range(len(weights) - 1))
             memory["parameters"] = b_param * p / dp
@@ -332,10 +335,8 @@ def plan(
     if mode == "pipeline" and grad_accum < pipeline_stages:
         notes.append(f"grad_accum ({grad_accum}) < pipeline stages ({pipeline_stages}): the pipeline bubble "
                      f"dominates; use grad_accum >= 4 x stages")
-    if seq_len > model_cfg.max_position_embeddings:
-        notes.append(f"seq_len {seq_len} exceeds max_position_embeddings {model_cfg.max_position_embeddings}")
 
-    return Plan(
+    return CapacityPlan(
         model=f"{model_cfg.preset or 'custom'} (L={model_cfg.num_hidden_layers}, D={model_cfg.hidden_size}, "
               f"F={model_cfg.intermediate_size}, H={model_cfg.num_attention_heads}/{model_cfg.num_key_value_heads}, "
               f"V={model_cfg.vocab_size})",
@@ -353,19 +354,14 @@ def plan(
     )
 
 
-def _normalise_mix(model_cfg: ModelConfig, task_mix: Mapping[str, float] | None) -> dict[str, float]:
+def _normalise_mix(model_cfg: ModelConfig, weights: Mapping[str, float]) -> dict[str, float]:
+    """data.tasks weights -> shares of micro-batches (LoaderConfig has checked they are positive)."""
     tasks = model_cfg.mod.tasks
-    if task_mix is None:
-        return {t: 1.0 / len(tasks) for t in tasks}
-    for task, share in task_mix.items():
+    for task in weights:
         if task not in tasks:
-            raise ValueError(f"plan.task_mix names task {task!r} which is not in mod.tasks {tasks}")
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not (share >= 0 and math.isfinite(share)):
-            raise ValueError(f"plan.task_mix.{task} must be a number >= 0, got {share!r}")
-    total = float(sum(task_mix.values()))
-    if total <= 0:
-        raise ValueError(f"plan.task_mix must give some task a positive share, got {dict(task_mix)}")
-    return {t: s / total for t, s in task_mix.items() if s > 0}
+            raise ValueError(f"data.tasks names task {task!r} which is not in model.mod.tasks {tasks}")
+    total = float(sum(weights.values()))
+    return {t: w / total for t, w in weights.items()}
 
 
 def _routable_fractions(model_cfg: ModelConfig, given: Mapping[str, float] | None) -> dict[str, float]:
@@ -401,11 +397,11 @@ def _vs_dense(saved_pct: float) -> str:
     return f"{saved_pct:.1f}% fewer than dense" if saved_pct >= 0 else f"{-saved_pct:.1f}% more than dense"
 
 
-def _largest_layer(p: Plan) -> int:
+def _largest_layer(p: CapacityPlan) -> int:
     return max(v for k, v in p.params_per_item.items() if k.startswith("layer "))
 
 
-def format_plan(p: Plan) -> str:
+def format_plan(p: CapacityPlan) -> str:
     """An aligned text table of the plan (memory in GiB), ending with FITS or DOES NOT FIT."""
     w = 38
     row = lambda k, v: f"  {k:<{w}} {v}"  # noqa: E731 (a local formatter keeps the table aligned)
@@ -418,7 +414,8 @@ def format_plan(p: Plan) -> str:
     stage_note = f"{p.pipeline_stages} pipeline stages x " if p.mode == "pipeline" else ""
     out += ["", "== Layout",
             row("GPUs", f"{p.num_gpus} = {p.nodes} node(s) x {p.gpus_per_node}"),
-            row("mode", f"{p.mode} ({stage_note}{p.data_parallel} data-parallel ranks)"
+            row("mode", f"{p.mode} ({'ZeRO-3, ' if p.mode == 'zero' else ''}{stage_note}{p.data_parallel} "
+                        f"data-parallel ranks)"
                         + (", optimizer offloaded to CPU" if p.offload_optimizer else "")),
             row("micro-batch x seq_len x grad_accum", f"{p.micro_batch_size} x {p.seq_len} x {p.grad_accum}"),
             row("global batch", f"{p.global_batch} sequences, {p.tokens_per_step:,} tokens"),
@@ -470,55 +467,72 @@ def format_plan(p: Plan) -> str:
 
 # ----- command line ------------------------------------------------------------------------------------------
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
-    """The cluster-shape flags of `--plan` (the run config supplies the rest when train/main.py calls it)."""
+    """What a run config cannot know: the cluster and hardware flags of `--plan`."""
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     parser.add_argument("--assumed-mfu", type=float, default=0.4)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM: 989)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak per GPU (default: logging.peak_tflops, else H100 SXM: 989)")
 
 
-def _parse_mix(text: str) -> dict[str, float]:
-    mix = {}
+def _parse_fractions(text: str) -> dict[str, float]:
+    out = {}
     for item in text.split(","):
         task, sep, share = item.partition("=")
         try:
             if not sep:
                 raise ValueError
-            mix[task.strip()] = float(share)
+            out[task.strip()] = float(share)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"item {item!r} is not task=share") from None
-    return mix
+            raise argparse.ArgumentTypeError(f"item {item!r} is not task=fraction") from None
+    return out
+
+
+def run_config(config: str | None, preset: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run to plan: a run YAML as train/main.py reads it, or a preset. A preset (or a YAML with only a
+    `model:` section) gets the planner's stand-alone defaults: equal task shares, seq_len 4096 (or the model's
+    positions, if fewer), activation checkpointing on, and a dataset placeholder, since the planner reads no
+    data. `--set` overrides apply last."""
+    doc = read_config_doc(config) if config else {"model": {"preset": preset}}
+    where = config or f"--preset {preset}"
+    if "data" not in doc:
+        try:
+            model = ModelConfig.from_dict(doc.get("model") or {})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        doc["data"] = {"dataset_dir": "(not read by the capacity planner)", "tasks": {t: 1.0 for t in model.mod.tasks},
+                       "seq_len": min(4096, model.max_position_embeddings)}
+        doc.setdefault("parallel", {}).setdefault("activation_checkpointing", True)
+    return RunConfig.from_dict(apply_overrides(doc, list(overrides)), where=where)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.capacity", description=__doc__.split("\n")[0])
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--preset", default="emu3-8b", help="model preset (debug, demo, emu3-1b, emu3-8b)")
-    src.add_argument("--config", help="YAML file with a `model:` section (preset + overrides + mod)")
+    src.add_argument("--config", help="run YAML (train/main.py's), or a YAML with only a model: section")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a run config value as train/main.py does, e.g. --set data.seq_len=4096, "
+                             "--set parallel.mode=pipeline, --set \"data.tasks={t2i: 1}\"")
     add_plan_args(parser)
-    parser.add_argument("--mode", choices=MODES, default="zero3")
-    parser.add_argument("--pipeline-stages", type=int, default=1)
-    parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    parser.add_argument("--no-activation-checkpointing", action="store_true")
-    parser.add_argument("--offload-optimizer", action="store_true")
-    parser.add_argument("--task-mix", type=_parse_mix, default=None, help="e.g. t2i=0.5,mmu=0.4,lm=0.1")
-    parser.add_argument("--routable-fraction", type=_parse_mix, default=None,
+    parser.add_argument("--offload-optimizer", action="store_true",
+                        help="optimizer states in host memory (DeepSpeed zero_optimization.offload_optimizer)")
+    parser.add_argument("--routable-fraction", type=_parse_fractions, default=None,
                         help="share of a row's tokens each task may skip, e.g. t2i=0.9,mmu=0.85 "
                              "(default: image 0.9, all 1.0, text 0.1 by the task's mod.routable)")
     args = parser.parse_args(argv)
-    cfg = ModelConfig.from_yaml(args.config) if args.config else ModelConfig.from_preset(args.preset)
-    result = plan(
-        cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
-        mode=args.mode, pipeline_stages=args.pipeline_stages, micro_batch_size=args.micro_batch_size,
-        seq_len=args.seq_len, grad_accum=args.grad_accum, precision=args.precision,
-        activation_checkpointing=not args.no_activation_checkpointing, offload_optimizer=args.offload_optimizer,
-        task_mix=args.task_mix, assumed_mfu=args.assumed_mfu, peak_flops_per_gpu=args.peak_tflops * 1e12,
-        routable_fraction=args.routable_fraction,
-    )
+    try:
+        result = plan(
+            run_config(args.config, args.preset, args.set), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+            gpu_memory_gib=args.gpu_memory_gib, offload_optimizer=args.offload_optimizer,
+            assumed_mfu=args.assumed_mfu,
+            peak_flops_per_gpu=args.peak_tflops * 1e12 if args.peak_tflops is not None else None,
+            routable_fraction=args.routable_fraction,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_plan(result))
     return 0 if result.fits else 1
 

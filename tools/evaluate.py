@@ -41,13 +41,15 @@ import numpy as np
 import torch
 
 from data.demo import CAPTIONS, NAMES, load_digit_images, split_indices
+from data.files import atomic_write
 from data.imagetok import PatchVQ
 from data.layout import make_labels
 from data.shards import iter_samples
 from data.validate import load_manifest
 from model.loss import causal_lm_nll_sum
 from model.mod import routable_table, token_kinds
-from tools.generate import Sampler, SamplingConfig, add_sampling_args, image_grid, sampling_config
+from tools.checkpoints import open_checkpoint
+from tools.generate import Sampler, SamplingConfig, add_sampling_args, dataset_dir_of, image_grid, sampling_config
 
 IMAGE_SOURCES = ("model", "real", "noise")
 _DIGIT_WORDS = {name: d for d, name in enumerate(NAMES)}
@@ -334,13 +336,6 @@ class Evaluator:
         return out
 
 
-def evaluate_model(model, dataset_dir: str | Path, *, max_samples: int = 50, images_per_digit: int = 4,
-                   seed: int = 0) -> dict[str, float]:
-    """One-shot evaluation (builds an `Evaluator`; keep one instead when evaluating repeatedly)."""
-    cfg = EvalConfig(max_samples=max_samples, images_per_digit=images_per_digit, sampling=SamplingConfig(seed=seed))
-    return Evaluator(dataset_dir, cfg).run(model).metrics
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="run dir, checkpoints/ root, step_N dir, or HF dir (not needed for "
@@ -354,16 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-digit", type=int, default=EvalConfig.images_per_digit)
     add_sampling_args(p)
     args = p.parse_args(argv)
-    from tools.generate import dataset_dir_of, load_model
-
     t0 = time.perf_counter()
     try:
         cfg = EvalConfig(max_samples=args.max_samples, images_per_digit=args.images_per_digit,
                          sampling=sampling_config(args))
         if args.checkpoint:
-            loaded = load_model(args.checkpoint, args.device)
-            evaluator = Evaluator(dataset_dir_of(loaded.run_config, args.data), cfg)
-            result = evaluator.run(loaded.model, images=args.images)
+            ckpt = open_checkpoint(args.checkpoint, dtype=torch.float32)
+            evaluator = Evaluator(dataset_dir_of(ckpt, args.data), cfg)
+            result = evaluator.run(ckpt.model.to(args.device), images=args.images)
         else:
             if args.images == "model":
                 raise ValueError("--checkpoint is required unless --images is real or noise")
@@ -377,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result.metrics, indent=2, sort_keys=True) + "\n")
+    atomic_write(out, json.dumps(result.metrics, indent=2, sort_keys=True) + "\n")
     if args.grid and result.images is not None:
         from PIL import Image
 

@@ -6,8 +6,9 @@ the dataset's image tokenizer) and understanding (image + question -> answer tex
         --prompt "Which digit is this?"
 
 `--checkpoint` is a run directory (its newest complete DeepSpeed checkpoint), a `checkpoints/` root, one
-`step_NNNNNNNN` directory, or an exported HF directory (`hf/`, `python -m tools.export`). The dataset (text
-tokenizer, image tokenizer, vocabulary layout) is `--data`, or the run's `config.yaml` `data.dataset_dir`.
+`step_NNNNNNNN` directory, or an exported HF directory (`hf/`, `python -m tools.export`), all read by
+`tools.checkpoints.open_checkpoint`. The dataset (text tokenizer, image tokenizer, vocabulary layout) is
+`--data`, or the run's `config.yaml` `data.dataset_dir`.
 Token-level decoding (KV cache under causal MoD routing, the Emu3 image-block constraint) is
 `model/generation.py`; this file turns text and pixels into prompts and tokens back into text and pixels.
 """
@@ -27,7 +28,6 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
-import yaml
 
 from data.imagetok import Emu3VQ, PatchVQ, load_image_tokenizer
 from data.layout import image_size_text
@@ -35,6 +35,7 @@ from data.shards import read_manifest
 from data.vocab import UnifiedVocab
 from model import UnifiedTransformer
 from model.generation import generate_image_tokens, generate_text
+from tools.checkpoints import OpenedCheckpoint, open_checkpoint
 
 
 @dataclass
@@ -63,59 +64,22 @@ class SamplingConfig:
                 raise ValueError(f"sampling.{name} must be an integer >= {lo}, got {v!r}")
 
 
-# ----- loading -------------------------------------------------------------------------------------------
-@dataclass
-class Loaded:
-    model: UnifiedTransformer
-    """The model in eval mode on the requested device."""
-    kind: str
-    """hf | deepspeed: which kind of directory it came from."""
-    run_config: Path | None
-    """The run's config.yaml when one was found (gives the dataset directory)."""
-
-
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file())
-
-
-def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Loaded:
-    """A model from an HF directory or any DeepSpeed checkpoint this trainer writes (see the module doc)."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise ValueError(f"--checkpoint {path} does not exist")
-    if _is_hf_dir(path):
-        model = UnifiedTransformer.from_hf(path, dtype=dtype)
-        run_config = path.parent / "config.yaml"
-        return Loaded(model.to(device).eval(), "hf", run_config if run_config.is_file() else None)
-
-    if str(device).startswith("cpu"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported by the reader
-    from tools.export import load_checkpoint_model
-    from train.safe_load import UnsafeCheckpointError
-
-    try:
-        model, _, run_config = load_checkpoint_model(path, dtype=dtype)
-    except UnsafeCheckpointError:
-        raise  # it names the refused file and global; "not an HF directory" would only blur that
-    except ValueError as e:
-        raise ValueError(f"--checkpoint {path}: not an HF directory, and {e}") from None
-    return Loaded(model.to(device).eval(), "deepspeed", run_config)
-
-
-def dataset_dir_of(run_config: Path | None, data: str | os.PathLike | None) -> Path:
+# ----- the dataset of a checkpoint ------------------------------------------------------------------------
+def dataset_dir_of(ckpt: OpenedCheckpoint, data: str | os.PathLike | None) -> Path:
     """`--data`, else the run config's data.dataset_dir (relative to the working directory, else to the run)."""
     if data:
         return Path(data)
-    if run_config is None:
+    if ckpt.config_path is None:
         raise ValueError("--data is required: the checkpoint has no run config.yaml naming its dataset")
-    rel = ((yaml.safe_load(run_config.read_text()) or {}).get("data") or {}).get("dataset_dir")
+    if ckpt.run_config is None:
+        raise ValueError(f"--data is required: {ckpt.config_path} could not be read as a run config")
+    rel = ckpt.run_config.data.dataset_dir
     if not rel:
-        raise ValueError(f"{run_config}: field data.dataset_dir is missing; pass --data")
-    for base in (Path.cwd(), *run_config.resolve().parents):
+        raise ValueError(f"{ckpt.config_path}: field data.dataset_dir is missing; pass --data")
+    for base in (Path.cwd(), *ckpt.config_path.resolve().parents):
         if (base / rel / "manifest.json").is_file():
             return base / rel
-    raise ValueError(f"{run_config}: field data.dataset_dir {rel!r} has no manifest.json here; pass --data")
+    raise ValueError(f"{ckpt.config_path}: field data.dataset_dir {rel!r} has no manifest.json here; pass --data")
 
 
 # ----- prompts and decoding ------------------------------------------------------------------------------
@@ -300,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         grid = _parse_grid(args.grid)
-        loaded = load_model(args.checkpoint, args.device)
-        sampler = Sampler.from_dataset(loaded.model, dataset_dir_of(loaded.run_config, args.data))
+        ckpt = open_checkpoint(args.checkpoint, dtype=torch.float32)
+        sampler = Sampler.from_dataset(ckpt.model.to(args.device), dataset_dir_of(ckpt, args.data))
         t0 = time.perf_counter()
         if args.task == "t2i":
             codes = sampler.text_to_image([args.prompt] * args.num_samples, cfg, grid)
@@ -311,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image_grid([sampler.to_pil(c) for c in codes], scale=args.scale)).save(out)
             print(f"wrote {len(codes)} samples of {codes.shape[1]}x{codes.shape[2]} codes to {out} "
-                  f"({time.perf_counter() - t0:.2f} s, {loaded.kind} checkpoint)")
+                  f"({time.perf_counter() - t0:.2f} s, {ckpt.kind} checkpoint)")
         else:
             answer = sampler.answer([sampler.encode_image_file(args.image)], [args.prompt], cfg.max_new_tokens)[0]
             print(answer)
