@@ -4,6 +4,10 @@ One dataclass per concern (`VocabLayout`, `MoDConfig`, `ModelConfig`), validated
 with a `ValueError` that names the bad field. Presets follow litgpt's `Config.from_name`: a named
 size plus keyword overrides (`ModelConfig.from_preset("emu3-8b", num_hidden_layers=2)`).
 
+The checks every config dataclass of the project shares live here too, since model/, data/ and train/ all
+import this module: `known_fields` (a section's keys against its dataclass: a typo is an error, not
+ignored), `check_int` and `check_number` (a field's type and range, with the message naming the field).
+
 YAML schema (also accepted as a plain dict):
 
     model:
@@ -15,6 +19,8 @@ YAML schema (also accepted as a plain dict):
         routable: {t2i: image, mmu: image, lm: all}
         aux_loss_weight: 0.01
         routing: topk          # topk | causal
+      mod_plan: runs/analysis/mod_plan.yaml   # optional: a plan written by `python -m tools.analyze`;
+                                              # its fields override those of mod: above
 """
 
 from __future__ import annotations
@@ -22,10 +28,39 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 ROUTABLE_KINDS = ("image", "text", "all")
 ROUTING_MODES = ("topk", "causal")
+
+
+# ----- validation shared by the config dataclasses (model/, data/, train/) --------------------------------
+def known_fields(cls: type, d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`d` as keyword arguments for the dataclass `cls`. A key that is none of its fields raises a ValueError
+    naming `<where>.<key>` and the known fields: a misspelt setting must stop the run, not be ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]} is not a known field; known fields: {sorted(names)}")
+    return dict(d)
+
+
+def check_int(where: str, v: Any, lo: int) -> None:
+    """`v` is an int (not a bool) >= lo; else a ValueError naming `where`."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{where} must be an integer >= {lo}, got {v!r}")
+
+
+def check_number(where: str, v: Any, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+    """`v` is a finite int or float (not a bool) in [lo, hi], or (lo, hi] with `lo_open`; else a ValueError
+    naming `where`."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        bound = (f"{'>' if lo_open else '>='} {lo:g}" if hi == math.inf
+                 else f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        raise ValueError(f"{where} must be a number {bound}, got {v!r}")
 
 
 @dataclass
@@ -67,8 +102,7 @@ class VocabLayout:
 
     def __post_init__(self) -> None:
         for name in ("text_size", "visual_start", "visual_size", "vocab_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"vocab.{name} must be positive, got {getattr(self, name)}")
+            check_int(f"vocab.{name}", getattr(self, name), 1)
         if self.visual_start < self.text_size:
             raise ValueError(
                 f"vocab.visual_start ({self.visual_start}) must not overlap the text ids [0, {self.text_size})"
@@ -141,10 +175,8 @@ class MoDConfig:
             raise ValueError(f"mod.tasks must be a non-empty list of distinct names, got {self.tasks}")
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"mod.routing must be one of {ROUTING_MODES}, got {self.routing!r}")
-        if not (self.aux_loss_weight >= 0 and math.isfinite(self.aux_loss_weight)):
-            raise ValueError(f"mod.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
-        if not self.router_init_std > 0:
-            raise ValueError(f"mod.router_init_std must be > 0, got {self.router_init_std}")
+        check_number("mod.aux_loss_weight", self.aux_loss_weight, 0.0)
+        check_number("mod.router_init_std", self.router_init_std, 0.0, lo_open=True)
         self.capacity = _expand_capacity(self.capacity, self.tasks)
         routable = {t: ("image" if t in ("t2i", "mmu") else "all") for t in self.tasks}
         for task, kind in dict(self.routable).items():
@@ -181,8 +213,7 @@ def _expand_capacity(raw: Mapping[Any, Mapping[str, float]], tasks: list[str]) -
         for task, cap in per_task.items():
             if task not in tasks:
                 raise ValueError(f"mod.capacity[{key!r}] names task {task!r} which is not in mod.tasks {tasks}")
-            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 < float(cap) <= 1.0:
-                raise ValueError(f"mod.capacity[{key!r}].{task} must be a number in (0, 1], got {cap!r}")
+            check_number(f"mod.capacity[{key!r}].{task}", cap, 0.0, 1.0, lo_open=True)
             for layer in layers:
                 out.setdefault(layer, {})[task] = float(cap)
     return out
@@ -232,14 +263,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.vocab, Mapping):
-            self.vocab = VocabLayout(**_known(VocabLayout, self.vocab, "model.vocab"))
+            self.vocab = VocabLayout(**known_fields(VocabLayout, self.vocab, "model.vocab"))
         if isinstance(self.mod, Mapping):
-            self.mod = MoDConfig(**_known(MoDConfig, self.mod, "model.mod"))
+            self.mod = MoDConfig(**known_fields(MoDConfig, self.mod, "model.mod"))
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {v!r}")
+            check_int(f"model.{name}", getattr(self, name), 1)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -252,10 +281,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"model.hidden_size / num_attention_heads = {self.head_dim} must be even for RoPE")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        check_number("model.rms_norm_eps", self.rms_norm_eps, 0.0, lo_open=True)
+        check_number("model.rope_theta", self.rope_theta, 0.0, lo_open=True)
         bad = [i for i in self.mod.capacity if i >= self.num_hidden_layers]
         if bad:
             raise ValueError(
@@ -287,26 +314,26 @@ class ModelConfig:
                 base[key] = {**base[key], **value}
             else:
                 base[key] = value
-        return cls(**_known(cls, base, "model"))
+        return cls(**known_fields(cls, base, "model"))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Build from the `model:` section of a YAML config (a `preset` key plus overrides)."""
+        """Build from the `model:` section of a YAML config: a `preset` key plus overrides, and optionally a
+        `mod_plan` file whose `mod:` fields override the section's own (`read_mod_plan`)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"model config must be a mapping, got {type(d).__name__}")
         d = dict(d)
+        if "mod_plan" in d:
+            plan_path = d.pop("mod_plan")
+            try:
+                plan = read_mod_plan(plan_path)
+            except FileNotFoundError:
+                raise ValueError(f"model.mod_plan: {plan_path} does not exist") from None
+            d["mod"] = {**(d.get("mod") or {}), **plan}
         preset = d.pop("preset", None)
         if preset is not None:
             return cls.from_preset(preset, **d)
-        return cls(**_known(cls, d, "model"))
-
-    @classmethod
-    def from_yaml(cls, path: str) -> "ModelConfig":
-        import yaml
-
-        with open(path) as f:
-            doc = yaml.safe_load(f) or {}
-        return cls.from_dict(doc.get("model", doc))
+        return cls(**known_fields(cls, d, "model"))
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -325,12 +352,17 @@ class ModelConfig:
         return ModelConfig(**d, preset=self.preset)
 
 
-def _known(cls: type, d: Mapping[str, Any], where: str) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]} is not a known field; known fields: {sorted(names)}")
-    return dict(d)
+def read_mod_plan(path: str | Path) -> dict[str, Any]:
+    """The `mod:` mapping of a MoD plan file (`mod_plan.yaml`, written by `python -m tools.analyze`), checked:
+    the file holds exactly `{model: {mod: {...}}}` and MoDConfig accepts it. FileNotFoundError when missing."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text())
+    if not isinstance(doc, dict) or set(doc) != {"model"} or not isinstance(doc["model"], dict) \
+            or set(doc["model"]) != {"mod"} or not isinstance(doc["model"]["mod"], dict):
+        raise ValueError(f"{path}: a MoD plan file must hold exactly a model: {{mod: {{...}}}} mapping")
+    MoDConfig(**known_fields(MoDConfig, doc["model"]["mod"], f"{path}: mod"))
+    return doc["model"]["mod"]
 
 
 # A small vocabulary for the tiny presets: 256 text ids, the 8 structural ids, a 512-code codebook.

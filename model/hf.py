@@ -157,21 +157,21 @@ def map_hf_key(key: str) -> str | None:
     return key
 
 
-def check_hf_matches(model_cfg: ModelConfig, path: str) -> None:
+def check_hf_matches(model_cfg: ModelConfig, path: str | os.PathLike) -> None:
     theirs, _ = config_from_hf(path)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads"):
         if theirs[key] != getattr(model_cfg, key):
-            raise ValueError(f"checkpoint.init_from_hf={path}: {key}={theirs[key]} but model.{key}="
-                             f"{getattr(model_cfg, key)}")
+            raise ValueError(f"{path}: the checkpoint has {key}={theirs[key]} but the model config "
+                             f"{key}={getattr(model_cfg, key)}")
     if theirs["_vocab_size"] != model_cfg.vocab_size:
-        raise ValueError(f"checkpoint.init_from_hf={path}: vocab_size={theirs['_vocab_size']} but the model's "
+        raise ValueError(f"{path}: the checkpoint has vocab_size={theirs['_vocab_size']} but the model's "
                          f"vocabulary layout has {model_cfg.vocab_size}")
 
 
-def iter_hf_routers(model_cfg: ModelConfig, path: str):
+def iter_hf_routers(model_cfg: ModelConfig, path: str | os.PathLike):
     """Yield (key, tensor) of the MoD router banks `save_hf` writes beside the HF weights
-    (mod_routers.safetensors), when the checkpoint's task list is this run's: a UniMoD checkpoint (e.g. a
+    (mod_routers.safetensors), when the checkpoint's task list is this model's: a UniMoD checkpoint (e.g. a
     previous run's hf/ export) then keeps its trained routers. A plain Emu3 checkpoint has none, and a
     different task list would score the wrong tasks, so routers then start fresh."""
     from safetensors import safe_open
@@ -187,10 +187,14 @@ def iter_hf_routers(model_cfg: ModelConfig, path: str):
 
 def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (parameter name, tensor) for every weight of a model shaped by `cfg` from an HF Emu3 directory,
-    streaming (a ZeRO-3 or pipeline loader copies tensor by tensor). Routers come from the directory's
-    mod_routers.safetensors when its task list is cfg's and a bank's shape matches (the same MoD layers), else
-    they keep their fresh init. Raises ValueError for a shape that differs from cfg, a tensor with no place in
-    the model, or (after the last tensor) a missing one."""
+    streaming (a ZeRO-3 or pipeline loader copies tensor by tensor). The one reader of HF weights: training
+    (ZeRO, pipeline stages) and `load_hf` (`UnifiedTransformer.from_hf`) all load through it.
+
+    Router policy: a MoD layer's router bank comes from the directory's mod_routers.safetensors when its task
+    list is cfg's and the bank's shape matches (the same tasks, a MoD layer there too), else it is not
+    yielded and keeps its fresh init; banks of layers that are not MoD layers in cfg are left out. Raises
+    ValueError for a config that differs from cfg, a tensor of the wrong shape or with no place in the model,
+    or (after the last tensor) a missing one."""
     check_hf_matches(cfg, path)
     from model.transformer import UnifiedTransformer
 
@@ -200,21 +204,26 @@ def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike) -> Iterator[tuple
     routers = ((k, t) for k, t in iter_hf_routers(cfg, path) if expected.get(k) == tuple(t.shape))
     for key, tensor in itertools.chain(iter_hf_tensors(path), routers):
         if key not in expected:
-            raise ValueError(f"checkpoint.init_from_hf={path}: tensor {key} has no place in the model")
+            raise ValueError(f"{path}: tensor {key} has no place in the model")
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {expected[key]}")
         seen.add(key)
         yield key, tensor
     missing = sorted(k for k in expected if k not in seen and ".mod_router." not in k)
     if missing:
-        raise ValueError(f"checkpoint.init_from_hf={path}: missing tensors {missing[:5]}")
+        raise ValueError(f"{path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
 
 
 def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None, dtype: torch.dtype | None = None,
             **overrides: Any):
-    """Build `cls` (UnifiedTransformer) from an HF Emu3 directory.
+    """Build `cls` (UnifiedTransformer) from an HF Emu3 directory, through `iter_hf_weights` (its router
+    policy included).
 
     `mod` adds (or replaces) the MoD plan: a dense checkpoint gets freshly initialised router banks
-    (UniMoD's fine-tuning setting). `dtype` casts everything (default: the checkpoint's dtype).
-    Other keyword overrides go to ModelConfig (e.g. `vocab=` for a checkpoint whose layout is unknown).
+    (UniMoD's fine-tuning setting); a UniMoD checkpoint keeps its trained banks for the plan's MoD layers
+    that were MoD layers there with the same tasks, and the plan's other MoD layers start fresh. `dtype`
+    casts everything (default: the checkpoint's dtype). Other keyword overrides go to ModelConfig (e.g.
+    `vocab=` for a checkpoint whose layout is unknown).
     """
     path = Path(path)
     kwargs, _ = config_from_hf(path)
@@ -229,29 +238,15 @@ def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None, dtype: 
         kwargs["vocab"] = kwargs["vocab"].to_dict()
     cfg = ModelConfig(**kwargs)
 
-    state = dict(iter_hf_tensors(path))
-    routers_file = path / ROUTERS_FILE
+    state = dict(iter_hf_weights(cfg, path))
     with torch.device("meta"):
         net = cls(cfg)
-    expected = dict(net.named_parameters())
-    router_keys = {k for k in expected if ".mod_router." in k}
-    if routers_file.exists() and mod is None:
-        from safetensors.torch import load_file
-
-        state.update(load_file(str(routers_file)))
-    missing = sorted(set(expected) - set(state) - router_keys)
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model config: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, model expects {tuple(expected[key].shape)}")
     dtype = dtype or state["model.embed_tokens.weight"].dtype
-    # Routers absent from the checkpoint are initialised on CPU exactly as a fresh model would.
+    # Routers the checkpoint does not provide are initialised on CPU exactly as a fresh model would.
     std = cfg.mod.router_init_std
-    for key in router_keys - set(state):
-        state[key] = torch.empty(expected[key].shape).normal_(0.0, std)
+    for key, p in net.named_parameters():
+        if key not in state:
+            state[key] = torch.empty(p.shape).normal_(0.0, std)
     net.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return net
 

@@ -19,8 +19,9 @@ The layer gathers P = max_b K_b tokens per row (K_b = tokens row b keeps); a row
 remaining slots with placeholders sorted after every kept token, in a document of their own, with a zero
 gate, so no kept token sees them and their update is dropped. For a task-homogeneous micro-batch of
 fixed-size images P is the same every step (static shapes for ZeRO-3 prefetch and pipeline stages). The
-host-side counts that size P come from one device->host copy per forward (`RowLayout`); layers differ only
-in their capacities. When every row of the micro-batch has capacity 1 in a layer, it runs as a plain layer.
+host-side counts that size P come from one device->host copy per forward (`RowLayout`, inside the
+`LayerContext` every layer of a forward shares); layers differ only in their capacities. When every row of
+the micro-batch has capacity 1 in a layer, it runs as a plain layer.
 
 Kept tokens keep their order, their own RoPE positions and their sample boundaries: they attend causally,
 within their own sample, among the kept tokens only. The update of a routed token is scaled by a bounded
@@ -29,7 +30,7 @@ non-routable tokens take the plain update. An auxiliary BCE loss teaches sigmoid
 per-sample top-k membership, so sampling can route causally (r > 0) without seeing future tokens
 (`routing="causal"`, which respects the same sample boundaries).
 
-References: Raposo et al. 2024 (Mixture-of-Depths), UniMoD (arXiv 2502.06474); see docs in shared/.
+References: Raposo et al. 2024 (Mixture-of-Depths), UniMoD (arXiv 2502.06474).
 """
 
 from __future__ import annotations
@@ -120,6 +121,26 @@ class RowLayout:
         return out
 
 
+@dataclass
+class LayerContext:
+    """What a decoder layer reads besides its hidden states, the same for every layer of one forward: built
+    once per forward by `model.transformer.layer_context` (the model's prologue; each pipeline stage builds
+    it once per micro-batch) and handed to each layer."""
+
+    cos: torch.Tensor
+    """[B,S,head_dim] RoPE cos of each token's position (in the hidden states' dtype)."""
+    sin: torch.Tensor
+    """[B,S,head_dim] RoPE sin."""
+    task_ids: torch.Tensor
+    """[B] long: each row's task (index into `mod.tasks`)."""
+    layout: RowLayout
+    """The rows' documents, routable tokens and host-side counts (`row_layout`)."""
+    cap_tbl: torch.Tensor
+    """[num_layers, num_tasks] float64 capacities (`capacity_table`)."""
+    routing: str
+    """"topk" (training) or "causal" (sampling-time decisions, `DecoderLayer._forward_causal`)."""
+
+
 def row_layout(kinds: torch.Tensor, task_ids: torch.Tensor, position_ids: torch.Tensor | None,
                routable_tbl: torch.Tensor) -> RowLayout:
     """Documents, masks and the host counts every layer needs, with one device->host copy.
@@ -182,19 +203,11 @@ class DecoderLayer(Block):
         n_scores = 1 if self.shared_router else cfg.num_tasks
         self.mod_router = Linear(cfg.hidden_size, n_scores, cfg.mod.router_init_std) if self.is_mod else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        task_ids: torch.Tensor,
-        layout: RowLayout,
-        cap_tbl: torch.Tensor,
-        routing: str = "topk",
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B,S,D] -> (x_out [B,S,D], weighted aux loss [], stats [num_tasks, 2] = (routable, selected)).
 
-        `layout` (`row_layout`) and `cap_tbl` [L,T] (`capacity_table`) are built once per forward."""
+        `ctx` (`LayerContext`) is built once per forward and shared by every layer."""
+        cos, sin, task_ids, layout = ctx.cos, ctx.sin, ctx.task_ids, ctx.layout
         routable = layout.routable
         n_routable = routable.sum(1).to(torch.float32)
         zero = x.new_zeros((), dtype=torch.float32)
@@ -202,10 +215,10 @@ class DecoderLayer(Block):
             return self.block(x, cos, sin, layout.attn_mask), zero, self._stats(task_ids, n_routable, n_routable)
 
         r, r_all = self.router_logits(x, task_ids)
-        capacity = cap_tbl[self.layer_idx][task_ids]  # [B] float64
+        capacity = ctx.cap_tbl[self.layer_idx][task_ids]  # [B] float64
         routed_seq = capacity < 1.0  # [B] on device: sequences routed here
         routable = routable & routed_seq[:, None]
-        if routing == "causal":
+        if ctx.routing == "causal":
             return self._forward_causal(x, cos, sin, task_ids, layout, r, routable, n_routable)
         if all(self.capacities[t] >= 1.0 for t in layout.tasks):
             # Full layer for every sequence; keep the router in the graph so every rank produces a
@@ -266,7 +279,7 @@ class DecoderLayer(Block):
         """Sampling-time routing: a routable token goes through the layer iff its logit > 0, a decision
         that depends on nothing after it. Runs on the full sequence with skipped tokens masked out as
         keys (and other documents hidden), so the result equals gathering the kept tokens (the KV cache
-        of issue 6 relies on it)."""
+        of model/generation.py relies on it)."""
         B, S, _ = x.shape
         keep = (~routable | (r > 0)) & layout.nonpad  # [B,S]
         base = layout.attn_mask

@@ -22,8 +22,7 @@ by index; training the router breaks the tie.
 The converted layer's parameter names (`mlp.router.weight`, `mlp.experts.N.gate_proj.weight`) are not
 Emu3's, so an HF export of a converted model is not an Emu3ForCausalLM checkpoint.
 
-Reference: He et al., "Understanding and Harnessing Sparsity in Unified Multimodal Models"; the
-snake partition and zero-initialised router are described in shared/docs/unimod-method.md.
+Reference: He et al., "Understanding and Harnessing Sparsity in Unified Multimodal Models".
 """
 
 from __future__ import annotations

@@ -8,12 +8,16 @@ One decoder over one vocabulary of text and image VQ tokens (Emu3). Parameter na
     net = UnifiedTransformer(ModelConfig.from_preset("debug", mod={"capacity": {"2-3": {"t2i": 0.25}}}))
     out = net(input_ids, task_ids=task_ids)   # out.logits [B,S,V], out.aux_loss [], out.routing [L,T,2]
 
-Parallelism (ZeRO-3, pipeline stages) is applied from outside by `train/`; this file is single-device.
+The forward is three pieces, in order: `prologue` (embedding + the `LayerContext` every layer shares),
+the decoder layers, `head`. `pieces` lists the same order with each piece's HF names; the pipeline stages
+of `train/stages.py` are built from it and run the same prologue code (`layer_context`). Parallelism
+(ZeRO-3, pipeline stages) is applied from outside by `train/`; this file is single-device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -21,19 +25,48 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.layers import Embedding, Linear, RMSNorm, rope_cos_sin
-from model.mod import DecoderLayer, capacity_table, routable_table, row_layout, token_kinds
+from model.mod import DecoderLayer, LayerContext, capacity_table, routable_table, row_layout, token_kinds
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """A NamedTuple rather than a dataclass: DeepSpeed's ZeRO-3 module hooks walk tuples (namedtuples
+    included), lists and dicts to find the output tensors; a dataclass hides them from those hooks."""
+
     logits: torch.Tensor
-    """[B, S, V] next-token logits."""
+    # [B, S, V] next-token logits.
     aux_loss: torch.Tensor
-    """Scalar: the MoD router BCE loss summed over MoD layers, already times `mod.aux_loss_weight`.
-    Add it to the language-model loss."""
+    # Scalar: the MoD router BCE loss summed over MoD layers, already times `mod.aux_loss_weight`. Add it to
+    # the language-model loss.
     routing: torch.Tensor
-    """[num_layers, num_tasks, 2] float: (routable tokens, routable tokens selected) per layer and task
-    in this batch. Dense layers report selected == routable."""
+    # [num_layers, num_tasks, 2] float: (routable tokens, routable tokens selected) per layer and task in
+    # this batch. Dense layers, and tasks with capacity 1 in a MoD layer, report selected == routable.
+
+
+def layer_context(cfg: ModelConfig, input_ids: torch.Tensor, task_ids: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, routing: str | None, dtype: torch.dtype) -> LayerContext:
+    """The prologue's per-forward work apart from the embedding: RoPE tables, the rows' layout (documents,
+    routable tokens, with the one device->host copy of a forward) and the capacity table, for every
+    decoder layer. Validates task ids and the routing mode. `dtype` is the hidden states' dtype."""
+    B, S = input_ids.shape
+    device = input_ids.device
+    if task_ids is None:
+        if cfg.mod.mod_layers():
+            raise ValueError("task_ids is required: this model has MoD layers routed per task")
+        task_ids = torch.zeros(B, dtype=torch.long, device=device)
+    if task_ids.shape != (B,):
+        raise ValueError(f"task_ids must have shape [{B}], got {tuple(task_ids.shape)}")
+    routing = routing or cfg.mod.routing
+    if routing not in ("topk", "causal"):
+        raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
+    # The document mask is built here once for every layer (None when each row is one document).
+    layout = row_layout(token_kinds(input_ids, cfg.vocab), task_ids, position_ids, routable_table(cfg, device))
+    if min(layout.tasks) < 0 or max(layout.tasks) >= cfg.num_tasks:
+        raise ValueError(f"task_ids must lie in [0, {cfg.num_tasks}) for tasks {cfg.mod.tasks}, got {layout.tasks}")
+    if position_ids is None:
+        position_ids = torch.arange(S, device=device).expand(B, S)
+    cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+    return LayerContext(cos=cos, sin=sin, task_ids=task_ids, layout=layout, cap_tbl=capacity_table(cfg, device),
+                        routing=routing)
 
 
 class Backbone(nn.Module):
@@ -68,57 +101,32 @@ class UnifiedTransformer(nn.Module):
         Packed rows: position ids restart at 0 for each sample in a row (trailing padding continues the
         last sample's positions). Each sample then attends only to itself and its RoPE restarts; MoD
         capacities apply per sample (model/mod.py)."""
-        cfg = self.config
-        B, S = input_ids.shape
-        device = input_ids.device
-        if task_ids is None:
-            if cfg.mod.mod_layers():
-                raise ValueError("task_ids is required: this model has MoD layers routed per task")
-            task_ids = torch.zeros(B, dtype=torch.long, device=device)
-        if task_ids.shape != (B,):
-            raise ValueError(f"task_ids must have shape [{B}], got {tuple(task_ids.shape)}")
-        routing = routing or cfg.mod.routing
-        if routing not in ("topk", "causal"):
-            raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
-        h = self.model.embed_tokens(input_ids)
-        kinds = token_kinds(input_ids, cfg.vocab)
-        routable_tbl, cap_tbl = routable_table(cfg, device), capacity_table(cfg, device)
-        # One host copy per forward (task ids, documents, routable counts) sizes every MoD gather, and the
-        # document mask is built here once for every layer (None when each row is one document).
-        layout = row_layout(kinds, task_ids, position_ids, routable_tbl)
-        if min(layout.tasks) < 0 or max(layout.tasks) >= cfg.num_tasks:
-            raise ValueError(f"task_ids must lie in [0, {cfg.num_tasks}) for tasks {cfg.mod.tasks}, got {layout.tasks}")
-        if position_ids is None:
-            position_ids = torch.arange(S, device=device).expand(B, S)
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
-
+        h, ctx = self.prologue(input_ids, task_ids, position_ids, routing)
         aux = h.new_zeros((), dtype=torch.float32)
         stats = []
         for layer in self.model.layers:
-            args = (h, cos, sin, task_ids, layout, cap_tbl, routing)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, layer_aux, layer_stats = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+                h, layer_aux, layer_stats = torch.utils.checkpoint.checkpoint(layer, h, ctx, use_reentrant=False)
             else:
-                h, layer_aux, layer_stats = layer(*args)
+                h, layer_aux, layer_stats = layer(h, ctx)
             aux = aux + layer_aux
             stats.append(layer_stats)
-        logits = self.lm_head(self.model.norm(h))
-        return ModelOutput(logits=logits, aux_loss=aux, routing=torch.stack(stats))
+        return ModelOutput(logits=self.head(h), aux_loss=aux, routing=torch.stack(stats))
+
+    def prologue(self, input_ids: torch.Tensor, task_ids: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, routing: str | None = None
+                 ) -> tuple[torch.Tensor, LayerContext]:
+        """-> (embeddings h [B,S,D], the context every decoder layer reads)."""
+        h = self.model.embed_tokens(input_ids)
+        return h, layer_context(self.config, input_ids, task_ids, position_ids, routing, h.dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """[B,S,D] last hidden states -> [B,S,V] logits."""
+        return self.lm_head(self.model.norm(h))
 
     # ----- helpers used by training and tests ------------------------------------------------------
     def num_parameters(self, exclude_routers: bool = False) -> int:
         return sum(p.numel() for n, p in self.named_parameters() if not (exclude_routers and "mod_router" in n))
-
-    def routing_summary(self, routing: torch.Tensor) -> dict[str, float]:
-        """Realised fraction of routable tokens kept, per MoD layer and task present in the batch:
-        {"<task>/layer_<i>": selected / routable}."""
-        out = {}
-        for layer in self.config.mod.mod_layers():
-            for t, task in enumerate(self.config.mod.tasks):
-                routable, selected = routing[layer, t].tolist()
-                if routable > 0:
-                    out[f"{task}/layer_{layer}"] = selected / routable
-        return out
 
     @classmethod
     def from_hf(cls, path, mod=None, **overrides) -> "UnifiedTransformer":
@@ -132,27 +140,44 @@ class UnifiedTransformer(nn.Module):
         save_hf(self, path, **kwargs)
 
 
-# ----- the model as an ordered list of pipeline layers (train/stages.py) ----------------------------------
+# ----- the model as an ordered list of pieces (pipeline layers, train/stages.py) --------------------------
+@dataclass(frozen=True)
+class Piece:
+    """One entry of the model's ordered layer list."""
+
+    kind: str
+    """"embed" (the prologue's embedding), "layer" (a decoder layer) or "head" (final norm + LM head)."""
+    layer_idx: int | None
+    """The decoder layer's index for kind "layer", else None."""
+    hf_prefixes: dict[str, str]
+    """Prefix of a parameter name inside the piece -> its HF prefix: the piece holds the model's own modules
+    under these names, so a pipeline layer built for it names its parameters `<piece index>.<name>`."""
+
+
+def pieces(num_layers: int) -> list[Piece]:
+    """embed, layer 0 .. layer L-1, head: the order of the forward."""
+    return ([Piece("embed", None, {"embed_tokens.": "model.embed_tokens."})]
+            + [Piece("layer", i, {"": f"model.layers.{i}."}) for i in range(num_layers)]
+            + [Piece("head", None, {"norm.": "model.norm.", "lm_head.": "lm_head."})])
+
+
 def stage_key_to_hf(key: str, num_layers: int) -> str:
     """'0.embed_tokens.weight' -> 'model.embed_tokens.weight', '3.mlp.up_proj.weight' -> 'model.layers.2...',
     '<L+1>.norm.weight' -> 'model.norm.weight', '<L+1>.lm_head.weight' -> 'lm_head.weight'."""
     idx, rest = key.split(".", 1)
-    i = int(idx)
-    if i == 0:
-        return f"model.{rest}"
-    if i <= num_layers:
-        return f"model.layers.{i - 1}.{rest}"
-    return rest if rest.startswith("lm_head.") else f"model.{rest}"
+    all_pieces = pieces(num_layers)
+    if not (idx.isdigit() and int(idx) < len(all_pieces)):
+        raise ValueError(f"{key} is not a pipeline parameter of a {num_layers}-layer model")
+    for local, hf in all_pieces[int(idx)].hf_prefixes.items():
+        if rest.startswith(local):
+            return hf + rest[len(local):]
+    raise ValueError(f"{key} is not a pipeline parameter of a {num_layers}-layer model")
 
 
 def hf_key_to_stage(key: str, num_layers: int) -> str:
-    if key.startswith("model.layers."):
-        i, rest = key[len("model.layers."):].split(".", 1)
-        return f"{int(i) + 1}.{rest}"
-    if key.startswith("model.embed_tokens."):
-        return "0." + key[len("model."):]
-    if key.startswith("model.norm."):
-        return f"{num_layers + 1}." + key[len("model."):]
-    if key.startswith("lm_head."):
-        return f"{num_layers + 1}.{key}"
+    """The inverse of `stage_key_to_hf`; ValueError for a key outside the decoder."""
+    for i, piece in enumerate(pieces(num_layers)):
+        for local, hf in piece.hf_prefixes.items():
+            if key.startswith(hf):
+                return f"{i}.{local}{key[len(hf):]}"
     raise ValueError(f"{key} is not a decoder tensor")

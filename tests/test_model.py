@@ -109,8 +109,55 @@ def test_from_hf_rejects_a_mismatched_checkpoint(tmp_path):
     _, path, v = _tiny_hf(tmp_path, conditional=False)
     with pytest.raises(ValueError, match="vocabulary layout"):
         UnifiedTransformer.from_hf(path)  # vocab 776 is not Emu3's and nothing says how it is laid out
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match="num_hidden_layers=2 but the model config num_hidden_layers=3"):
         UnifiedTransformer.from_hf(path, vocab=v, num_hidden_layers=3)
+
+
+@pytest.mark.parametrize("edit", ["drop", "stray", "reshape"])
+def test_from_hf_refuses_missing_stray_and_misshapen_tensors(tmp_path, edit):
+    from safetensors.torch import load_file, save_file
+
+    _, path, v = _tiny_hf(tmp_path, conditional=False)
+    file = path / "model.safetensors"
+    state = load_file(str(file))
+    if edit == "drop":
+        del state["model.layers.1.mlp.up_proj.weight"]
+    elif edit == "stray":
+        state["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    else:
+        state["model.norm.weight"] = torch.ones(3)
+    save_file(state, str(file), metadata={"format": "pt"})
+    want = {"drop": r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]",
+            "stray": "model.layers.1.mlp.extra.weight has no place in the model",
+            "reshape": r"model.norm.weight has shape \(3,\)"}[edit]
+    with pytest.raises(ValueError, match=want):
+        UnifiedTransformer.from_hf(path, vocab=v)
+
+
+def test_from_hf_router_policy(tmp_path):
+    """One policy with training's loader (model/hf.py iter_hf_weights): trained routers are kept for the same
+    tasks and the same MoD layers, whether or not `mod` is passed again; other MoD layers and another task list
+    start from a fresh init."""
+    _, path, v = _tiny_hf(tmp_path, conditional=False)
+    plan = {"capacity": {"1": {"t2i": 0.5}}}
+    net = UnifiedTransformer.from_hf(path, vocab=v, mod=plan)
+    with torch.no_grad():
+        net.model.layers[1].mod_router.weight.fill_(0.25)  # "trained": far from the fresh init
+    out = tmp_path / "export"
+    net.save_hf(out)
+    trained = net.model.layers[1].mod_router.weight
+    for again in (None, plan):
+        back = UnifiedTransformer.from_hf(out, mod=again)
+        assert torch.equal(back.model.layers[1].mod_router.weight, trained)
+    moved = UnifiedTransformer.from_hf(out, mod={"capacity": {"0": {"t2i": 0.5}}})
+    assert moved.model.layers[1].mod_router is None
+    assert (moved.model.layers[0].mod_router.weight != 0.25).all()
+    both = UnifiedTransformer.from_hf(out, mod={"capacity": {"0-1": {"t2i": 0.5}}})
+    assert torch.equal(both.model.layers[1].mod_router.weight, trained)
+    assert (both.model.layers[0].mod_router.weight != 0.25).all()
+    # the same number of tasks in another order: the bank has the same shape but its columns mean other tasks
+    other_tasks = UnifiedTransformer.from_hf(out, mod={"tasks": ["mmu", "t2i", "lm"], "capacity": {"1": {"t2i": 0.5}}})
+    assert (other_tasks.model.layers[1].mod_router.weight != 0.25).all()
 
 
 def test_all_full_capacities_equal_the_dense_model():
@@ -152,6 +199,27 @@ def test_exactly_k_tokens_and_only_routable_ones_are_skipped(task, cap):
     # dense layers process everything
     seen, _ = layer_io(net, ids, tasks, 0)
     assert seen["P"] == S
+
+
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+@pytest.mark.parametrize("tasks", [[T2I, MMU, LM], [MMU, LM]], ids=["with-a-routed-task", "all-full"])
+def test_full_capacity_tasks_report_every_routable_token_selected(routing, tasks):
+    """In a MoD layer, a task with capacity 1 (mmu, listed at 1.0) or not listed at all (lm) processes every
+    token, and out.routing says so: selected == routable, beside a routed task (t2i) in the same micro-batch or
+    in a micro-batch of full-capacity tasks only (the layer's plain path)."""
+    cfg = mod_cfg({"1-2": {"t2i": 0.25, "mmu": 1.0}}, routing=routing)
+    torch.manual_seed(0)
+    net = UnifiedTransformer(cfg).eval()
+    ids, task_ids = make_batch(cfg, tasks)
+    with torch.no_grad():
+        out = net(ids, task_ids=task_ids)
+    for layer in (1, 2):
+        for task in (MMU, LM):
+            n_routable, n_selected = out.routing[layer, task].tolist()
+            assert n_routable > 0 and n_selected == n_routable, (layer, task, n_routable, n_selected)
+        if T2I in tasks and routing == "topk":
+            n_routable, n_selected = out.routing[layer, T2I].tolist()
+            assert n_selected == math.ceil(0.25 * n_routable)
 
 
 def test_padding_is_skipped_first():

@@ -147,31 +147,31 @@ def test_gathered_width_is_static_for_fixed_size_images():
     assert len(widths) == 1
 
 
-@pytest.mark.parametrize("mode", ["dense", "mod-topk"])
+@pytest.mark.parametrize("mode", MODES)
 def test_pipeline_stages_compute_the_model_forward_on_packed_rows(mode):
-    """DecoderPipe rebuilds the documents from the position ids that travel between stages."""
-    from train.stages import DecoderPipe, EmbedPipe, HeadPipe
+    """The stages of train/stages.py, built from the model's pieces and loaded from the model's weights through
+    the stage<->HF key mapping, compute the model's forward bit for bit; DecoderPipe rebuilds the documents from
+    the position ids that travel between stages."""
+    from model.transformer import stage_key_to_hf
+    from train.stages import stage_specs
 
     net = make_net(mode)
     cfg = net.config
+    if mode == "mod-causal":  # the stages route with the config's mode, as training does
+        assert cfg.mod.routing == "causal"
     rows, tasks = packed_rows(cfg)
     ids, pos = pack(cfg, rows, S)
-    embed, head = EmbedPipe(cfg), HeadPipe(cfg)
-    embed.embed_tokens.load_state_dict(net.model.embed_tokens.state_dict())
-    head.norm.load_state_dict(net.model.norm.state_dict())
-    head.lm_head.load_state_dict(net.lm_head.state_dict())
-    stages = [embed]
-    for i, layer in enumerate(net.model.layers):
-        pipe = DecoderPipe(cfg, i)
-        pipe.load_state_dict(layer.state_dict())
-        stages.append(pipe)
-    stages.append(head)
+    state = net.state_dict()
+    stages = [spec.build() for spec in stage_specs(cfg)]
+    for i, stage in enumerate(stages):
+        stage.load_state_dict({k: state[stage_key_to_hf(f"{i}.{k}", cfg.num_hidden_layers)]
+                               for k in stage.state_dict()})
     with torch.no_grad():
         x = (ids, tasks, pos)
         for stage in stages:
             x = stage(x)
         want = net(ids, task_ids=tasks, position_ids=pos)
-    logits, aux, routing, _ = x
-    torch.testing.assert_close(logits, want.logits)
-    torch.testing.assert_close(aux.sum(), want.aux_loss)
-    assert torch.equal(routing, want.routing.round().long())
+    logits, aux, routing, task_ids = x
+    assert torch.equal(logits, want.logits)
+    assert aux.shape == (1,) and torch.equal(aux[0], want.aux_loss)
+    assert torch.equal(routing, want.routing.round().long()) and torch.equal(task_ids, tasks)

@@ -1,17 +1,20 @@
-"""Pipeline stages: the model's own pieces as DeepSpeed pipeline layers.
+"""Pipeline stages: the model's ordered pieces (`model.transformer.pieces`) as DeepSpeed pipeline layers.
 
     [EmbedPipe] -> [DecoderPipe 0] -> ... -> [DecoderPipe L-1] -> [HeadPipe]
 
-Each piece reuses the model's own modules (`Embedding`, `DecoderLayer` with its MoD router bank,
-`RMSNorm` + `Linear` head), so the math is the single-device model's. Between stages everything travels
-as one tuple of tensors (DeepSpeed #3895, Megatron-DeepSpeed #373):
+Each pipeline layer holds the model's own modules under the model's own names (`embed_tokens`; a
+`DecoderLayer` with its MoD router bank; `norm` + `lm_head`), so DeepSpeed names a parameter
+`<piece index>.<the model's name inside the piece>` and `model.transformer.stage_key_to_hf` maps it back.
+The math is the single-device model's: the decoder layers read the `LayerContext` the model's prologue
+builds (`model.transformer.layer_context`). Between stages everything travels as one tuple of tensors
+(DeepSpeed #3895, Megatron-DeepSpeed #373):
 
     hidden [B,S,D] float | input_ids [B,S] long | task_ids [B] long | position_ids [B,S] long |
     aux [1] float (MoD router loss so far) | routing [L,T,2] long (routable / selected counts)
 
-The position ids also carry the packed rows' documents (they restart at 0 for each sample), so every
-stage rebuilds the same document mask and per-sample MoD capacities as the single-device model
-(`model.mod.row_layout`). Ids travel as integers (the engine expects a gradient for every float it
+The position ids also carry the packed rows' documents (they restart at 0 for each sample), so every stage
+rebuilds the same document mask and per-sample MoD capacities as the single-device model, once per
+micro-batch (`StageContext`). Ids travel as integers (the engine expects a gradient for every float it
 sends); the aux loss is a float on the gradient path from stage 0 on (seeded with 0 * a weight), so every
 stage has a gradient to send back. Shapes are fixed per run (fixed seq_len, fixed micro-batch): the engine
 sends them only once. The last stage returns (logits, aux, routing, task_ids) to the loss function.
@@ -19,15 +22,57 @@ sends them only once. The last stage returns (logits, aux, routing, task_ids) to
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 
 from model.config import ModelConfig
 from model.hf import iter_hf_weights
-from model.layers import Embedding, Linear, RMSNorm, rope_cos_sin
-from model.mod import DecoderLayer, capacity_table, routable_table, row_layout, token_kinds
-from model.transformer import hf_key_to_stage
+from model.layers import Embedding, Linear, RMSNorm
+from model.mod import DecoderLayer, LayerContext
+from model.transformer import hf_key_to_stage, layer_context, pieces, stage_key_to_hf
+
+
+class StageContext:
+    """The decoder layers' `LayerContext`, built once per micro-batch by the first decoder layer of a stage
+    and reused by the stage's later layers (one device->host copy per stage and micro-batch, not one per
+    layer).
+
+    A stage's layers pass the id tensors (input_ids, task_ids, position_ids) on unchanged, so within a stage
+    every layer of one micro-batch sees the very tensor objects the stage received: the context is found by
+    their identity. Non-reentrant activation checkpointing (`checkpoint_fn`) recomputes a layer with the same
+    argument objects, so the recompute in backward finds its micro-batch's context as well. Several
+    micro-batches are in flight in the pipeline schedule, hence one entry per micro-batch, dropped when its
+    id tensors are freed."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self._entries: dict[tuple, tuple[tuple[weakref.ref, ...], LayerContext]] = {}
+        self.builds = 0
+        """How many contexts were built (tests count them)."""
+
+    def __repr__(self) -> str:  # LayerSpec prints its arguments
+        return "StageContext()"
+
+    def get(self, input_ids: torch.Tensor, task_ids: torch.Tensor, position_ids: torch.Tensor,
+            dtype: torch.dtype) -> LayerContext:
+        ids = (input_ids, task_ids, position_ids)
+        key = (*map(id, ids), dtype)
+        entry = self._entries.get(key)
+        if entry is not None and all(ref() is t for ref, t in zip(entry[0], ids)):
+            return entry[1]
+        ctx = layer_context(self.cfg, input_ids, task_ids, position_ids, self.cfg.mod.routing, dtype)
+        self.builds += 1
+
+        def drop(_, key=key) -> None:
+            current = self._entries.get(key)
+            if current is not None and any(ref() is None for ref in current[0]):
+                del self._entries[key]
+
+        self._entries[key] = (tuple(weakref.ref(t, drop) for t in ids), ctx)
+        return ctx
 
 
 class EmbedPipe(nn.Module):
@@ -45,22 +90,17 @@ class EmbedPipe(nn.Module):
 
 
 class DecoderPipe(DecoderLayer):
-    """A decoder layer (with its MoD router bank) as a pipeline layer."""
+    """A decoder layer (with its MoD router bank) as a pipeline layer. `contexts` is shared by the decoder
+    layers of one stage (`stage_specs`); a layer built alone gets its own."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, contexts: StageContext | None = None) -> None:
         super().__init__(cfg, layer_idx)
-        self.cfg = cfg
+        self.contexts = contexts if contexts is not None else StageContext(cfg)
 
     def forward(self, inputs):  # noqa: D401 - DeepSpeed calls layers with one tuple
         h, input_ids, task_ids, position_ids, aux, routing = inputs
-        cfg = self.cfg
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
-        # The documents of packed rows come from the position ids, exactly as in the single-device forward
-        # (model.layers.document_ids); each stage's layer rebuilds the layout from the tensors it receives.
-        layout = row_layout(token_kinds(input_ids, cfg.vocab), task_ids, position_ids,
-                            routable_table(cfg, h.device))
-        h, layer_aux, stats = super().forward(h, cos, sin, task_ids, layout, capacity_table(cfg, h.device),
-                                              cfg.mod.routing)
+        ctx = self.contexts.get(input_ids, task_ids, position_ids, h.dtype)
+        h, layer_aux, stats = super().forward(h, ctx)
         routing = routing.clone()
         routing[self.layer_idx] += stats.round().long()
         return h, input_ids, task_ids, position_ids, aux + layer_aux, routing
@@ -74,12 +114,22 @@ class HeadPipe(nn.Module):
 
     def forward(self, inputs):
         h, _, task_ids, _, aux, routing = inputs
-        return self.lm_head(self.norm(h)), aux, routing, task_ids
+        return self.lm_head(self.norm(h)), aux, routing, task_ids  # UnifiedTransformer.head
 
 
 def stage_specs(cfg: ModelConfig) -> list[LayerSpec]:
-    return ([LayerSpec(EmbedPipe, cfg)] + [LayerSpec(DecoderPipe, cfg, i) for i in range(cfg.num_hidden_layers)]
-            + [LayerSpec(HeadPipe, cfg)])
+    """One LayerSpec per piece of `model.transformer.pieces`, in its order. The decoder layers share one
+    StageContext: a process builds only its own stage's layers, so they are the layers of one stage."""
+    contexts = StageContext(cfg)
+    specs = []
+    for piece in pieces(cfg.num_hidden_layers):
+        if piece.kind == "embed":
+            specs.append(LayerSpec(EmbedPipe, cfg))
+        elif piece.kind == "layer":
+            specs.append(LayerSpec(DecoderPipe, cfg, piece.layer_idx, contexts))
+        else:
+            specs.append(LayerSpec(HeadPipe, cfg))
+    return specs
 
 
 def checkpoint_fn(function, *args):
@@ -89,9 +139,21 @@ def checkpoint_fn(function, *args):
 
 
 def load_hf_into_stages(module: PipelineModule, model_cfg: ModelConfig, path: str) -> None:
-    params = dict(module.named_parameters())
+    """Copy an HF Emu3 checkpoint into this process's stages, through `iter_hf_weights` (the one reader and
+    router policy of the single-device and ZeRO-3 loads). A stage parameter left unfilled is an error, except
+    a router bank the policy leaves at its fresh init (a checkpoint without this run's routers)."""
     L = model_cfg.num_hidden_layers
+    params = dict(module.named_parameters())
+    filled = set()
     for key, tensor in iter_hf_weights(model_cfg, path):
         pk = hf_key_to_stage(key, L)
-        if pk in params:  # this stage owns it
-            params[pk].data.copy_(tensor.to(params[pk].dtype))
+        if pk not in params:
+            continue  # another stage's tensor
+        if tuple(tensor.shape) != tuple(params[pk].shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, stage parameter {pk} "
+                             f"{tuple(params[pk].shape)}")
+        params[pk].data.copy_(tensor.to(params[pk].dtype))
+        filled.add(pk)
+    unfilled = sorted(k for k in params if k not in filled and ".mod_router." not in stage_key_to_hf(k, L))
+    if unfilled:
+        raise ValueError(f"{path}: no checkpoint tensor for stage parameters {unfilled[:5]}")
