@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from data.layout import IGNORE_INDEX, make_labels
-from data.validate import Manifest, check_sample, load_manifest, read_shard
+from data.manifest import Manifest, load_manifest
+from data.reader import check_sample, read_shard
 from model.config import VocabLayout
 
 

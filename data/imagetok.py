@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.manifest import Manifest, load_manifest
+from data.manifest import Manifest
 
 PATCH_VQ_TYPE = "patch-vq"
 EMU3_VQ_TYPE = "emu3-vqvae"
@@ -240,10 +240,8 @@ class Emu3VQ:
                 "min_pixels": int(self.processor.min_pixels), "max_pixels": int(self.processor.max_pixels)}
 
 
-def load_image_tokenizer(manifest: Manifest, _old_doc: Any = None) -> PatchVQ | Emu3VQ | None:
+def load_image_tokenizer(manifest: Manifest) -> PatchVQ | Emu3VQ | None:
     """The image tokenizer a dataset names in its manifest, or None when it names none."""
-    if not isinstance(manifest, Manifest):  # (dataset_dir, manifest dict): kept until tools/ passes a Manifest
-        manifest = load_manifest(manifest)
     info = manifest.doc.get("image_tokenizer")
     if not info or info.get("path") is None:
         return None

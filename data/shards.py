@@ -27,10 +27,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data import reader
 from data.files import atomic_write
 from data.layout import TASKS
-from data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
+from data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from data.vocab import UnifiedVocab
 
 SPLITS = ("train", "validation")
@@ -157,15 +156,3 @@ class DatasetWriter:
             manifest.update(extra)
         atomic_write(self.out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
         return manifest
-
-
-# ----- kept only until the callers outside data/ (tools/, tests/test_data_loss.py) read through
-# data.manifest and data.reader directly ----------------------------------------------------------------
-def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    """manifest.json as a dict, checked by `data.manifest.load_manifest`."""
-    return load_manifest(dataset_dir).doc
-
-
-def iter_samples(shard: str | os.PathLike):
-    """`data.reader.iter_samples`."""
-    return reader.iter_samples(shard)

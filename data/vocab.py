@@ -19,12 +19,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
 from data import layout as L
-from data.manifest import Manifest, load_manifest
+from data.manifest import Manifest
 from model.config import VocabLayout
 
 EMU3_TOKEN_NAMES = {
@@ -232,10 +232,8 @@ class UnifiedVocab:
         return cls.from_sentencepiece(path, visual_size)
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, _old_doc: Any = None) -> "UnifiedVocab":
+    def from_manifest(cls, manifest: Manifest) -> "UnifiedVocab":
         """Rebuild the vocabulary a dataset was written with and check it against its manifest."""
-        if not isinstance(manifest, Manifest):  # (dataset_dir, manifest dict): kept until tools/ passes a Manifest
-            manifest = load_manifest(manifest)
         info = manifest.doc.get("tokenizer") or {}
         where = manifest.path
         if info.get("type") not in ("sentencepiece", "hf") or not info.get("path"):

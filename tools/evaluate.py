@@ -44,8 +44,8 @@ from data.demo import CAPTIONS, NAMES, load_digit_images, split_indices
 from data.files import atomic_write
 from data.imagetok import PatchVQ
 from data.layout import make_labels
-from data.shards import iter_samples
-from data.validate import load_manifest
+from data.manifest import load_manifest
+from data.reader import iter_samples
 from model.loss import causal_lm_nll_sum
 from model.mod import routable_table, token_kinds
 from tools.checkpoints import open_checkpoint
@@ -122,18 +122,16 @@ class Evaluator:
 
     def __init__(self, dataset_dir: str | Path, cfg: EvalConfig = EvalConfig(), split: str = "validation") -> None:
         from data.imagetok import load_image_tokenizer
-        from data.shards import read_manifest
         from data.vocab import UnifiedVocab
 
         self.dataset_dir, self.cfg, self.split = Path(dataset_dir), cfg, split
-        raw = read_manifest(self.dataset_dir)
-        manifest = load_manifest(str(self.dataset_dir))
+        manifest = load_manifest(self.dataset_dir)
         if split not in manifest.shards:
             raise ValueError(f"{self.dataset_dir / 'manifest.json'}: field splits has no {split!r} split")
-        self.vocab = UnifiedVocab.from_manifest(self.dataset_dir, raw)
-        self.image_tokenizer = load_image_tokenizer(self.dataset_dir, raw)
+        self.vocab = UnifiedVocab.from_manifest(manifest)
+        self.image_tokenizer = load_image_tokenizer(manifest)
         self.samples = {task: self._read(manifest.shards[split].get(task, [])) for task in ("t2i", "mmu", "lm")}
-        demo = raw.get("demo")
+        demo = manifest.doc.get("demo")
         self.demo = isinstance(demo, dict) and isinstance(self.image_tokenizer, PatchVQ)
         if self.demo:
             images, labels = load_digit_images(int(demo.get("image_size", 32)))

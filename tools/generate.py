@@ -31,7 +31,7 @@ import torch
 
 from data.imagetok import Emu3VQ, PatchVQ, load_image_tokenizer
 from data.layout import image_size_text
-from data.shards import read_manifest
+from data.manifest import load_manifest
 from data.vocab import UnifiedVocab
 from model import UnifiedTransformer
 from model.generation import generate_image_tokens, generate_text
@@ -95,8 +95,8 @@ class Sampler:
 
     @classmethod
     def from_dataset(cls, model: UnifiedTransformer, dataset_dir: str | os.PathLike) -> "Sampler":
-        manifest = read_manifest(dataset_dir)
-        return cls(model, UnifiedVocab.from_manifest(dataset_dir, manifest), load_image_tokenizer(dataset_dir, manifest))
+        manifest = load_manifest(dataset_dir)
+        return cls(model, UnifiedVocab.from_manifest(manifest), load_image_tokenizer(manifest))
 
     def task_id(self, task: str) -> int:
         tasks = self.model.config.mod.tasks
