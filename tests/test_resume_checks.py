@@ -55,12 +55,12 @@ def two_steps(in_process, demo_dataset, tmp_path):  # noqa: F811
     (dict(model__mod__tasks="[mmu,t2i,lm]"), "model.mod.tasks", '["t2i", "mmu", "lm"]', '["mmu", "t2i", "lm"]'),
 ])
 def test_shape_change_exits_2_before_the_engine(two_steps, demo_dataset, monkeypatch, capsys, change, field, old, new):
-    import train.engine
+    import train.loop
 
     def no_engine(*a, **k):
         raise AssertionError("the engine was built for a refused resume")
 
-    monkeypatch.setattr(train.engine, "build_zero_engine", no_engine)
+    monkeypatch.setattr(train.loop, "build_engine", no_engine)  # the name the Trainer calls
     capsys.readouterr()
     rc = _main(demo_dataset, two_steps, run__max_steps=2, optim__warmup_steps=0, **change,
                checkpoint__accept_changes=f"[{field}]")

@@ -1,4 +1,4 @@
-"""Checkpoint loading never runs code from a checkpoint (train/safe_load.py, issue 12).
+"""Checkpoint loading never runs code from a checkpoint (train/safe_load.py).
 
 Tiny engines (the debug preset) are built in this process in a world-of-1 gloo group through the trainer's
 own `build_zero_engine` / `build_pipeline_engine` (which install the safe checkpoint engine), trained one
@@ -7,8 +7,9 @@ pipeline engine (ZeRO-1, fp32 and bf16; one stage here, two stages under torchru
 tests/safe_load_ranks.py). Then:
 - a clean resume (`CheckpointManager.load` -> `engine.load_checkpoint`) restores the weights exactly;
 - an object whose unpickling calls `os.mkdir(marker)` is planted in mp_rank_00_model_states.pt, in a ZeRO
-  optimizer state file, in a ZeRO-3 model state file and in a pipeline layer file; the resume path, export
-  (`load_checkpoint_model` and `python -m tools.export`) and zero_to_fp32 refuse it with an error naming the
+  optimizer state file, in a ZeRO-3 model state file and in a pipeline layer file; the resume path, the tools'
+  one checkpoint reader (tools/checkpoints.py `open_checkpoint`, and `python -m tools.export`) and zero_to_fp32
+  refuse it with an error naming the
   file and the global, and the marker is never created.
 """
 
@@ -23,6 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from tests.train_helpers import BIN, REPO, SMOKE, child_env, free_port, release_process_group, run
 from train.safe_load import (ALLOWED_GLOBALS, SafeTorchCheckpointEngine, UnsafeCheckpointError,
@@ -78,7 +80,7 @@ def build(mode: str, tmp: Path, world_size: int = 1):
 
         engine, _ = build_pipeline_engine(cfg, ds, precision, torch.device("cpu"))
         return engine, cfg, lambda: {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-    from train.engine import build_zero_engine, consolidated_state_dict
+    from train.zero import build_zero_engine, consolidated_state_dict
 
     engine, model = build_zero_engine(cfg, ds, precision, torch.device("cpu"))
     z = ds["zero_optimization"]["stage"]
@@ -117,7 +119,7 @@ def saved(world_of_one, tmp_path_factory):
             engine.save_checkpoint(str(run / "checkpoints"), tag=TAG, client_state={"step": 1}, save_latest=False)
             (run / "checkpoints" / TAG / "trainer_state_rank0.json").write_text('{"step": 1}')
             (run / "checkpoints" / TAG / COMPLETE).write_text("1\n")
-            cfg.save_yaml(run / "config.yaml")
+            (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # as the trainer writes it
             cache[mode] = (run, weights())
         return cache[mode]
 
@@ -203,7 +205,7 @@ def test_resume_refuses_a_planted_pickle(saved, mode, file, tmp_path):
     assert_refused(excinfo, tag_dir / file, marker)
 
 
-# ----- export / generate / analyze: load_checkpoint_model ----------------------------------------------------
+# ----- export / generate / analyze: open_checkpoint ----------------------------------------------------------
 @pytest.mark.parametrize("mode, file", [
     ("zero0", "mp_rank_00_model_states.pt"),
     ("zero2", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
@@ -212,20 +214,20 @@ def test_resume_refuses_a_planted_pickle(saved, mode, file, tmp_path):
     ("pipe", "layer_02-model_states.pt"),
 ])
 def test_export_refuses_a_planted_pickle(saved, mode, file, tmp_path):
-    from tools.export import load_checkpoint_model
+    from tools.checkpoints import open_checkpoint
 
     run, tag_dir, marker = planted_copy(saved, mode, file, tmp_path)
     with pytest.raises(UnsafeCheckpointError) as excinfo:
-        load_checkpoint_model(run)
+        open_checkpoint(run)
     assert_refused(excinfo, tag_dir / file, marker)
 
 
 @pytest.mark.parametrize("entry", ["generate", "analyze"])
 def test_generate_and_analyze_refuse_a_planted_pickle(saved, entry, tmp_path):
-    """`python -m tools.generate` and `python -m tools.analyze` read checkpoints through load_checkpoint_model;
-    the refusal reaches them unwrapped."""
+    """`python -m tools.generate` and `python -m tools.analyze` read checkpoints through open_checkpoint; the
+    refusal reaches them unwrapped."""
     from analysis.checkpoint import load_dense
-    from tools.generate import load_model
+    from tools.generate import open_checkpoint as load_model  # the reader the generation CLI calls
 
     file = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     run, tag_dir, marker = planted_copy(saved, "zero2", file, tmp_path)
@@ -236,11 +238,11 @@ def test_generate_and_analyze_refuse_a_planted_pickle(saved, entry, tmp_path):
 
 @pytest.mark.parametrize("mode", ["zero0", "zero2", "zero3", "pipe"])
 def test_export_reads_clean_checkpoints(saved, mode):
-    from tools.export import load_checkpoint_model
     from model.transformer import stage_key_to_hf
+    from tools.checkpoints import open_checkpoint
 
     run, expected = saved(mode)
-    model, _, _ = load_checkpoint_model(run)
+    model = open_checkpoint(run).model
     if mode == "pipe":
         expected = {stage_key_to_hf(k, model.config.num_hidden_layers): v for k, v in expected.items()}
     got = model.state_dict()

@@ -124,6 +124,11 @@ def test_unknown_section_exits_2(tmp_path, capsys, no_launch):
     ("optim.lr=fast", ["optim.lr must be a number", "'fast'"]),
     ("optim.learning_rate=1e-3", ["optim.learning_rate is not a known field"]),
     ("run.max_steps=0", ["run.max_steps must be an integer >= 1"]),
+    ("optim.grad_accum=true", ["optim.grad_accum must be an integer >= 1, got True"]),
+    ("optim.lr=0", ["optim.lr must be a number > 0, got 0"]),
+    ("optim.min_lr_ratio=1.5", ["optim.min_lr_ratio must be a number in [0, 1], got 1.5"]),
+    ("model.mod.capacity={2: {t2i: 0}}", ["mod.capacity[2].t2i must be a number in (0, 1], got 0"]),
+    ("model.vocab.pad=3", ["model.vocab.pad is not a known field"]),
     ("optim.lr.value=1", ["--set 'optim.lr.value=1'", "lr is not a section"]),
 ])
 def test_bad_set_exits_2(capsys, no_launch, item, words):

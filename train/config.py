@@ -2,7 +2,7 @@
 cross-check against the DeepSpeed JSON.
 
     model:       model.config.ModelConfig (preset + overrides, MoD plan)
-    data:        data.loader.LoaderConfig (shards, sequence length, micro-batch size, mixing weights)
+    data:        data.config.LoaderConfig (shards, sequence length, micro-batch size, mixing weights)
     optim:       OptimConfig (AdamW, warmup + cosine, clipping, gradient accumulation)
     parallel:    ParallelConfig (zero | pipeline, stages, activation checkpointing, precision)
     logging:     LoggingConfig (TensorBoard cadence, peak FLOP/s for MFU, progress bar)
@@ -15,7 +15,8 @@ before any model is built. The YAML files and `--set` values are read by one loa
 safe loader (data, never code) with YAML 1.2's floats, so `1e-4` is a number, not the string PyYAML's YAML 1.1
 rules make of it.
 
-Checks come in two kinds: `RunConfig.from_dict` checks the config against itself (field ranges, data.seq_len
+Field checks use model/config.py's `known_fields`, `check_int` and `check_number`, like the model and data
+sections. Checks come in two kinds: `RunConfig.from_dict` checks the config against itself (field ranges, data.seq_len
 against the model's positions, pipeline stages against its layers); `check_environment` checks it against the
 machine and the job (dataset, output directory, checkpoint to resume, shards for every reader) and is called
 by train/main.py before the process group or the model exists.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import re
 import tempfile
@@ -36,8 +36,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from data.loader import LoaderConfig
-from model.config import ModelConfig
+from data.config import LoaderConfig
+from model.config import ModelConfig, check_int, check_number, known_fields
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MODES = ("zero", "pipeline")
@@ -76,18 +76,6 @@ def read_config_doc(path: str | Path, overrides: list[str] = ()) -> dict[str, An
     return apply_overrides(doc, overrides)
 
 
-def _check_int(where: str, v: Any, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{where} must be an integer >= {lo}, got {v!r}")
-
-
-def _check_float(where: str, v: Any, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
-    if not ok:
-        raise ValueError(f"{where} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
-
-
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
@@ -106,18 +94,18 @@ class OptimConfig:
     """Micro-batches per optimizer step on each data-parallel rank."""
 
     def __post_init__(self) -> None:
-        _check_float("optim.lr", self.lr, 0.0, lo_open=True)
-        _check_float("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _check_int("optim.warmup_steps", self.warmup_steps, 0)
-        _check_float("optim.weight_decay", self.weight_decay, 0.0)
+        check_number("optim.lr", self.lr, 0.0, lo_open=True)
+        check_number("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_int("optim.warmup_steps", self.warmup_steps, 0)
+        check_number("optim.weight_decay", self.weight_decay, 0.0)
         self.betas = tuple(self.betas)
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas must be two numbers, got {self.betas!r}")
         for b in self.betas:
-            _check_float("optim.betas", b, 0.0, 1.0)
-        _check_float("optim.eps", self.eps, 0.0, lo_open=True)
-        _check_float("optim.grad_clip", self.grad_clip, 0.0)
-        _check_int("optim.grad_accum", self.grad_accum, 1)
+            check_number("optim.betas", b, 0.0, 1.0)
+        check_number("optim.eps", self.eps, 0.0, lo_open=True)
+        check_number("optim.grad_clip", self.grad_clip, 0.0)
+        check_int("optim.grad_accum", self.grad_accum, 1)
 
 
 @dataclass
@@ -139,10 +127,10 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"parallel.mode must be one of {MODES}, got {self.mode!r}")
-        _check_int("parallel.pipeline_stages", self.pipeline_stages, 1)
+        check_int("parallel.pipeline_stages", self.pipeline_stages, 1)
         if self.mode == "zero" and self.pipeline_stages != 1:
             raise ValueError("parallel.pipeline_stages > 1 needs parallel.mode: pipeline")
-        _check_int("parallel.activation_checkpoint_interval", self.activation_checkpoint_interval, 1)
+        check_int("parallel.activation_checkpoint_interval", self.activation_checkpoint_interval, 1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not (self.partition_method in ("parameters", "uniform") or self.partition_method.startswith("type:")):
@@ -166,16 +154,13 @@ class LoggingConfig:
     """Evaluate the final model: <output_dir>/eval.json, the summary's "eval" entry, printed."""
     eval_samples: int = 50
     """Validation samples per task for understanding accuracy and perplexity."""
-    eval_images_per_digit: int = 4
-    """Demo data: images generated per digit for generation accuracy (and the TensorBoard grid)."""
 
     def __post_init__(self) -> None:
-        _check_int("logging.log_every", self.log_every, 1)
-        _check_int("logging.eval_every", self.eval_every, 0)
-        _check_int("logging.eval_samples", self.eval_samples, 1)
-        _check_int("logging.eval_images_per_digit", self.eval_images_per_digit, 1)
+        check_int("logging.log_every", self.log_every, 1)
+        check_int("logging.eval_every", self.eval_every, 0)
+        check_int("logging.eval_samples", self.eval_samples, 1)
         if self.peak_tflops is not None:
-            _check_float("logging.peak_tflops", self.peak_tflops, 0.0, lo_open=True)
+            check_number("logging.peak_tflops", self.peak_tflops, 0.0, lo_open=True)
 
 
 @dataclass
@@ -207,9 +192,9 @@ class CheckpointConfig:
                 isinstance(a, str) and "." in a for a in self.accept_changes):
             raise ValueError(f"checkpoint.accept_changes must be a list of dotted field names such as "
                              f"[optim.lr, run.max_steps], got {self.accept_changes!r}")
-        _check_int("checkpoint.save_every", self.save_every, 0)
-        _check_int("checkpoint.keep_last", self.keep_last, 1)
-        _check_int("checkpoint.max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
+        check_int("checkpoint.save_every", self.save_every, 0)
+        check_int("checkpoint.keep_last", self.keep_last, 1)
+        check_int("checkpoint.max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"checkpoint.resume must be 'auto', 'none' or a path, got {self.resume!r}")
 
@@ -226,8 +211,8 @@ class RunSection:
     """auto (cuda when available) | cpu | cuda."""
 
     def __post_init__(self) -> None:
-        _check_int("run.seed", self.seed, 0)
-        _check_int("run.max_steps", self.max_steps, 1)
+        check_int("run.seed", self.seed, 0)
+        check_int("run.max_steps", self.max_steps, 1)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"run.device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -260,15 +245,6 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         try:
             model_doc = dict(doc["model"] or {})
-            if "mod_plan" in model_doc:  # a MoD plan written by `python -m tools.analyze`
-                from analysis.plan import load_plan
-
-                plan_path = model_doc.pop("mod_plan")
-                try:
-                    plan = load_plan(plan_path)
-                except FileNotFoundError:
-                    raise ValueError(f"model.mod_plan: {plan_path} does not exist") from None
-                model_doc["mod"] = {**(model_doc.get("mod") or {}), **plan}
             if "vocab" not in model_doc:
                 # The data defines what the ids mean: take the layout its manifest records.
                 manifest = _manifest_vocab(doc["data"] or {})
@@ -280,11 +256,7 @@ class RunConfig:
                 raw = doc.get(name) or {}
                 if not isinstance(raw, Mapping):
                     raise ValueError(f"{name}: must be a mapping, got {raw!r}")
-                fields = {f.name for f in dataclasses.fields(section)}
-                bad = sorted(set(raw) - fields)
-                if bad:
-                    raise ValueError(f"{name}.{bad[0]} is not a known field; known fields: {sorted(fields)}")
-                kwargs[name] = section(**raw)
+                kwargs[name] = section(**known_fields(section, raw, name))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         _check_routable_exists(kwargs["model"], where)
@@ -314,12 +286,6 @@ class RunConfig:
         out["optim"]["betas"] = list(self.optim.betas)
         return out
 
-    def save_yaml(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
-
 
 # Token kinds a task's samples can hold at all (data/layout.py): plain text has no image tokens.
 _KINDS_IN_TASK = {"t2i": {"text", "image"}, "mmu": {"text", "image"}, "lm": {"text"}}
@@ -342,14 +308,13 @@ def _manifest_vocab(data: Mapping[str, Any]) -> dict[str, int] | None:
     dataset_dir = data.get("dataset_dir")
     if not dataset_dir:
         return None
-    from data.shards import MANIFEST_NAME, read_manifest
+    from data.manifest import MANIFEST_NAME, load_manifest
 
     if not (Path(dataset_dir) / MANIFEST_NAME).exists():
         return None
-    manifest = read_manifest(dataset_dir)  # raises ValueError naming the file
-    if "vocab" not in manifest:
-        raise ValueError(f"{Path(dataset_dir) / MANIFEST_NAME}: field vocab is missing")
-    return manifest["vocab"]
+    # load_manifest checks the vocab field (a ValueError naming the file); the section as written is handed
+    # on, so that fields it leaves out come from the model preset as before.
+    return load_manifest(dataset_dir).doc["vocab"]
 
 
 def apply_overrides(doc: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -445,7 +410,7 @@ def _check_readers(cfg: RunConfig, world_size: int, where: str) -> None:
     if data.shards is not None:
         counts, source = {t: len(data.shards[t]) for t in data.tasks}, "data.shards"
     else:
-        from data.validate import load_manifest
+        from data.manifest import load_manifest
 
         manifest = load_manifest(data.dataset_dir)
         by_task = manifest.shards.get(data.split)

@@ -21,7 +21,7 @@ Bridges (what ds_to_universal / the universal loaders of 0.19.8 do not do for us
    tensor parallelism, no padded vocabulary, no parameter replicated across pipeline stages: untied head).
 2. Parameter names: the pipeline names a tensor `<layer index>.<rest>` (`3.mlp.up_proj.weight`), the plain
    model by its HF name (`model.layers.2.mlp.up_proj.weight`). Each per-parameter folder is renamed with
-   train/pipeline.py's key mappers when the mode changes.
+   model/transformer.py's key mappers (`stage_key_to_hf`, `hf_key_to_stage`) when the mode changes.
 3. Loader formats: the ZeRO-3 loader reads `optimizer_state.pt["optimizer_state_dict"]` and the Adam step
    from it, the ZeRO-1/2 loader `optimizer_state.pt["param_groups"]`, `ds_version` and a `step.pt` per
    parameter, and each globs its own model-states file name (`zero_pp_rank_0_mp_rank_*` vs `mp_rank_*`);
@@ -59,10 +59,11 @@ import torch.distributed as dist
 
 from train import fingerprint as fingerprints
 from train.checkpoint import CheckpointManager
+from train.config import MODES
+from train.log import log
 from train.safe_load import safe_torch_load, weights_only_torch_load
 
 _UNIVERSAL = "universal_{mode}"   # converted folder inside the tag directory; the names depend on the mode
-MODES = ("zero", "pipeline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,8 +372,8 @@ def before_engine(cfg, ds_config: dict[str, Any], rank: int, world_size: int) ->
     accept = accepts_layout_change(list(cfg.checkpoint.accept_changes), old, new)
     plan = resume_plan(root, tag, old, new, accept)
     prepare(plan, rank, ds_config, cfg.model.num_hidden_layers)
-    if rank == 0 and plan.changed:
+    if plan.changed:
         how = "via DeepSpeed's universal checkpoint" if plan.universal else "as is (ZeRO-0 replicates the optimizer)"
-        print(f"[train] elastic resume {how}: {old.describe()} -> {new.describe()}; the batch order from here on "
-              f"differs from an uninterrupted run", flush=True)
+        log.info(f"[train] elastic resume {how}: {old.describe()} -> {new.describe()}; the batch order from here on "
+                 f"differs from an uninterrupted run")
     return plan

@@ -6,7 +6,7 @@ override. `compare` sorts the differences into three kinds:
 
     layout    world size, data-parallel size, mode, pipeline stages, ZeRO stage, precision: how the engine
               state is sharded on disk. A plain DeepSpeed load cannot re-shard it; elastic resume (DeepSpeed's
-              universal checkpoint) can, and plugs in where `Trainer._plan_resume` meets a layout change.
+              universal checkpoint) can, and train/elastic.py judges these.
     shape     model shapes, vocabulary layout, MoD task order and MoD layer set: the saved tensors would not
               fit (or, for a task reorder, would fit and mean the wrong task). Never acceptable.
     other     optimizer, schedule, MoD capacities, seed, data: acceptable one by one with

@@ -422,6 +422,10 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: int = 
     os.environ.update(
         RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
         LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
+        # The deepspeed launcher's name for LOCAL_WORLD_SIZE. DeepSpeed's CPU accelerator counts its devices from
+        # it, and without it runs `numactl --hardware` in a subprocess at every ZeRO-3 gradient reduction (under
+        # srun, torchrun, mpirun): a process per step, and each one resets Python's once-per-location warnings.
+        LOCAL_SIZE=str(env.local_world_size),
     )
     if device.startswith("cuda"):
         import torch

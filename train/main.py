@@ -31,6 +31,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/main.py` / `deepspeed train/main.py`: make the repo importable
@@ -84,8 +85,6 @@ def ensure_demo_data(config_path: str, overrides: list[str], local_rank: int) ->
         raise ValueError("--prepare-demo-data needs data.dataset_dir in the config")
     manifest = Path(dataset_dir) / "manifest.json"
     if manifest.exists():
-        import json
-
         from data.demo import DemoConfig
 
         demo = json.loads(manifest.read_text()).get("demo")  # None: not a demo build, nothing to check
@@ -97,8 +96,9 @@ def ensure_demo_data(config_path: str, overrides: list[str], local_rank: int) ->
         return
     if local_rank == 0:
         from data.demo import build_demo
+        from train.log import log
 
-        print(f"[train] building the demo dataset into {dataset_dir} (about 20 s)", flush=True)
+        log.info(f"[train] building the demo dataset into {dataset_dir} (about 20 s)", all_ranks=True)
         build_demo(dataset_dir, created_by="train/main.py --prepare-demo-data")
         return
     deadline = time.time() + 600
@@ -128,7 +128,9 @@ def run_plan(cfg, args) -> int:
                   activation_checkpointing=cfg.parallel.activation_checkpointing, offload_optimizer=offload,
                   task_mix={t: w / total for t, w in tasks.items()}, assumed_mfu=args.assumed_mfu,
                   **({"peak_flops_per_gpu": cfg.logging.peak_tflops * 1e12} if cfg.logging.peak_tflops else {}))
-    print(format_plan(report))
+    from train.log import log
+
+    log.info(format_plan(report))
     return 0 if report.fits else 1
 
 
@@ -138,18 +140,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _quiet_known_warnings() -> None:
+    """Known third-party warnings that a user cannot act on, silenced for the whole run (DataLoader workers
+    fork from this process and inherit the filters).
+
+    DeepSpeed 0.19.8's ZeRO-3 gathers and reduce-scatters parameters with `all_gather_into_tensor` and
+    `reduce_scatter_tensor`, which torch 2.13 deprecates (a FutureWarning raised from torch.distributed's
+    c10d_logger wrapper). Python prints a warning once per process and code location, so every rank prints
+    both, and again after anything resets the warnings filters: a 30-step 2-rank CPU ZeRO-3 smoke job under
+    sbatch printed them 61 times (122 of its 292 lines; DeepSpeed spawned `numactl` at every reduction, see
+    LOCAL_SIZE in train/launch.py). The call sites are DeepSpeed's; drop these filters once it uses the new names.
+    """
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
+                                category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     # First thing: from here on SIGTERM / SIGUSR1 end the run with exit 75 whatever phase it is in (before
     # this, a SIGUSR1 one second into start-up killed the process with 138 and no summary).
+    from train.log import log
     from train.signals import EXIT_PREEMPTED, StopRequested, StopSignal
 
     stop = StopSignal()
+    _quiet_known_warnings()
     where = {}  # what start-up has learnt so far, for the report of a stop during it
     try:
         return _run(argv, stop, where)
     except StopRequested as e:
-        print(f"[train] {e} during start-up, before the process group: exiting with code {EXIT_PREEMPTED}, "
-              f"nothing to save (run again to continue)", file=sys.stderr, flush=True)
+        log.error(f"[train] {e} during start-up, before the process group: exiting with code {EXIT_PREEMPTED}, "
+                  f"nothing to save (run again to continue)", all_ranks=True)
         _startup_stop_summary(where, str(e))
         return EXIT_PREEMPTED
     finally:
@@ -161,12 +181,14 @@ def _run(argv: list[str] | None, stop, where: dict) -> int:
     from train.config import (RunConfig, check_environment, load_ds_config, reconcile_ds_config,
                               resolve_precision)
     from train.launch import init_distributed, resolve, shutdown_distributed
+    from train.log import log, set_rank
     from train.signals import EXIT_PREEMPTED
 
     try:
         if args.plan:
             return run_plan(RunConfig.load(args.config, args.set), args)
         env = resolve()
+        set_rank(env.rank, env.world_size)
         if args.prepare_demo_data:
             ensure_demo_data(args.config, args.set, env.local_rank)
         cfg = RunConfig.load(args.config, args.set)
@@ -185,7 +207,8 @@ def _run(argv: list[str] | None, stop, where: dict) -> int:
         if not on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Every rank checks and prints: a path that exists on rank 0's node may be missing on another's.
+        log.error(f"error: {e}", all_ranks=True)
         return 2
 
     if env.launcher == "single" and not os.environ.get("MASTER_PORT"):
@@ -198,16 +221,14 @@ def _run(argv: list[str] | None, stop, where: dict) -> int:
     env = init_distributed(env, device="cuda" if on_gpu else "cpu")
     device = torch.device(env.device)
     if stop.agreed(device):
-        if env.rank == 0:
-            print(f"[train] stop signal during start-up, before the model was built: exiting with code "
-                  f"{EXIT_PREEMPTED}, nothing to save (run again to continue)", flush=True)
-            _startup_stop_summary(where, stop.name or "a stop signal (on another rank)")
+        log.info(f"[train] stop signal during start-up, before the model was built: exiting with code "
+                 f"{EXIT_PREEMPTED}, nothing to save (run again to continue)")
+        _startup_stop_summary(where, stop.name or "a stop signal (on another rank)")
         shutdown_distributed()
         return EXIT_PREEMPTED
-    if env.rank == 0:
-        print(f"[train] {env.world_size} process(es) via {env.launcher}, device {device}, precision {precision}, "
-              f"mode {cfg.parallel.mode}, ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}", flush=True)
-        print(f"[train] deepspeed config: {json.dumps(ds_config)}", flush=True)
+    log.info(f"[train] {env.world_size} process(es) via {env.launcher}, device {device}, precision {precision}, "
+             f"mode {cfg.parallel.mode}, ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}")
+    log.info(f"[train] deepspeed config: {json.dumps(ds_config)}")
     from train.loop import Trainer
 
     trainer = Trainer(cfg, ds_config, env, device, precision)
