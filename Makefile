@@ -36,6 +36,6 @@ bench-quick:
 	$(PY) bench/peer_stack.py --preset debug --mod-layers 2-3 --seq-len 256 --warmup 1 --steps 2 --rounds 1 \
 		--out $(QUICK)/peer.json
 	$(PY) bench/quality_study.py --steps 6 --runs-dir $(QUICK)/runs --set logging.eval_samples=4 \
-		--set logging.eval_images_per_digit=1 --out $(QUICK)/quality_study.json
+		--out $(QUICK)/quality_study.json
 	$(PY) bench/loader_study.py --samples 24 --batches 10 --workers 1 --out $(QUICK)/loader.json
 	$(PY) bench/scale_plan.py --nodes 1,2 --out $(QUICK)/scale_plan.json

@@ -6,14 +6,13 @@ Apart from the loader (`data/loader.py`) so that the worker side (`data/stream.p
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import braceexpand
 
 from data.layout import TASKS
+from model.config import check_int, check_number, known_fields
 
 
 @dataclass
@@ -84,31 +83,23 @@ class LoaderConfig:
         for task, w in self.tasks.items():
             if task not in TASKS:
                 raise ValueError(f"data.tasks names {task!r}, not one of {TASKS}")
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w > 0 and math.isfinite(w)):
-                raise ValueError(f"data.tasks.{task} must be a positive number, got {w!r}")
+            check_number(f"data.tasks.{task}", w, 0.0, lo_open=True)
         for name, lo in (("seq_len", 2), ("micro_batch_size", 1), ("shuffle_buffer", 0), ("seed", 0),
                          ("num_workers", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"data.{name} must be an integer >= {lo}, got {v!r}")
+            check_int(f"data.{name}", getattr(self, name), lo)
         if self.batches_per_epoch is not None and (
                 isinstance(self.batches_per_epoch, bool) or not isinstance(self.batches_per_epoch, int)
                 or self.batches_per_epoch < 1):
             raise ValueError(f"data.batches_per_epoch must be a positive integer or null, got {self.batches_per_epoch!r}")
         if self.bad_input not in ("raise", "skip"):
             raise ValueError(f"data.bad_input must be 'raise' or 'skip', got {self.bad_input!r}")
-        f = self.max_skip_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
-            raise ValueError(f"data.max_skip_fraction must be a number in [0, 1] (1.0 = no limit), got {f!r}")
+        check_number("data.max_skip_fraction", self.max_skip_fraction, 0.0, 1.0)  # 1.0: no limit
         if self.pad_to not in ("seq_len", "longest"):
             raise ValueError(f"data.pad_to must be 'seq_len' or 'longest', got {self.pad_to!r}")
-        if isinstance(self.pad_multiple, bool) or not isinstance(self.pad_multiple, int) or self.pad_multiple < 1:
-            raise ValueError(f"data.pad_multiple must be an integer >= 1, got {self.pad_multiple!r}")
+        check_int("data.pad_multiple", self.pad_multiple, 1)
         if self.overlong not in ("reject", "truncate"):
             raise ValueError(f"data.overlong must be 'reject' or 'truncate', got {self.overlong!r}")
-        p = self.caption_dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"data.caption_dropout must be a number in [0, 1], got {p!r}")
+        check_number("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
         if self.image_grid is not None:
             g = self.image_grid
             if (not isinstance(g, (list, tuple)) or len(g) != 2
@@ -127,11 +118,7 @@ class LoaderConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LoaderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"data.{unknown[0]} is not a known field; known fields: {sorted(names)}")
-        return cls(**dict(d))
+        return cls(**known_fields(cls, d, "data"))
 
 
 def expand_urls(spec: str | list[str], allow_pipe: bool, where: str) -> list[str]:
