@@ -247,3 +247,17 @@ def test_exponent_floats_are_numbers_in_yaml_files_and_set(tmp_path):
 
 def test_strings_that_look_like_exponents_stay_strings_when_quoted():
     assert apply_overrides({}, ["run.output_dir='1e3'"])["run"]["output_dir"] == "1e3"
+
+
+def test_a_retired_field_in_an_earlier_runs_config_is_ignored_with_a_warning(capsys):
+    """config.yaml of runs from before logging.eval_images_per_digit was retired still load (resume, tools);
+    a misspelt field still stops the run."""
+    from train.config import RunConfig
+
+    doc = {"model": {"preset": "debug"}, "data": {"dataset_dir": "nowhere", "seq_len": 64},
+           "logging": {"eval_images_per_digit": 4, "log_every": 3}}
+    cfg = RunConfig.from_dict(doc, where="old/config.yaml")
+    assert cfg.logging.log_every == 3
+    assert "ignoring logging.eval_images_per_digit" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="logging.eval_images_per_digit_typo is not a known field"):
+        RunConfig.from_dict({**doc, "logging": {"eval_images_per_digit_typo": 4}})

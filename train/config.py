@@ -38,6 +38,7 @@ import yaml
 
 from data.config import LoaderConfig
 from model.config import ModelConfig, check_int, check_number, known_fields
+from train.log import log
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MODES = ("zero", "pipeline")
@@ -221,6 +222,13 @@ _SECTIONS = {"optim": OptimConfig, "parallel": ParallelConfig, "logging": Loggin
              "checkpoint": CheckpointConfig, "run": RunSection}
 
 
+RETIRED_FIELDS = {
+    "logging.eval_images_per_digit": "the demo grid's size is tools/evaluate.py's --images-per-digit",
+}
+"""Settings that earlier versions wrote into every run's config.yaml: ignored with a warning, so those runs'
+configs still load (resume, tools reading a run), while any other unknown key still stops a run."""
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig
@@ -256,6 +264,11 @@ class RunConfig:
                 raw = doc.get(name) or {}
                 if not isinstance(raw, Mapping):
                     raise ValueError(f"{name}: must be a mapping, got {raw!r}")
+                retired = sorted(k for k in raw if f"{name}.{k}" in RETIRED_FIELDS)
+                if retired:
+                    log.warning(f"{where}: ignoring {', '.join(f'{name}.{k}' for k in retired)} (no longer a setting: "
+                                f"{'; '.join(RETIRED_FIELDS[f'{name}.{k}'] for k in retired)})")
+                    raw = {k: v for k, v in raw.items() if k not in retired}
                 kwargs[name] = section(**known_fields(section, raw, name))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
