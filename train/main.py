@@ -117,17 +117,8 @@ def run_plan(cfg, args) -> int:
     if args.deepspeed_config:
         zero = load_ds_config(args.deepspeed_config).get("zero_optimization", {})
         offload = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
-    stages = cfg.parallel.pipeline_stages if cfg.parallel.mode == "pipeline" else 1
-    tasks = cfg.data.tasks
-    total = sum(tasks.values())
-    report = plan(cfg.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
-                  mode="pipeline" if cfg.parallel.mode == "pipeline" else "zero3", pipeline_stages=stages,
-                  micro_batch_size=cfg.data.micro_batch_size, seq_len=cfg.data.seq_len,
-                  grad_accum=cfg.optim.grad_accum,
-                  precision="bf16" if cfg.parallel.precision == "auto" else cfg.parallel.precision,
-                  activation_checkpointing=cfg.parallel.activation_checkpointing, offload_optimizer=offload,
-                  task_mix={t: w / total for t, w in tasks.items()}, assumed_mfu=args.assumed_mfu,
-                  **({"peak_flops_per_gpu": cfg.logging.peak_tflops * 1e12} if cfg.logging.peak_tflops else {}))
+    report = plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
+                  offload_optimizer=offload, assumed_mfu=args.assumed_mfu)
     from train.log import log
 
     log.info(format_plan(report))
