@@ -235,3 +235,21 @@ def test_cli_with_a_run_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pipeline (4 pipeline stages x 4 data-parallel ranks)" in out
     assert "1 x 10240 x 4" in out and "t2i 0.48, mmu 0.48, lm 0.05" in out
+
+
+def test_main_plan_flag_plans_the_run_config_and_reads_offload_from_the_ds_json(capsys):
+    """`python train/main.py --config ... --plan` (the README's command) plans the run's own RunConfig; the
+    DeepSpeed JSON decides the optimizer offload."""
+    from train.main import main as train_main
+
+    base = ["--config", "train/configs/emu3_8b_unimod.yaml", "--plan", "--nodes", "4", "--gpus-per-node", "8"]
+    assert train_main(base + ["--deepspeed_config", "ds_configs/zero3_bf16.json"]) == 0
+    plain = capsys.readouterr().out
+    assert "FITS" in plain and "ZeRO-3" in plain
+    cfg = RunConfig.load("train/configs/emu3_8b_unimod.yaml")
+    expected = plan(cfg, nodes=4, gpus_per_node=8)
+    assert f"{expected.total_bytes_per_gpu / GiB:.2f} GiB" in plain
+    assert train_main(base + ["--deepspeed_config", "ds_configs/zero3_offload_bf16.json"]) == 0
+    offloaded = plan(cfg, nodes=4, gpus_per_node=8, offload_optimizer=True)
+    assert offloaded.total_bytes_per_gpu < expected.total_bytes_per_gpu
+    assert f"{offloaded.total_bytes_per_gpu / GiB:.2f} GiB" in capsys.readouterr().out
