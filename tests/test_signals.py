@@ -30,8 +30,7 @@ from tests.train_helpers import (DS_SINGLE, DS_ZERO3, REPO, SMOKE, child_env, co
 # Small and quick, but with a loader worker (the process that used to die of the group's SIGTERM), periodic
 # checkpoints to interrupt, an HF export and a short final evaluation.
 RUN = dict(run__max_steps=8, data__num_workers=1, checkpoint__save_every=2, checkpoint__keep_last=2,
-           checkpoint__export_hf="true", logging__eval_at_end="true", logging__eval_samples=5,
-           logging__eval_images_per_digit=1)
+           checkpoint__export_hf="true", logging__eval_at_end="true", logging__eval_samples=5)
 WORKER_DIED = "killed by signal"
 # torchrun prints a SignalException traceback of its own; none may pass through the trainer or the loader.
 OUR_TRACEBACK = (f'File "{REPO}/train/', f'File "{REPO}/data/')

@@ -184,6 +184,12 @@ def test_pipeline_trains_checkpoints_and_exports(pipeline):
     # The router aux loss travelled through both stages into the loss.
     image_steps = [r for r in records if "loss/t2i" in r or "loss/mmu" in r]
     assert image_steps and all(r["mod/aux_loss"] > 0 for r in image_steps)
+    # The last stage's loss recorded each micro-batch under its task: loss/<task> is the cross-entropy alone (one
+    # micro-batch per step here), as in the one-process run; the aux loss is in loss/total only.
+    for r in records:
+        (task,) = [k for k in r if k.startswith("loss/") and k != "loss/total"]
+        assert r[task] + r["mod/aux_loss"] == pytest.approx(r["loss/total"], rel=1e-6), r
+        assert abs(r[task] - single[r["step"]][task]) <= 1e-4, (r["step"], task)
     assert latest(out) == "step_00000006"
     assert_hf_export_loads(out / "hf")
     # The export differs from the initial weights (it trained) but keeps every tensor name.

@@ -2,8 +2,8 @@
 FLOPs, its HF export; checkpoints under SIGTERM, SIGUSR1 and SIGKILL with exact resume; non-finite losses.
 
 Runs are subprocesses of `train/main.py` (as a user starts them), shared between tests by module fixtures.
-The non-finite-loss tests run `train.main.main` in-process with `train.loop.causal_lm_loss` patched, so
-production carries no test-only switch.
+The non-finite-loss tests run `train.main.main` in-process with `train.zero.causal_lm_loss` (the ZeRO engine's loss)
+patched, so production carries no test-only switch.
 """
 
 from __future__ import annotations
@@ -319,9 +319,9 @@ def in_process():
 
 
 def _patch_loss(monkeypatch, bad_calls):
-    import train.loop
+    import train.zero
 
-    real = train.loop.causal_lm_loss
+    real = train.zero.causal_lm_loss
     calls = []
 
     def flaky(logits, labels):
@@ -329,8 +329,14 @@ def _patch_loss(monkeypatch, bad_calls):
         loss = real(logits, labels)
         return loss * float("nan") if bad_calls(len(calls)) else loss
 
-    monkeypatch.setattr(train.loop, "causal_lm_loss", flaky)
+    monkeypatch.setattr(train.zero, "causal_lm_loss", flaky)
     return calls
+
+
+def _console(capsys) -> str:
+    """What the run printed, both streams (train/log.py decides which line goes where)."""
+    cap = capsys.readouterr()
+    return cap.out + cap.err
 
 
 def _main(dataset, out, **kw):
@@ -342,11 +348,37 @@ def _main(dataset, out, **kw):
     return main(argv)
 
 
+def test_task_loss_is_the_cross_entropy_without_the_aux_loss(in_process, demo_dataset, tmp_path, monkeypatch):
+    """loss/<task> is the micro-batch's cross-entropy as the ZeRO engine's loss function returned it (one
+    micro-batch per step here); the MoD aux loss is in loss/total and mod/aux_loss only."""
+    import train.zero
+
+    real = train.zero.causal_lm_loss
+    ces = []
+
+    def spy(logits, labels):
+        loss = real(logits, labels)
+        ces.append(float(loss))
+        return loss
+
+    monkeypatch.setattr(train.zero, "causal_lm_loss", spy)
+    out = tmp_path / "run"
+    assert _main(demo_dataset, out, run__max_steps=3, logging__log_every=1, logging__eval_at_end="false",
+                 checkpoint__resume="none") == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert len(records) == len(ces) == 3, (records, ces)
+    for r, ce in zip(records, ces):
+        (task,) = [k for k in r if k.startswith("loss/") and k != "loss/total"]
+        assert r[task] == pytest.approx(ce, rel=1e-6), (r, ce)
+        assert r["loss/total"] == pytest.approx(ce + r["mod/aux_loss"], rel=1e-6), (r, ce)
+    assert any(r["mod/aux_loss"] > 0 for r in records)
+
+
 def test_isolated_nonfinite_losses_are_skipped(in_process, demo_dataset, tmp_path, monkeypatch, capsys):
     calls = _patch_loss(monkeypatch, lambda n: n in (2, 4))
     out = tmp_path / "run"
     rc = _main(demo_dataset, out, run__max_steps=4, checkpoint__resume="none")
-    err = capsys.readouterr().err
+    err = _console(capsys)
     assert rc == 0, err
     assert len(calls) == 6  # 4 steps + 2 skipped micro-batches, each replaced by the next one
     assert "step 2: non-finite loss, micro-batch skipped (1 in a row)" in err, err
@@ -361,7 +393,7 @@ def test_repeated_nonfinite_losses_save_and_exit_3(in_process, demo_dataset, tmp
     out = tmp_path / "run"
     rc = _main(demo_dataset, out, run__max_steps=10, checkpoint__max_consecutive_nonfinite=3,
                checkpoint__export_hf="true", checkpoint__resume="none")
-    err = capsys.readouterr().err
+    err = _console(capsys)
     assert rc == 3, err
     assert "3 consecutive non-finite losses or gradient norms at step 3: stopping; lower optim.lr" in err, err
     s = summary(out)
@@ -376,7 +408,7 @@ def _patch_nan_grads(monkeypatch, bad_calls):
     of 2.4e24 and a NaN gradient norm)."""
     import torch
 
-    import train.loop
+    import train.zero
 
     class NanGrad(torch.autograd.Function):
         @staticmethod
@@ -387,7 +419,7 @@ def _patch_nan_grads(monkeypatch, bad_calls):
         def backward(ctx, g):
             return g * float("nan")
 
-    real = train.loop.causal_lm_loss
+    real = train.zero.causal_lm_loss
     calls = []
 
     def poisoned(logits, labels):
@@ -395,7 +427,7 @@ def _patch_nan_grads(monkeypatch, bad_calls):
         loss = real(logits, labels)
         return NanGrad.apply(loss) if bad_calls(len(calls)) else loss
 
-    monkeypatch.setattr(train.loop, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(train.zero, "causal_lm_loss", poisoned)
     return calls
 
 
@@ -412,7 +444,7 @@ def test_issue_case_lr_1e6_skips_the_nan_gradient_step_and_keeps_step_1(in_proce
     out = tmp_path / "run"
     kw = dict(optim__lr=1000000, optim__warmup_steps=0, checkpoint__save_every=1, checkpoint__keep_last=1)
     rc = _main(demo_dataset, out, **kw)
-    err = capsys.readouterr().err
+    err = _console(capsys)
     assert rc == 3, err
     assert err.count("step 2: non-finite gradient norm, optimizer step skipped") == 5, err
     assert sorted(losses(out / "metrics.jsonl")) == [1]  # step 2 was never applied, so never logged
@@ -446,7 +478,7 @@ def test_nan_gradient_steps_stop_and_lower_lr_resume_takes_effect(in_process, de
               checkpoint__max_consecutive_nonfinite=3)
     assert _main(demo_dataset, out, **kw) == 3
     assert len(calls) == 5  # steps 1 and 2, then step 3 tried three times
-    err = capsys.readouterr().err
+    err = _console(capsys)
     assert "3 consecutive non-finite losses or gradient norms at step 3" in err, err
     assert latest(out) == "step_00000002" and complete_checkpoints(out) == ["step_00000002"]
     monkeypatch.undo()

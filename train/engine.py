@@ -1,10 +1,16 @@
-"""Build the DeepSpeed engine around the one model: ZeRO data parallel (mode `zero`) here, pipeline stages
-in train/pipeline.py. The model stays plain PyTorch; parallelism is applied from outside.
+"""The engine contract both parallel modes share, and the optimizer pieces both build on.
 
-ZeRO-3: the model is constructed under `deepspeed.zero.Init`, so each rank only ever holds its shard
-(every leaf module initialises its own weights in `__init__`, which zero.Init partitions right after),
-and an HF checkpoint is copied in tensor by tensor inside `GatheredParameters` (DeepSpeed #3125: no
-rank materialises the whole model).
+    build_engine(cfg, ds_config, precision, device) -> Engine
+        ZeroEngine      (train/zero.py)      ZeRO 0-3 data parallel around the one model
+        PipelineEngine  (train/pipeline.py)  the model's layers as pipeline stages (train/stages.py)
+
+An engine runs one optimizer step over `optim.grad_accum` micro-batches and returns what the step recorded
+(`train_step` -> StepRecord); it says which ranks own the loss (`owns_loss`: every rank under ZeRO, the last
+stage under the pipeline), which one logs (`logs`), and which ranks count what was read (`counts_data`: the
+loss owners, which fetch every micro-batch); it sums a record over the loss owners (`reduce`) and exact
+integers over the counting ranks (`sum_counted`); and it gathers the whole weights under HF names
+(`gather_state`). Checkpoints save and load through the DeepSpeed engine it holds (`ds`). The parallelism is
+applied from outside: the model itself stays plain PyTorch.
 
 Non-finite gradients never reach the weights: an optimizer step whose global gradient norm is NaN/inf is
 skipped (not applied, LR schedule not advanced, `engine.was_step_applied()` False) on every engine.
@@ -15,18 +21,158 @@ ZeRO-0 in fp32 hands our torch optimizer to the engine unwrapped; there `FiniteA
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Iterator
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
-from model import UnifiedTransformer
-from model.hf import iter_hf_weights
+from model.flops import RowTokens, StepFlops
 from train.config import OptimConfig, RunConfig
 
+Batches = Iterator[tuple[dict[str, torch.Tensor], list[RowTokens]]]
+"""(micro-batch on the device, its rows described for the FLOPs count), endlessly."""
 
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What one optimizer step produced on this rank; `Engine.reduce` sums it over the loss owners."""
+
+    loss_sum: torch.Tensor    # [T] summed micro-batch cross-entropies per task (the aux loss is not in them)
+    loss_count: torch.Tensor  # [T] micro-batches per task
+    aux_sum: torch.Tensor     # [] summed MoD aux losses
+    routing: torch.Tensor     # [L, T, 2] routable / selected tokens
+    samples: int = 0
+    """Samples this data-parallel replica trained on."""
+    skipped_nonfinite: int = 0
+    """Micro-batches skipped for a non-finite loss."""
+    applied: bool = True
+    """The optimizer step was applied (False: skipped for a non-finite global gradient norm)."""
+    microbatches: list[list[RowTokens]] = dataclasses.field(default_factory=list)
+    """What each micro-batch trained on here held (for its FLOPs); empty on middle pipeline stages."""
+    step_s: float = 0.0
+    data_s: float = 0.0
+    """Wall time of the step, and the part of it spent waiting for data."""
+    flops: StepFlops | None = None
+    flops_model: StepFlops | None = None
+    """The global step's FLOPs with recompute as configured and without it (for MFU), on the counting ranks."""
+
+    @property
+    def microbatch_count(self) -> float:
+        return max(1.0, float(self.loss_count.sum()))
+
+    @property
+    def total_loss(self) -> float:
+        """The loss that was trained on: mean cross-entropy plus mean aux loss over the micro-batches."""
+        n = self.microbatch_count
+        return float(self.loss_sum.sum()) / n + float(self.aux_sum) / n
+
+    def task_losses(self, tasks: list[str]) -> dict[str, float]:
+        """Mean cross-entropy per task that had micro-batches in this step (without the aux loss)."""
+        return {task: float(self.loss_sum[t] / self.loss_count[t]) for t, task in enumerate(tasks)
+                if self.loss_count[t] > 0}
+
+
+class NonfiniteRun:
+    """Non-finite events (skipped micro-batches, skipped optimizer steps) in a row since the last step that
+    trained on every micro-batch; the run stops once `limit` of them come in a row
+    (checkpoint.max_consecutive_nonfinite)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def add(self, n: int = 1) -> None:
+        self.in_a_row += n
+
+    def clear(self) -> None:
+        self.in_a_row = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.in_a_row >= self.limit
+
+
+class Engine(abc.ABC):
+    """One contract for ZeRO and the pipeline (module docstring). Set by the implementations: `ds` (the
+    DeepSpeed engine), `module` (the trained module: checkpoints save it, `params_finite` checks it),
+    `owns_loss`, `logs`, `counts_data`, `dp_rank`/`dp_world` (this rank's data-parallel replica: what the
+    loader reads), `partitioned` (no rank holds the whole model: evaluation needs `gather_state`), and the
+    process groups `loss_group` (the loss owners) and `data_group` (the counting ranks; None: the world)."""
+
+    ds: Any
+    module: torch.nn.Module
+    owns_loss: bool
+    logs: bool
+    counts_data: bool
+    dp_rank: int
+    dp_world: int
+    partitioned: bool
+    loss_group: Any = None
+    data_group: Any = None
+
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+
+    def new_record(self) -> StepRecord:
+        T, L = self.cfg.model.num_tasks, self.cfg.model.num_hidden_layers
+        zeros = lambda *shape: torch.zeros(shape, device=self.device)  # noqa: E731
+        return StepRecord(zeros(T), zeros(T), zeros(), zeros(L, T, 2))
+
+    @abc.abstractmethod
+    def train_step(self, batches: Batches, nonfinite: NonfiniteRun, step: int) -> StepRecord:
+        """Optimizer step `step` over grad_accum micro-batches from `batches`, non-finite losses and gradient
+        norms counted in `nonfinite`. Every rank calls it."""
+
+    @abc.abstractmethod
+    def gather_state(self) -> dict[str, torch.Tensor]:
+        """The whole weights under HF names on rank 0 ({} on the other ranks, which all take part)."""
+
+    @property
+    def whole_model(self) -> torch.nn.Module | None:
+        """The trained model itself when this rank holds all of it as one plain model (None otherwise)."""
+        return None
+
+    def reduce(self, rec: StepRecord) -> StepRecord:
+        """`rec` with its losses, aux loss and routing summed over the loss owners (as it is elsewhere)."""
+        if not (self.owns_loss and distributed() and dist.get_world_size(self.loss_group) > 1):
+            return rec
+        packed = torch.cat([rec.loss_sum, rec.loss_count, rec.aux_sum.reshape(1), rec.routing.flatten()])
+        dist.all_reduce(packed, group=self.loss_group)
+        T = self.cfg.model.num_tasks
+        return dataclasses.replace(rec, loss_sum=packed[:T], loss_count=packed[T:2 * T], aux_sum=packed[2 * T],
+                                   routing=packed[2 * T + 1:].view_as(rec.routing))
+
+    def sum_counted(self, values: list[int]) -> list[int]:
+        """Sum non-negative Python ints exactly over the counting ranks (a collective over them; call it on
+        those only). FLOPs of a large step pass float64's 2^53, and their sum over many ranks could pass int64's
+        range, so each value travels as two 32-bit halves in int64."""
+        if not distributed():
+            return list(values)
+        assert self.counts_data and all(0 <= v < 1 << 62 for v in values), values
+        halves = torch.tensor([[v >> 32 for v in values], [v & 0xFFFFFFFF for v in values]], dtype=torch.int64,
+                              device=self.device)
+        dist.all_reduce(halves, group=self.data_group)
+        hi, lo = halves.tolist()
+        return [(h << 32) + l for h, l in zip(hi, lo)]
+
+
+def build_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str, device: torch.device) -> Engine:
+    if cfg.parallel.mode == "pipeline":
+        from train.pipeline import PipelineEngine
+
+        return PipelineEngine(cfg, ds_config, precision, device)
+    from train.zero import ZeroEngine
+
+    return ZeroEngine(cfg, ds_config, precision, device)
+
+
+# ----- the optimizer, its schedule and its guard against non-finite steps ------------------------------------
 def param_groups(named_params, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices; never decay norms or MoD routers (a decayed router drifts toward
     gate 1 and loses its ranking). Decided by name, since ZeRO-3 flattens partitioned shapes. "decays" marks
@@ -121,6 +267,7 @@ def make_optimizer(cfg: RunConfig, named_params, ds_config: dict[str, Any], on_g
 
 def guard_nonfinite_steps(engine) -> None:
     """Make sure `engine.step()` skips a step with a non-finite global gradient norm (module docstring)."""
+    # Imported here: this module holds the contract too, which the loop reads without DeepSpeed.
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
@@ -169,55 +316,3 @@ def params_finite(module: torch.nn.Module) -> bool:
 
 def torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def build_zero_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str, device: torch.device):
-    """-> (engine, model). Model built under zero.Init when the JSON asks for ZeRO-3."""
-    stage = ds_config["zero_optimization"].get("stage", 0)
-    torch.manual_seed(cfg.run.seed)  # identical init on every rank (zero.Init also broadcasts rank 0's)
-    # No dtype= here: zero.Init derives it from the config's bf16/fp16 flags (reconcile_ds_config set them
-    # from the precision). An explicit dtype is dropped on accelerators without fp16, a precedence slip in
-    # DeepSpeed 0.19's _set_dtype: on CPU, float32 silently became bfloat16 parameters.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3):
-        model = UnifiedTransformer(cfg.model)
-    if stage != 3:
-        model.to(device)
-    model.gradient_checkpointing = cfg.parallel.activation_checkpointing
-    if cfg.checkpoint.init_from_hf:
-        load_hf_weights(model, cfg.checkpoint.init_from_hf, zero3=stage == 3)
-    opt, sched, ds_config = make_optimizer(cfg, model.named_parameters(), ds_config, device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
-    guard_nonfinite_steps(engine)
-    from train.safe_load import install_safe_checkpoint_engine  # resume unpickles nothing but weights
-    install_safe_checkpoint_engine(engine)
-    return engine, model
-
-
-def load_hf_weights(model: torch.nn.Module, path: str, zero3: bool) -> None:
-    """Copy an HF Emu3 checkpoint into `model` (model/hf.py `iter_hf_weights` decides which tensors, routers
-    included); under ZeRO-3 tensor by tensor inside GatheredParameters, rank 0 writing."""
-    params = dict(model.named_parameters())
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    for key, tensor in iter_hf_weights(model.config, path):
-        p = params[key]
-        if zero3:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if rank == 0:
-                    p.data.copy_(tensor.to(p.dtype))
-        else:
-            p.data.copy_(tensor.to(p.dtype))
-
-
-def consolidated_state_dict(engine, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """Whole weights on rank 0 (None elsewhere), in the training dtype. ZeRO-3 shards are gathered one
-    parameter at a time, so no rank holds more than one whole tensor beyond its shard (DeepSpeed's
-    `_zero3_consolidated_16bit_state_dict` would also cast fp32 runs to 16 bits)."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if zero_stage == 3:
-        state = {}
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if rank == 0:
-                    state[name] = p.data.detach().cpu().clone()
-        return state if rank == 0 else None
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None

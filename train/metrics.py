@@ -1,4 +1,5 @@
-"""What a run reports: TensorBoard scalars, a metrics.jsonl twin for scripts, a console progress bar.
+"""What a run reports: TensorBoard scalars, a metrics.jsonl twin for scripts, a console progress bar; the
+scalars of a step (`StepLog`), the run's totals for summary.json (`RunTotals`), and the step timer.
 
 Only the rank that owns the loss logs (rank 0 under ZeRO, the last pipeline stage's first data-parallel
 rank under PP); every other rank gets a logger whose methods do nothing. Names follow torchtitan's
@@ -7,17 +8,22 @@ where they overlap (loss, grad_norm, tokens/s, tflops, mfu %, data-loading %, me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from model.flops import StepFlops, mfu, peak_flops, tflops_per_device
+
+DATA_TOTALS = ("read_samples", "skipped_samples", "skipped_shards", "lost_samples", "captions_dropped")
+"""Loader counters logged at every log step and kept in summary.json even when 0; the per-reason ones
+(`skipped_samples/<reason>`, ...) appear once they are not."""
 
 
 class MetricsLogger:
@@ -66,18 +72,6 @@ class MetricsLogger:
     def image(self, tag: str, image_HWC, step: int) -> None:
         if self.enabled:
             self._writer.add_image(tag, image_HWC, step, dataformats="HWC")
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        if self.enabled:
-            self._writer.add_text(tag, text, step)
-
-    def print(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(msg, file=sys.stderr)
-        else:
-            print(msg, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -150,12 +144,75 @@ class StepTimer:
         self.data_s = 0.0
         self._t0 = time.perf_counter()
 
-    def fetch(self, it) -> Any:
-        t = time.perf_counter()
-        item = next(it)
-        self.data_s += time.perf_counter() - t
-        return item
+    def timed(self, it: Iterator[Any]) -> Iterator[Any]:
+        """`it`, the wait for each of its items counted in `data_s`."""
+        while True:
+            t = time.perf_counter()
+            item = next(it)
+            self.data_s += time.perf_counter() - t
+            yield item
 
     def stop(self) -> float:
         self._sync()
         return time.perf_counter() - self._t0
+
+
+class StepLog:
+    """The scalars of a step, every logging.log_every steps and at the last one, written by the logging rank."""
+
+    def __init__(self, logger: MetricsLogger, cfg, world_size: int, device: torch.device) -> None:
+        self.logger, self.cfg, self.world_size, self.device = logger, cfg, world_size, device
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.logging.log_every == 0 or step == self.cfg.run.max_steps
+
+    def write(self, step: int, rec, lr: float, grad_norm: float | None, samples: int,
+              data_counters: Mapping[str, int] | None) -> None:
+        """`rec`: the step's record summed over the loss owners (train/engine.py); `samples`: over the whole
+        data-parallel world; `data_counters`: the loader's, summed over the ranks that read data."""
+        cfg = self.cfg
+        scalars = {"loss/total": rec.total_loss, "mod/aux_loss": float(rec.aux_sum) / rec.microbatch_count,
+                   "optim/lr": lr, "time/step_s": rec.step_s,
+                   "time/data_pct": 100.0 * rec.data_s / rec.step_s if rec.step_s > 0 else 0.0}
+        if grad_norm is not None:
+            scalars["optim/grad_norm"] = float(grad_norm)
+        scalars.update({f"loss/{task}": loss for task, loss in rec.task_losses(cfg.model.mod.tasks).items()})
+        if rec.flops is not None:
+            scalars.update(throughput_scalars(rec.flops, rec.flops_model, rec.step_s, self.world_size, samples,
+                                              self.device, cfg.logging.peak_tflops))
+        for layer in cfg.model.mod.mod_layers():
+            for t, task in enumerate(cfg.model.mod.tasks):
+                n_routable, n_selected = rec.routing[layer, t].tolist()
+                if n_routable > 0:
+                    scalars[f"mod/capacity/{task}/layer_{layer}"] = n_selected / n_routable
+        scalars.update(memory_scalars(self.device))
+        # Cumulative over the run. captions_dropped shows that classifier-free-guidance dropout
+        # (data.caption_dropout) is live; the skip and loss counters make data dropped under data.bad_input: skip
+        # visible per reason (data.max_skip_fraction bounds them).
+        for key, value in (data_counters or {}).items():
+            if key in DATA_TOTALS or value:
+                scalars[f"data/{key}"] = float(value)
+        self.logger.log(step, scalars)
+
+
+@dataclasses.dataclass
+class RunTotals:
+    """What this attempt trained, for summary.json: tokens (positions, padding included) and real tokens, FLOPs
+    as run and of the dense baseline, training time, and the non-finite micro-batches and steps skipped."""
+
+    tokens: int = 0
+    real_tokens: int = 0
+    actual: int = 0
+    dense: int = 0
+    train_s: float = 0.0
+    skipped_nonfinite: int = 0
+    skipped_steps: int = 0
+
+    def add_step(self, rec) -> None:
+        """An applied step (`rec.flops` is the global step's, on the ranks that count it)."""
+        if rec.flops is not None:
+            self.tokens += rec.flops.tokens
+            self.real_tokens += rec.flops.real_tokens
+            self.actual += rec.flops.actual
+            self.dense += rec.flops.dense
+        self.train_s += rec.step_s

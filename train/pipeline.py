@@ -1,5 +1,10 @@
-"""Pipeline parallelism: a DeepSpeed `PipelineModule` over the stages of train/stages.py, the loss on the last
-stage, and the gather of the whole weights from the stages."""
+"""Pipeline parallelism (mode `pipeline`): a DeepSpeed `PipelineModule` over the stages of train/stages.py.
+
+DeepSpeed's `train_batch` runs the whole optimizer step: the first stage feeds the micro-batches in, the last
+stage fetches the same ones for their labels and owns the loss (`PipelineLoss`, which records what the step
+trained on as it goes), and its first data-parallel replica logs. The whole weights are gathered from the
+stages through a scratch directory of the run.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +17,22 @@ import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 
 from model.config import ModelConfig
+from model.flops import RowTokens
 from model.loss import causal_lm_loss
 from model.transformer import stage_key_to_hf
 from train.config import RunConfig
-from train.engine import guard_nonfinite_steps, make_optimizer, torch_dtype
+from train.engine import (Batches, Engine, NonfiniteRun, StepRecord, distributed, guard_nonfinite_steps,
+                          make_optimizer, torch_dtype)
+from train.log import log
 from train.stages import checkpoint_fn, load_hf_into_stages, stage_specs
 
 
-class PipeLoss:
-    """Loss on the last stage: next-token CE + MoD aux. Also records per-task losses and routing counts
-    into the step record the trainer attaches (only the last stage owns them)."""
+class PipelineLoss:
+    """The last stage's loss: next-token CE + MoD aux. While a step runs (`record` set by the engine) it also
+    records each micro-batch's CE under its task (without the aux loss), the aux loss and the routing counts."""
 
     def __init__(self) -> None:
-        self.record = None
+        self.record: StepRecord | None = None
 
     def __call__(self, outputs, labels):
         logits, aux, routing, task_ids = outputs
@@ -45,27 +53,69 @@ class PipeLoss:
         return loss
 
 
-class PipelineStepStats:
-    """Attach a StepRecord to the pipeline's loss function for the duration of one train_batch."""
+class PipelineEngine(Engine):
+    def __init__(self, cfg: RunConfig, ds_config: dict[str, Any], precision: str, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.ds, self.module = build_pipeline_engine(cfg, ds_config, precision, device)
+        self.loss_fn: PipelineLoss = self.module.loss_fn
+        grid = self.ds.grid
+        self.dp_rank, self.dp_world = grid.get_data_parallel_id(), grid.get_data_parallel_world_size()
+        self.owns_loss = self.counts_data = self.ds.is_last_stage()
+        self.logs = self.owns_loss and self.dp_rank == 0
+        self.partitioned = True
+        self.loss_group = self.data_group = grid.get_data_parallel_group()  # the last stage's replicas
+        self.scratch = Path(cfg.run.output_dir) / ".gather"
 
-    def __init__(self, loss_fn: PipeLoss) -> None:
-        self.loss_fn = loss_fn
+    def train_step(self, batches: Batches, nonfinite: NonfiniteRun, step: int) -> StepRecord:
+        """One train_batch: DeepSpeed runs every micro-batch and the step. The loss turns a non-finite loss into
+        a zero contribution and counts it; the engine skips the step on a non-finite global gradient norm."""
+        rec = self.loss_fn.record = self.new_record()
+        try:
+            self.ds.train_batch(data_iter=_StageInputs(batches, rec.microbatches))
+        finally:
+            self.loss_fn.record = None
+        rec.samples += self.cfg.data.micro_batch_size * self.cfg.optim.grad_accum
+        # Only the last stage counted the non-finite micro-batches; every stage learns the count and whether
+        # the step was applied (the engine decides from the norm over all stages, so they agree anyway).
+        flags = torch.tensor([float(rec.skipped_nonfinite), float(not self.ds.was_step_applied())],
+                             device=self.device)
+        if distributed():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        rec.skipped_nonfinite = int(flags[0].item())
+        rec.applied = flags[1].item() == 0
+        if rec.applied and rec.skipped_nonfinite == 0:
+            nonfinite.clear()
+            return rec
+        if not rec.applied:
+            log.warning(f"[train] step {step}: non-finite gradient norm, optimizer step skipped")
+        nonfinite.add(rec.skipped_nonfinite + (0 if rec.applied else 1))
+        return rec
 
-    @classmethod
-    def attach(cls, engine, rec) -> "PipelineStepStats":
-        loss_fn = engine.module.loss_fn
-        loss_fn.record = rec
-        return cls(loss_fn)
+    def gather_state(self) -> dict[str, torch.Tensor]:
+        return consolidated_pipeline_state_dict(self.ds, self.cfg.model, self.scratch) or {}
 
-    def detach(self) -> None:
-        self.loss_fn.record = None
+
+class _StageInputs:
+    """Our (batch, rows) stream as the ((inputs...), labels) tuples the pipeline engine expects, noting what
+    each micro-batch held (for the FLOPs count). DeepSpeed reads it on the first and the last stage only."""
+
+    def __init__(self, batches: Batches, microbatches: list[list[RowTokens]]) -> None:
+        self.batches, self.microbatches = batches, microbatches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b, rows = next(self.batches)
+        self.microbatches.append(rows)
+        return (b["input_ids"], b["task_ids"], b["position_ids"]), b["labels"]
 
 
 def build_pipeline_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str, device: torch.device):
-    """-> (engine, module). Stages are split by DeepSpeed's partition method; stage 0 prints the split."""
+    """-> (DeepSpeed engine, PipelineModule). Stages are split by DeepSpeed's partition method (logged)."""
     torch.manual_seed(cfg.run.seed)  # same init of a layer whichever stage builds it
     ckpt_interval = cfg.parallel.activation_checkpoint_interval if cfg.parallel.activation_checkpointing else 0
-    module = PipelineModule(layers=stage_specs(cfg.model), loss_fn=PipeLoss(),
+    module = PipelineModule(layers=stage_specs(cfg.model), loss_fn=PipelineLoss(),
                             num_stages=cfg.parallel.pipeline_stages,
                             partition_method=cfg.parallel.partition_method,
                             activation_checkpoint_interval=ckpt_interval,
@@ -79,12 +129,10 @@ def build_pipeline_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: 
     guard_nonfinite_steps(engine)
     from train.safe_load import install_safe_checkpoint_engine  # resume unpickles nothing but weights
     install_safe_checkpoint_engine(engine)
-    if engine.global_rank == 0:
-        parts = module.parts
-        L = cfg.model.num_hidden_layers
-        names = ["embed"] + [f"layer{i}" for i in range(L)] + ["norm+head"]
-        split = ", ".join(f"stage {s}: {names[parts[s]]}..{names[parts[s + 1] - 1]}" for s in range(len(parts) - 1))
-        print(f"[train] pipeline partition ({cfg.parallel.partition_method}): {split}", flush=True)
+    parts, L = module.parts, cfg.model.num_hidden_layers
+    names = ["embed"] + [f"layer{i}" for i in range(L)] + ["norm+head"]
+    split = ", ".join(f"stage {s}: {names[parts[s]]}..{names[parts[s + 1] - 1]}" for s in range(len(parts) - 1))
+    log.info(f"[train] pipeline partition ({cfg.parallel.partition_method}): {split}")
     return engine, module
 
 
