@@ -185,7 +185,13 @@ def iter_hf_routers(model_cfg: ModelConfig, path: str | os.PathLike):
             yield key, f.get_tensor(key)
 
 
-def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+def parameter_shapes(net: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """{name: full shape} of a model's parameters (a ZeRO-3 partitioned parameter's full shape is `ds_shape`)."""
+    return {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in net.named_parameters()}
+
+
+def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike,
+                    expected: Mapping[str, tuple[int, ...]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (parameter name, tensor) for every weight of a model shaped by `cfg` from an HF Emu3 directory,
     streaming (a ZeRO-3 or pipeline loader copies tensor by tensor). The one reader of HF weights: training
     (ZeRO, pipeline stages) and `load_hf` (`UnifiedTransformer.from_hf`) all load through it.
@@ -194,12 +200,9 @@ def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike) -> Iterator[tuple
     list is cfg's and the bank's shape matches (the same tasks, a MoD layer there too), else it is not
     yielded and keeps its fresh init; banks of layers that are not MoD layers in cfg are left out. Raises
     ValueError for a config that differs from cfg, a tensor of the wrong shape or with no place in the model,
-    or (after the last tensor) a missing one."""
+    or (after the last tensor) a missing one. `expected`: the whole model's `parameter_shapes` (given by the
+    caller, who holds the model: this module builds none, so the model can import it)."""
     check_hf_matches(cfg, path)
-    from model.transformer import UnifiedTransformer
-
-    with torch.device("meta"):
-        expected = {k: tuple(p.shape) for k, p in UnifiedTransformer(cfg).named_parameters()}
     seen = set()
     routers = ((k, t) for k, t in iter_hf_routers(cfg, path) if expected.get(k) == tuple(t.shape))
     for key, tensor in itertools.chain(iter_hf_tensors(path), routers):
@@ -238,9 +241,9 @@ def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None, dtype: 
         kwargs["vocab"] = kwargs["vocab"].to_dict()
     cfg = ModelConfig(**kwargs)
 
-    state = dict(iter_hf_weights(cfg, path))
     with torch.device("meta"):
         net = cls(cfg)
+    state = dict(iter_hf_weights(cfg, path, parameter_shapes(net)))
     dtype = dtype or state["model.embed_tokens.weight"].dtype
     # Routers the checkpoint does not provide are initialised on CPU exactly as a fresh model would.
     std = cfg.mod.router_init_std

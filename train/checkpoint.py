@@ -32,14 +32,10 @@ import torch.distributed as dist
 
 from data.files import atomic_write
 from train import fingerprint as fingerprints
-from train.signals import EXIT_PREEMPTED  # noqa: F401 (75; lives with the torch-free signal handler)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 _TAG = re.compile(r"^step_(\d{8})$")
-EXIT_CONFIG = 2      # bad configuration, or a resume that would change what the checkpoint was trained with
-EXIT_NONFINITE = 3   # too many consecutive non-finite losses / gradient norms; saved only if the weights are finite
-EXIT_IO = 74         # EX_IOERR: a checkpoint or config.yaml could not be written (disk full, no permission)
 
 _CAUSES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
            errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system"}

@@ -1,6 +1,6 @@
 """The engine contract both parallel modes share, and the optimizer pieces both build on.
 
-    build_engine(cfg, ds_config, precision, device) -> Engine
+    Engine  (here: the contract), built by train/loop.py build_engine(cfg, ds_config, precision, device)
         ZeroEngine      (train/zero.py)      ZeRO 0-3 data parallel around the one model
         PipelineEngine  (train/pipeline.py)  the model's layers as pipeline stages (train/stages.py)
 
@@ -160,16 +160,6 @@ class Engine(abc.ABC):
         dist.all_reduce(halves, group=self.data_group)
         hi, lo = halves.tolist()
         return [(h << 32) + l for h, l in zip(hi, lo)]
-
-
-def build_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str, device: torch.device) -> Engine:
-    if cfg.parallel.mode == "pipeline":
-        from train.pipeline import PipelineEngine
-
-        return PipelineEngine(cfg, ds_config, precision, device)
-    from train.zero import ZeroEngine
-
-    return ZeroEngine(cfg, ds_config, precision, device)
 
 
 # ----- the optimizer, its schedule and its guard against non-finite steps ------------------------------------

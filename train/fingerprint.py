@@ -24,9 +24,10 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from train.config import RunConfig
+if TYPE_CHECKING:  # annotations only: train/config.py reads checkpoints, which write fingerprints
+    from train.config import RunConfig
 
 FINGERPRINT = "fingerprint.json"
 VERSION = 1

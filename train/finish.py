@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from data.files import atomic_write
-from train.checkpoint import EXIT_IO, EXIT_NONFINITE, EXIT_PREEMPTED, describe_write_error
+from train.checkpoint import describe_write_error
+from train.signals import EXIT_IO, EXIT_NONFINITE, EXIT_PREEMPTED
 from train.config import RunConfig
 from train.engine import Engine, distributed
 from train.log import log

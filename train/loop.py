@@ -29,16 +29,26 @@ from data.loader import UnimodLoader
 from data.reader import REASONS
 from model.flops import RowTokens, StepFlops, describe_microbatch, step_flops
 from train import fingerprint as fingerprints
-from train.checkpoint import (EXIT_CONFIG, EXIT_IO, EXIT_NONFINITE, EXIT_PREEMPTED, CheckpointManager,
-                              CheckpointWriteError, broadcast_from_rank0, describe_write_error,
+from train.checkpoint import (CheckpointManager, CheckpointWriteError, broadcast_from_rank0, describe_write_error,
                               rng_state, set_rng_state)
 from train.config import RunConfig
-from train.engine import NonfiniteRun, StepRecord, apply_optim_config, build_engine, params_finite
+from train.engine import Engine, NonfiniteRun, StepRecord, apply_optim_config, params_finite
 from train.finish import Evaluation, export_and_evaluate, write_summary
 from train.launch import DistEnv
 from train.log import log, set_rank
 from train.metrics import DATA_TOTALS, MetricsLogger, RunTotals, StepLog, StepTimer
-from train.signals import StopSignal
+from train.signals import EXIT_CONFIG, EXIT_IO, EXIT_NONFINITE, EXIT_PREEMPTED, StopSignal
+
+
+def build_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str, device: torch.device) -> Engine:
+    """The engine of the run's mode (imported here, so that only a run that builds one imports deepspeed)."""
+    if cfg.parallel.mode == "pipeline":
+        from train.pipeline import PipelineEngine
+
+        return PipelineEngine(cfg, ds_config, precision, device)
+    from train.zero import ZeroEngine
+
+    return ZeroEngine(cfg, ds_config, precision, device)
 
 
 class Trainer:

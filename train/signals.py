@@ -33,6 +33,10 @@ from __future__ import annotations
 
 import signal
 
+# The trainer's exit codes, here because this module is the first the entry point imports (torch-free).
+EXIT_CONFIG = 2      # bad configuration, or a resume that would change what the checkpoint was trained with
+EXIT_NONFINITE = 3   # too many consecutive non-finite losses / gradient norms; saved only if the weights are finite
+EXIT_IO = 74         # EX_IOERR: a checkpoint or config.yaml could not be written (disk full, no permission)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal (after checkpointing); run again to continue
 
 

@@ -29,10 +29,10 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 
 from model.config import ModelConfig
-from model.hf import iter_hf_weights
+from model.hf import iter_hf_weights, parameter_shapes
 from model.layers import Embedding, Linear, RMSNorm
 from model.mod import DecoderLayer, LayerContext
-from model.transformer import hf_key_to_stage, layer_context, pieces, stage_key_to_hf
+from model.transformer import UnifiedTransformer, hf_key_to_stage, layer_context, pieces, stage_key_to_hf
 
 
 class StageContext:
@@ -145,7 +145,9 @@ def load_hf_into_stages(module: PipelineModule, model_cfg: ModelConfig, path: st
     L = model_cfg.num_hidden_layers
     params = dict(module.named_parameters())
     filled = set()
-    for key, tensor in iter_hf_weights(model_cfg, path):
+    with torch.device("meta"):
+        whole = parameter_shapes(UnifiedTransformer(model_cfg))
+    for key, tensor in iter_hf_weights(model_cfg, path, whole):
         pk = hf_key_to_stage(key, L)
         if pk not in params:
             continue  # another stage's tensor

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from model import UnifiedTransformer
-from model.hf import iter_hf_weights
+from model.hf import iter_hf_weights, parameter_shapes
 from model.loss import causal_lm_loss
 from train.config import RunConfig
 from train.engine import Batches, Engine, NonfiniteRun, StepRecord, distributed, guard_nonfinite_steps, make_optimizer
@@ -115,7 +115,7 @@ def load_hf_weights(model: torch.nn.Module, path: str, zero3: bool) -> None:
     included); under ZeRO-3 tensor by tensor inside GatheredParameters, rank 0 writing."""
     params = dict(model.named_parameters())
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    for key, tensor in iter_hf_weights(model.config, path):
+    for key, tensor in iter_hf_weights(model.config, path, parameter_shapes(model)):
         p = params[key]
         if zero3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
