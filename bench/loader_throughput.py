@@ -33,7 +33,8 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
 from data.layout import lm_ids, mmu_ids, t2i_ids  # noqa: E402
-from data.loader import LoaderConfig, UnimodLoader  # noqa: E402
+from data.config import LoaderConfig  # noqa: E402
+from data.loader import UnimodLoader  # noqa: E402
 from model.config import ModelConfig, VocabLayout  # noqa: E402
 from model.flops import peak_flops  # noqa: E402
 

@@ -15,7 +15,8 @@ import pytest
 import webdataset as wds
 
 from data.layout import lm_ids, parse_image_block, t2i_ids
-from data.loader import LoaderConfig, UnimodLoader
+from data.config import LoaderConfig
+from data.loader import UnimodLoader
 from data.manifest import load_manifest
 from data.reader import BadInputError
 from data.validate import validate_dataset

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from data.layout import make_labels
-from data.loader import LoaderConfig, UnimodLoader
+from data.config import LoaderConfig
+from data.loader import UnimodLoader
 from tests.shard_fixtures import SHA, SMALL, write_dataset
 
 TASKS = ["t2i", "mmu", "lm"]

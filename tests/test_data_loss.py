@@ -18,8 +18,11 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from data.loader import DataLossError, LoaderConfig, UnimodLoader
-from data.validate import BadInputError, load_manifest, main as validate_main, read_shard, validate_dataset
+from data.config import LoaderConfig
+from data.loader import DataLossError, UnimodLoader
+from data.manifest import load_manifest
+from data.reader import BadInputError, read_shard
+from data.validate import main as validate_main, validate_dataset
 from tests.shard_fixtures import shard_path, write_dataset
 from tests.test_data_bad_input import epoch_keys, loader
 
@@ -170,7 +173,7 @@ def test_read_shard_counts_more_samples_than_recorded_as_overfull(tmp_path):
 
 # ----- manifests -----------------------------------------------------------------------------------------
 def test_writer_records_each_shards_sample_count(demo_dataset):
-    from data.shards import iter_samples
+    from data.reader import iter_samples
 
     m = load_manifest(str(demo_dataset))
     for split, by_task in m.shards.items():

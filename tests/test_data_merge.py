@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 
-from data.loader import LoaderConfig, UnimodLoader
+from data.config import LoaderConfig
+from data.loader import UnimodLoader
 from data.validate import validate_dataset
 
 REPO = Path(__file__).resolve().parents[1]

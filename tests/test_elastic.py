@@ -127,7 +127,8 @@ def test_accepting_a_layout_change():
 
 
 def test_loader_elastic_position(demo_dataset):
-    from data.loader import LoaderConfig, UnimodLoader
+    from data.config import LoaderConfig
+    from data.loader import UnimodLoader
 
     cfg = LoaderConfig(dataset_dir=str(demo_dataset), seq_len=352, micro_batch_size=2, num_workers=0,
                        tasks={"t2i": 1.0, "mmu": 1.0, "lm": 0.2})

@@ -63,8 +63,9 @@ class EvalConfig:
     max_samples: int = 50
     """Validation samples per measurement: understanding questions, lm texts, and sequences per task for
     router agreement (the first ones of each split, in shard order)."""
-    images_per_digit: int = 4
-    """Images generated per digit for generation accuracy (10 digits)."""
+    images_per_digit: int = 10
+    """Images generated per digit for generation accuracy (10 digits): 100 images put the accuracy within about
+    +-0.05 (one standard error at 0.8). The training run's evaluation uses this default too."""
     batch_size: int = 16
     """Sequences per forward / decoding batch."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from data.files import atomic_write
 from model.flops import StepFlops, mfu, peak_flops, tflops_per_device
 
 DATA_TOTALS = ("read_samples", "skipped_samples", "skipped_shards", "lost_samples", "captions_dropped")
@@ -89,9 +89,7 @@ def _truncate_jsonl(path: Path, keep_until: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= keep_until]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def throughput_scalars(flops: StepFlops, flops_no_recompute: StepFlops, step_time_s: float, world_size: int,
