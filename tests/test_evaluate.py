@@ -103,7 +103,9 @@ def test_evaluate_cli(demo_dataset, tmp_path):
 
     out = tmp_path / "real.json"
     assert evaluate.main(["--data", str(demo_dataset), "--images", "real", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["generation/accuracy"] == 1.0
+    # Real held-out digits through the judge: its own accuracy bounds what a model's images can score (99 of
+    # the 100 images of the default 10 per digit).
+    assert json.loads(out.read_text())["generation/accuracy"] >= 0.97
 
     hf = tmp_path / "hf"
     demo_model(demo_dataset).save_hf(hf)

@@ -202,7 +202,7 @@ def test_invalid_inputs_name_the_field(sets, kwargs, message):
     (["parallel.mode=tp"], "parallel.mode must be one of"),
     (["parallel.precision=int8"], "parallel.precision must be one of"),
     (["parallel.pipeline_stages=2"], "parallel.pipeline_stages > 1 needs parallel.mode: pipeline"),
-    (["data.tasks={t2i: 0}"], "data.tasks.t2i must be a positive number"),
+    (["data.tasks={t2i: 0}"], "data.tasks.t2i must be a number > 0"),
 ])
 def test_run_config_errors_exit_2(sets, message, capsys):
     argv = ["--preset", "debug", "--nodes", "1", "--gpus-per-node", "2"]

@@ -181,4 +181,6 @@ def write_summary(cfg: RunConfig, out: Path, *, exit_code: int, step: int, start
         atomic_write(path, json.dumps(summary, indent=2))
     except OSError as e:  # a full disk must not turn the run's exit code into a traceback
         log.error(f"[train] error: {describe_write_error(e, path)}; the summary is only printed", all_ranks=True)
-    log.info(json.dumps(summary, indent=2), all_ranks=True)  # this rank logs
+    # The loss owner prints it (rank 0, or the last pipeline stage's first replica); the JSON starts on a line of
+    # its own, after the header that carries the rank, so it can be copied as it is.
+    log.info(f"[train] summary ({path}):\n{json.dumps(summary, indent=2)}", all_ranks=True)
