@@ -27,9 +27,11 @@ FAST = dict(optim__lr=3e-3, optim__warmup_steps=2)
 @pytest.fixture(scope="module")
 def zero3(demo_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3") / "run"
-    first = run(lambda port: deepspeed_cmd(overrides(demo_dataset, out, run__max_steps=10, checkpoint__save_every=5,
-                                                     **FAST), port=port), child_env(), out.parent / "first.log")
-    state = {"first": first, "out": out}
+    ports = []  # the rendezvous ports, which name DeepSpeed's shared-memory workspaces
+    first = run(lambda port: ports.append(port) or deepspeed_cmd(
+        overrides(demo_dataset, out, run__max_steps=10, checkpoint__save_every=5, **FAST), port=port),
+        child_env(), out.parent / "first.log")
+    state = {"first": first, "out": out, "ports": ports}
     if first.rc == 0:
         state["first_summary"] = summary(out)
         state["first_steps"] = sorted(losses(out / "metrics.jsonl"))
@@ -37,7 +39,7 @@ def zero3(demo_dataset, tmp_path_factory):
         state["first_latest"] = latest(out)
     # The same command with more steps: resumes from step_00000010 (checkpoint.resume=auto), then exports HF.
     # A longer run reshapes the schedule, which a resume refuses unless accepted.
-    state["second"] = run(lambda port: deepspeed_cmd(overrides(demo_dataset, out, run__max_steps=14,
+    state["second"] = run(lambda port: ports.append(port) or deepspeed_cmd(overrides(demo_dataset, out, run__max_steps=14,
                                                                checkpoint__save_every=5, checkpoint__export_hf="true",
                                                                checkpoint__accept_changes="[run.max_steps]",
                                                                **FAST), port=port),
@@ -131,15 +133,30 @@ def pipeline(demo_dataset, tmp_path_factory):
     pipe = dict(parallel__mode="pipeline", parallel__pipeline_stages=2, **common)
     # 4 steps, then the same command with 6: the pipeline engine's checkpoint round trip (per-stage layer
     # files, ZeRO-1 optimizer shards) in the exact mode shipped, compared against 6 uninterrupted steps.
-    first = run(lambda port: torchrun_cmd(overrides(demo_dataset, root / "pipe", run__max_steps=4, **pipe), port=port),
+    ports = []
+    first = run(lambda port: ports.append(port) or torchrun_cmd(overrides(demo_dataset, root / "pipe", run__max_steps=4,
+                                                                          **pipe), port=port),
                 child_env(), root / "pipe_first.log")
-    piped = run(lambda port: torchrun_cmd(overrides(demo_dataset, root / "pipe", run__max_steps=6,
+    piped = run(lambda port: ports.append(port) or torchrun_cmd(overrides(demo_dataset, root / "pipe", run__max_steps=6,
                                                     checkpoint__export_hf="true",
                                                     checkpoint__accept_changes="[run.max_steps]", **pipe), port=port),
                 child_env(), root / "pipe.log")
     single = run(single_cmd(overrides(demo_dataset, root / "single", run__max_steps=6, **common)), child_env(),
                  root / "single.log")
-    return {"root": root, "first": first, "pipe": piped, "single": single, "init": init}
+    return {"root": root, "first": first, "pipe": piped, "single": single, "init": init, "ports": ports}
+
+
+@pytest.mark.parametrize("fixture", ["zero3", "pipeline"])
+def test_finished_runs_leave_no_shared_memory_behind(fixture, request):
+    """DeepSpeed's CPU all-reduce creates a ~70 MB /dev/shm workspace per rank and never unlinks it; a finished
+    run removes its own (train/launch.py remove_shm_workspace), under the deepspeed launcher and torchrun."""
+    from train.launch import shm_workspace
+
+    state = request.getfixturevalue(fixture)
+    assert state["ports"]
+    left = [p for port in state["ports"] for rank in (0, 1)
+            if (p := shm_workspace(rank, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})).exists()]
+    assert not left, f"DeepSpeed shared-memory workspaces left behind: {left}"
 
 
 def test_pipeline_first_loss_equals_single_process(pipeline):

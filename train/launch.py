@@ -50,6 +50,7 @@ import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Mapping
 
 LAUNCHERS = ("torchrun", "deepspeed", "env", "slurm", "openmpi", "pmi", "mpi4py", "single")
@@ -452,10 +453,32 @@ def shutdown_distributed() -> None:
         return
     import deepspeed.comm as ds_comm
 
+    rank = dist.get_rank()
     if ds_comm.is_initialized():
         ds_comm.destroy_process_group()
     else:
         dist.destroy_process_group()
+    remove_shm_workspace(rank)
+
+
+def shm_workspace(rank: int, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The shared-memory file DeepSpeed's CPU all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp, 0.19) creates for
+    `rank` when every rank is on this node: /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>.
+    None without a rendezvous address."""
+    addr, port = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def remove_shm_workspace(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory workspace at the end of a run. DeepSpeed never unlinks it (its
+    shared_close is not called), and /dev/shm is RAM: each multi-process CPU run left ~70 MB per rank behind,
+    measured 22 GB after a day of test runs on a 24 GB machine, until compiles and runs started swapping. The
+    peers mapped it at start-up; unlinking removes only the name, their mappings stay valid."""
+    path = shm_workspace(rank)
+    if path is not None:
+        path.unlink(missing_ok=True)
 
 
 def loopback_interface() -> str | None:
