@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from data.files import atomic_write
 from train import fingerprint as fingerprints
+from train.launch import barrier, distributed
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -62,19 +63,10 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 def broadcast_from_rank0(obj: Any) -> Any:
     """Rank 0's `obj` on every rank: decisions made by reading a shared filesystem are made once (ranks with a
     stale view of it would otherwise decide differently)."""
-    if not _distributed():
+    if not distributed():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -83,7 +75,7 @@ def broadcast_from_rank0(obj: Any) -> Any:
 
 def _first_error(mine: str | None) -> str | None:
     """Agree across ranks on whether any rank failed; the first failing rank's message (None: all fine)."""
-    if not _distributed():
+    if not distributed():
         return mine
     every: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
@@ -142,7 +134,7 @@ class CheckpointManager:
             return tag
         if self.rank == 0 and tag_dir.exists():
             shutil.rmtree(tag_dir)  # an earlier crash mid-save at this very step
-        _barrier()
+        barrier()
         failed = None
         where = tag_dir
         try:
@@ -171,13 +163,13 @@ class CheckpointManager:
         if failed is not None:
             if self.rank == 0:
                 shutil.rmtree(tag_dir, ignore_errors=True)
-            _barrier()
+            barrier()
             raise CheckpointWriteError(f"checkpoint {tag_dir} not saved: {failed}; its partial directory was "
                                        f"removed, {self.latest() or 'no checkpoint'} stays the latest")
         if prune and self.rank == 0:
             for old in self.complete_tags()[: -self.keep_last]:
                 shutil.rmtree(self.root / old, ignore_errors=True)
-        _barrier()
+        barrier()
         return tag
 
     def load(self, engine, root: Path, tag: str, state_dir: Path | None = None) -> dict[str, Any]:

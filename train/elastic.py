@@ -60,6 +60,7 @@ import torch.distributed as dist
 from train import fingerprint as fingerprints
 from train.checkpoint import CheckpointManager
 from train.config import MODES
+from train.launch import distributed
 from train.log import log
 from train.safe_load import safe_torch_load, weights_only_torch_load
 
@@ -304,7 +305,7 @@ def prepare(plan: ResumePlan, rank: int, ds_config: dict[str, Any], num_layers: 
         except Exception as e:  # noqa: BLE001 - re-raised below on every rank
             error = e
     failed = torch.tensor([1.0 if error is not None else 0.0])
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(failed)  # the barrier, carrying rank 0's outcome
     if error is not None:
         raise RuntimeError(f"converting {plan.state_dir} to a universal checkpoint failed: {error}") from error

@@ -31,13 +31,10 @@ import torch.distributed as dist
 
 from model.flops import RowTokens, StepFlops
 from train.config import OptimConfig, RunConfig
+from train.launch import distributed
 
 Batches = Iterator[tuple[dict[str, torch.Tensor], list[RowTokens]]]
 """(micro-batch on the device, its rows described for the FLOPs count), endlessly."""
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 @dataclasses.dataclass
@@ -299,7 +296,7 @@ def params_finite(module: torch.nn.Module) -> bool:
     params = list(module.parameters())
     ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in params)
     flag = torch.tensor([1.0 if ok else 0.0], device=params[0].device if params else "cpu")
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
 

@@ -18,25 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from data.files import atomic_write
 from train.checkpoint import describe_write_error
-from train.signals import EXIT_IO, EXIT_NONFINITE, EXIT_PREEMPTED
 from train.config import RunConfig
-from train.engine import Engine, distributed
+from train.engine import Engine
+from train.launch import barrier
 from train.log import log
 from train.metrics import DATA_TOTALS, MetricsLogger, RunTotals
-from train.signals import StopSignal
+from train.signals import EXIT_IO, EXIT_NONFINITE, EXIT_PREEMPTED, StopSignal
 
 STATUS = {0: "completed", EXIT_PREEMPTED: "preempted", EXIT_NONFINITE: "stopped_nonfinite",
           EXIT_IO: "checkpoint_write_failed"}
 """summary.json's status for each exit code a started run ends with."""
-
-
-def _barrier() -> None:
-    if distributed():
-        dist.barrier()
 
 
 class Evaluation:
@@ -84,7 +78,7 @@ class Evaluation:
                 writer.close()
             if final:
                 atomic_write(self.out / "eval.json", json.dumps({"step": step, **metrics}, indent=2))
-        _barrier()
+        barrier()
         return metrics
 
     def _whole_model(self, state: dict[str, torch.Tensor] | None) -> torch.nn.Module | None:
@@ -113,7 +107,7 @@ def export_hf(cfg: RunConfig, path: Path, state: dict[str, torch.Tensor], rank: 
             shell = UnifiedTransformer(cfg.model)  # only its config is used by save_hf
         shell.save_hf(path, state_dict=state)
         log.info(f"[train] exported HF Emu3 weights to {path}")
-    _barrier()
+    barrier()
 
 
 def export_and_evaluate(cfg: RunConfig, engine: Engine, evaluation: Evaluation, out: Path, rank: int, step: int,

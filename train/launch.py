@@ -444,12 +444,27 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: int = 
     return dataclasses.replace(env, device=device)
 
 
+def distributed() -> bool:
+    """Whether a process group exists (every collective helper of the trainer is a no-op without one)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Wait for every rank, when there are ranks to wait for."""
+    if distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     """Destroy the process group at the end of a run, through DeepSpeed so its cached groups go too, instead of
     leaving gloo's worker threads to interpreter finalization (see the end of train/main.py `_run`)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return
     import deepspeed.comm as ds_comm
 

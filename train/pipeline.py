@@ -21,8 +21,9 @@ from model.flops import RowTokens
 from model.loss import causal_lm_loss
 from model.transformer import stage_key_to_hf
 from train.config import RunConfig
-from train.engine import (Batches, Engine, NonfiniteRun, StepRecord, distributed, guard_nonfinite_steps,
+from train.engine import (Batches, Engine, NonfiniteRun, StepRecord, guard_nonfinite_steps,
                           make_optimizer, torch_dtype)
+from train.launch import distributed
 from train.log import log
 from train.stages import checkpoint_fn, load_hf_into_stages, stage_specs
 

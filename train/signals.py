@@ -87,7 +87,9 @@ class StopSignal:
         import torch.distributed as dist
 
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized():
+        from train.launch import distributed
+
+        if distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 

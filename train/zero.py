@@ -19,7 +19,8 @@ from model import UnifiedTransformer
 from model.hf import iter_hf_weights, parameter_shapes
 from model.loss import causal_lm_loss
 from train.config import RunConfig
-from train.engine import Batches, Engine, NonfiniteRun, StepRecord, distributed, guard_nonfinite_steps, make_optimizer
+from train.engine import Batches, Engine, NonfiniteRun, StepRecord, guard_nonfinite_steps, make_optimizer
+from train.launch import distributed
 from train.log import log
 
 
