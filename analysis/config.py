@@ -30,13 +30,25 @@ class AnalysisConfig:
     spaced positions (first and last included) and the rank is that of the principal submatrix of the
     full-sequence softmax map at those positions (rows and columns), diagonal zeroed."""
     rank_rtol: float | None = None
-    """Relative singular-value tolerance of the rank (None: torch.linalg.matrix_rank's eps * max(m, n))."""
+    """Relative singular-value tolerance of the rank (None: torch.linalg.matrix_rank's eps * max(m, n)).
+    The ARank of a causal map with its diagonal zeroed is n-1 in exact arithmetic, so this tolerance sets
+    the number; it is recorded with every plan made from ARank."""
+    measure: str = "token_skip"
+    """What the planner ranks layers and sets capacities by (analysis/plan.py): token_skip (the measured loss
+    increase when a layer keeps only part of a task's routable tokens, under a FLOPs target) | arank
+    (UniMoD's published rule: lowest-ARank half of the layers, capacity = ARank ratio)."""
+    flops_target: float = 0.4
+    """token_skip: fraction of each planned task's dense forward FLOPs the plan removes (UniMoD reports -40%
+    on Emu3); a task whose routable tokens cannot give that much gets the most its grid allows."""
+    capacity_grid: list[float] = field(default_factory=lambda: [0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
+                                                                0.6, 0.7, 0.8, 0.9])
+    """token_skip: the capacities measured and planned from (ascending, in (0, 1))."""
     mod_fraction: float = 0.5
-    """Fraction of the layers that become each task's MoD layers (those with the lowest ARank)."""
+    """arank: fraction of the layers that become each task's MoD layers (those with the lowest ARank)."""
     capacity_min: float = 0.125
-    """Lower clip of a planned capacity (the MoD paper's best setting is 12.5%)."""
+    """arank: lower clip of a planned capacity (the MoD paper's best setting is 12.5%)."""
     capacity_max: float = 0.9
-    """Upper clip of a planned capacity."""
+    """arank: upper clip of a planned capacity."""
     plan_tasks: list[str] | None = None
     """Tasks that get MoD layers (None: every analysed task)."""
     prune_max_layers: int | None = None
@@ -69,6 +81,14 @@ class AnalysisConfig:
             raise ValueError(f"analysis.arank_max_tokens must be an integer >= 2, got {self.arank_max_tokens!r}")
         if self.rank_rtol is not None and not (0 < self.rank_rtol < 1):
             raise ValueError(f"analysis.rank_rtol must be in (0, 1) or None, got {self.rank_rtol!r}")
+        if self.measure not in ("token_skip", "arank"):
+            raise ValueError(f"analysis.measure must be token_skip or arank, got {self.measure!r}")
+        if not (isinstance(self.flops_target, (int, float)) and 0 < self.flops_target < 1):
+            raise ValueError(f"analysis.flops_target must be in (0, 1), got {self.flops_target!r}")
+        grid = self.capacity_grid
+        if not grid or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c < 1 for c in grid) \
+                or list(grid) != sorted(set(grid)):
+            raise ValueError(f"analysis.capacity_grid must be distinct ascending capacities in (0, 1), got {grid!r}")
         if not 0 < self.mod_fraction <= 1:
             raise ValueError(f"analysis.mod_fraction must be in (0, 1], got {self.mod_fraction!r}")
         if not 0 < self.capacity_min <= self.capacity_max < 1:

@@ -354,13 +354,16 @@ class ModelConfig:
 
 def read_mod_plan(path: str | Path) -> dict[str, Any]:
     """The `mod:` mapping of a MoD plan file (`mod_plan.yaml`, written by `python -m tools.analyze`), checked:
-    the file holds exactly `{model: {mod: {...}}}` and MoDConfig accepts it. FileNotFoundError when missing."""
+    the file holds exactly `{model: {mod: {...}}}` and optionally `plan: {...}` (how the plan was measured,
+    a record for people; never read back), and MoDConfig accepts it. FileNotFoundError when missing."""
     import yaml
 
     doc = yaml.safe_load(Path(path).read_text())
-    if not isinstance(doc, dict) or set(doc) != {"model"} or not isinstance(doc["model"], dict) \
-            or set(doc["model"]) != {"mod"} or not isinstance(doc["model"]["mod"], dict):
-        raise ValueError(f"{path}: a MoD plan file must hold exactly a model: {{mod: {{...}}}} mapping")
+    if not isinstance(doc, dict) or set(doc) - {"plan"} != {"model"} or not isinstance(doc["model"], dict) \
+            or set(doc["model"]) != {"mod"} or not isinstance(doc["model"]["mod"], dict) \
+            or not isinstance(doc.get("plan", {}), dict):
+        raise ValueError(f"{path}: a MoD plan file must hold exactly a model: {{mod: {{...}}}} mapping "
+                         f"(and optionally a plan: {{...}} record)")
     MoDConfig(**known_fields(MoDConfig, doc["model"]["mod"], f"{path}: mod"))
     return doc["model"]["mod"]
 

@@ -46,6 +46,14 @@ from model.layers import Block, Linear, document_ids, document_mask
 
 # Token kinds, computed once per forward from the ids and the vocabulary layout.
 KIND_PAD, KIND_STRUCTURAL, KIND_TEXT, KIND_IMAGE = 0, 1, 2, 3
+# Columns of a layer's routing statistics (`ModelOutput.routing` [L, T, 4], token counts per task):
+#   routable     tokens the task may skip in this layer (its sequences routed here, padding excluded)
+#   selected     routable tokens that went through the layer as run (top-k, or r > 0 under causal routing)
+#   router_on    routable tokens whose router logit is > 0: what causal routing (sampling) would keep
+#   agree        routable tokens where (r > 0) equals top-k membership: how well the causal router has
+#                learnt to predict top-k (the aux loss's target); under causal routing all of them
+# A sequence whose task takes the full layer counts its routable tokens in all four columns.
+ROUTING_STATS = ("routable", "selected", "router_on", "agree")
 _ROUTABLE_KINDS = {"image": (KIND_IMAGE,), "text": (KIND_TEXT,), "all": (KIND_TEXT, KIND_IMAGE)}
 
 
@@ -204,7 +212,7 @@ class DecoderLayer(Block):
         self.mod_router = Linear(cfg.hidden_size, n_scores, cfg.mod.router_init_std) if self.is_mod else None
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B,S,D] -> (x_out [B,S,D], weighted aux loss [], stats [num_tasks, 2] = (routable, selected)).
+        """x [B,S,D] -> (x_out [B,S,D], weighted aux loss [], stats [num_tasks, 4] (`ROUTING_STATS` counts)).
 
         `ctx` (`LayerContext`) is built once per forward and shared by every layer."""
         cos, sin, task_ids, layout = ctx.cos, ctx.sin, ctx.task_ids, ctx.layout
@@ -265,7 +273,10 @@ class DecoderLayer(Block):
 
         aux = self._aux_loss(r, selected, routable, r_all)
         n_selected = torch.where(routed_seq, selected.sum(1).to(torch.float32), n_routable)
-        return x_out, aux, self._stats(task_ids, n_routable, n_selected)
+        on = (r.detach() > 0) & routable
+        n_on = torch.where(routed_seq, on.sum(1).to(torch.float32), n_routable)
+        n_agree = torch.where(routed_seq, ((on == selected) & routable).sum(1).to(torch.float32), n_routable)
+        return x_out, aux, self._stats(task_ids, n_routable, n_selected, n_on, n_agree)
 
     def router_logits(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (r [B,S] fp32: each sequence's own task's router logit, r_all [B,S,columns] raw bank output).
@@ -293,7 +304,8 @@ class DecoderLayer(Block):
         n_selected = (keep & routable).sum(1).to(torch.float32)
         n_selected = torch.where(routable.any(1), n_selected, n_routable)
         zero = x.new_zeros((), dtype=torch.float32)
-        return x_out, zero, self._stats(task_ids, n_routable, n_selected)
+        # Causal routing keeps exactly the tokens with r > 0: router_on = selected, and all agree.
+        return x_out, zero, self._stats(task_ids, n_routable, n_selected, n_selected, n_routable)
 
     def _aux_loss(self, r, selected, routable, r_all) -> torch.Tensor:
         """BCE(sigmoid(r), per-document top-k membership) over routable tokens: trains the causal router."""
@@ -304,6 +316,10 @@ class DecoderLayer(Block):
         denom = routable.sum().clamp_min(1)
         return self.aux_loss_weight * (bce * routable).sum() / denom + 0.0 * r_all.sum()
 
-    def _stats(self, task_ids, n_routable, n_selected) -> torch.Tensor:
-        stats = torch.zeros(self.num_tasks, 2, device=n_routable.device, dtype=torch.float32)
-        return stats.index_add(0, task_ids, torch.stack([n_routable, n_selected], dim=1).detach())
+    def _stats(self, task_ids, n_routable, n_selected, n_on=None, n_agree=None) -> torch.Tensor:
+        """Per-row counts [B] summed per task -> [num_tasks, len(ROUTING_STATS)]. A layer (or row) that
+        routes nothing passes n_selected = n_routable and leaves the router columns equal to it."""
+        n_on = n_selected if n_on is None else n_on
+        n_agree = n_routable if n_agree is None else n_agree
+        stats = torch.zeros(self.num_tasks, len(ROUTING_STATS), device=n_routable.device, dtype=torch.float32)
+        return stats.index_add(0, task_ids, torch.stack([n_routable, n_selected, n_on, n_agree], dim=1).detach())

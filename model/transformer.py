@@ -6,7 +6,7 @@ One decoder over one vocabulary of text and image VQ tokens (Emu3). Parameter na
 
     from model import ModelConfig, UnifiedTransformer
     net = UnifiedTransformer(ModelConfig.from_preset("debug", mod={"capacity": {"2-3": {"t2i": 0.25}}}))
-    out = net(input_ids, task_ids=task_ids)   # out.logits [B,S,V], out.aux_loss [], out.routing [L,T,2]
+    out = net(input_ids, task_ids=task_ids)   # out.logits [B,S,V], out.aux_loss [], out.routing [L,T,4] (model/mod.py ROUTING_STATS)
 
 The forward is three pieces, in order: `prologue` (embedding + the `LayerContext` every layer shares),
 the decoder layers, `head`. `pieces` lists the same order with each piece's HF names; the pipeline stages
@@ -38,8 +38,9 @@ class ModelOutput(NamedTuple):
     # Scalar: the MoD router BCE loss summed over MoD layers, already times `mod.aux_loss_weight`. Add it to
     # the language-model loss.
     routing: torch.Tensor
-    # [num_layers, num_tasks, 2] float: (routable tokens, routable tokens selected) per layer and task in
-    # this batch. Dense layers, and tasks with capacity 1 in a MoD layer, report selected == routable.
+    # [num_layers, num_tasks, 4] float token counts per layer and task in this batch, columns
+    # model.mod.ROUTING_STATS: routable, selected, router_on (logit > 0), agree (r > 0 == top-k). Dense
+    # layers, and tasks with capacity 1 in a MoD layer, report every column equal to routable.
 
 
 def layer_context(cfg: ModelConfig, input_ids: torch.Tensor, task_ids: torch.Tensor | None,

@@ -16,7 +16,8 @@ from analysis import probes
 from analysis.checkpoint import load_dense
 from analysis.config import AnalysisConfig
 from analysis.metrics import arank, attention_probs, measure_task, subsample_positions
-from analysis.plan import nonroutable_fraction, plan_mod, write_plan
+from analysis.plan import budget_capacities, nonroutable_fraction, plan_arank, plan_stability, write_plan
+from analysis.token_skip import token_skip_curves
 from analysis.runner import Edits, mean_nll, run_hidden
 from analysis.samples import Batch, load_task_samples, make_batches, open_dataset
 from model.config import ModelConfig, read_mod_plan
@@ -203,7 +204,7 @@ def test_plan_picks_lowest_arank_half_and_sets_capacity(tmp_path):
     ratio = {"t2i": [0.9, 0.5, 0.05, 0.3, 0.95, 0.2, 0.8, 0.97],
              "mmu": [0.99, 0.99, 0.99, 0.95, 0.4, 0.4, 0.4, 0.95], "lm": [1.0] * 8}
     source = ModelConfig.from_preset("demo").mod.to_dict()
-    mod, details = plan_mod(ratio, source, cfg)
+    mod, details = plan_arank(ratio, source, cfg)
     # t2i: 4 lowest = layers 2, 5, 3, 1; capacity = ratio (a fraction of routable tokens), >= 0.125, up to 0.01
     assert details["t2i"]["mod_layers"] == [1, 2, 3, 5]
     assert {k: v["t2i"] for k, v in mod["capacity"].items() if "t2i" in v} == {"1": 0.5, "2": 0.13, "3": 0.3, "5": 0.2}
@@ -230,6 +231,136 @@ def test_plan_picks_lowest_arank_half_and_sets_capacity(tmp_path):
     bad.write_text(yaml.safe_dump({"model": {"mod": mod, "preset": "demo"}}))
     with pytest.raises(ValueError, match="exactly a model"):
         read_mod_plan(bad)
+
+
+def test_budget_capacities_spend_the_flops_target_where_the_loss_cost_is_lowest():
+    grid = [0.1, 0.2, 0.5]
+    # delta[l][j]: loss increase of layer l at grid[j]; layer 0 costly, layer 2 free, layer 1 in between with a
+    # noisy bump (0.5 costs more than 0.2) that the envelope flattens
+    delta = [[5.0, 4.0, 2.0], [0.3, 0.1, 0.2], [0.0, 0.0, 0.0]]
+    saved = [[0.18, 0.16, 0.10]] * 3  # every layer saves the same FLOPs at the same capacity
+    caps, total = budget_capacities(delta, saved, grid, target=0.18)
+    assert caps == [1.0, 1.0, 0.1] and total == pytest.approx(0.18)  # the free layer, all the way down
+    caps, total = budget_capacities(delta, saved, grid, target=0.30)
+    # then layer 1: its envelope is [0.3, 0.2, 0.2]; per FLOP 0.2/0.10 at 0.5 or 0.2/0.16 at 0.2 -> 0.2
+    assert caps == [1.0, 0.2, 0.1] and total == pytest.approx(0.34)
+    caps, total = budget_capacities(delta, saved, grid, target=0.99)  # unreachable: everything at the floor
+    assert caps == [0.1, 0.1, 0.1] and total == pytest.approx(0.54)
+    # ties go to the deeper layer
+    caps, _ = budget_capacities([[0.0] * 3] * 3, saved, grid, target=0.1)
+    assert caps == [1.0, 1.0, 0.1]
+
+
+def test_token_skip_layer_equals_the_models_mod_layer():
+    """analysis/token_skip.py's masked simulation of a MoD layer computes what model/mod.py's gathered layer
+    computes when the router ranks tokens like the score (router weights tiny: gate 2*sigmoid(r) ~ 1)."""
+    from analysis.token_skip import _mod_layer
+    from model.mod import KIND_IMAGE, KIND_PAD, token_kinds
+    from tests.model_helpers import layer_io, sample
+
+    cfg = ModelConfig.from_preset("debug", mod={"capacity": {"2": {"t2i": 0.25}}, "router_init_std": 1e-7})
+    torch.manual_seed(0)
+    net = UnifiedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([sample(cfg, 0, 40, n_text=5, generator=g) for _ in range(3)])
+    ids[2, 30:] = cfg.vocab.pad_id
+    tasks = torch.zeros(3, dtype=torch.long)
+    seen, _ = layer_io(net, ids, tasks, 2)
+    layer = net.model.layers[2]
+    kinds = token_kinds(ids, cfg.vocab)
+    cos, sin = rope_cos_sin(torch.arange(40).expand(3, 40), cfg.head_dim, cfg.rope_theta, torch.float32)
+    with torch.no_grad():
+        score = layer.router_logits(seen["x"], tasks)[0]
+        ours = _mod_layer(layer, seen["x"], cos, sin, kinds == KIND_IMAGE, kinds != KIND_PAD, score, 0.25)
+    real = (seen["y"] != seen["x"]).any(-1)
+    assert torch.equal((ours != seen["x"]).any(-1), real)  # the same tokens went through the layer
+    torch.testing.assert_close(ours, seen["y"], atol=2e-6, rtol=1e-5)
+
+
+def _trained_with_identity_layers(manifest, layers: list[int], steps: int = 120) -> UnifiedTransformer:
+    """A debug-size dense model trained briefly on the demo's three tasks, with `layers` held at the identity
+    (attention and MLP outputs zero, frozen): skipping any token there costs nothing, and skipping tokens in
+    the trained layers costs (a random model's loss can even fall when a layer is skipped)."""
+    torch.manual_seed(0)
+    net = UnifiedTransformer(ModelConfig.from_preset("debug", vocab=manifest.vocab.to_dict()))
+    frozen = [net.model.layers[i].self_attn.o_proj.weight for i in layers] + \
+             [net.model.layers[i].mlp.down_proj.weight for i in layers]
+    with torch.no_grad():
+        for w in frozen:
+            w.zero_()
+            w.requires_grad_(False)
+    samples = [s for t in ("t2i", "mmu", "lm") for s in load_task_samples(manifest, "train", t, 24)]
+    batches = make_batches(samples, 8, net.config.vocab.pad_id, "cpu")
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(steps):
+        b = batches[step % len(batches)]
+        loss = F.cross_entropy(net(b.input_ids).logits[:, :-1].flatten(0, 1), b.labels[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def test_token_skip_plan_routes_the_redundant_layers_the_same_way_every_time(demo_dataset, tmp_path):
+    """Known answer: layers 1 and 3 made identities cost no loss at any capacity, so a FLOPs target that they
+    can meet routes exactly them at the lowest capacity, for every task; the curves say so (0 there, > 0
+    elsewhere at capacity 0), the plan is the same twice, and each half of the calibration set (and another
+    calibration size) picks the same layers."""
+    manifest = open_dataset(str(demo_dataset), ModelConfig.from_dict(
+        {"preset": "debug", "vocab": json.loads((demo_dataset / "manifest.json").read_text())["vocab"]}).vocab)
+    net = _trained_with_identity_layers(manifest, [1, 3])
+    batches = make_batches(load_task_samples(manifest, "train", "t2i", 6), 3, net.config.vocab.pad_id, "cpu")
+    delta, dense, count = token_skip_curves(net, batches, "t2i", [0.25, 0.5])
+    assert count > 0 and math.isfinite(dense)
+    assert all(abs(v) < 1e-5 for i in (1, 3) for v in delta[i])
+    assert all(delta[i][0] > 0.01 for i in (0, 2))  # skipping every image token of a trained layer costs
+
+    def plan(samples, out):
+        proc = run_module("tools.analyze", "--checkpoint", str(hf), "--data", str(demo_dataset), "--out", str(out),
+                          "--device", "cpu", "--calib-samples", str(samples), "--batch-size", "4", "--no-probes",
+                          "--flops-target", "0.2", "--capacity-grid", "0.125,0.25,0.5", "--threads", "1", timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        return (out / "mod_plan.yaml").read_text(), yaml.safe_load((out / "mod_plan.yaml").read_text())
+
+    hf = tmp_path / "identity_hf"
+    net.save_hf(hf)
+    text_a, doc = plan(6, tmp_path / "p1")
+    text_b, _ = plan(6, tmp_path / "p2")
+    assert text_a.split("\nmodel:", 1)[1] == text_b.split("\nmodel:", 1)[1]  # same checkpoint and data: same file
+    mod, record = doc["model"]["mod"], doc["plan"]
+    assert mod["capacity"] == {"1": {t: 0.125 for t in ("t2i", "mmu", "lm")}, "3": {t: 0.125 for t in ("t2i", "mmu", "lm")}}
+    assert record["measure"] == "token_skip" and record["parameters"]["flops_target"] == 0.2
+    assert record["parameters"]["capacity_grid"] == [0.125, 0.25, 0.5]
+    assert len(record["per_layer"]["t2i"]["delta_loss"]) == 4 and record["per_layer"]["t2i"]["capacity"][0] == 0.0
+    for t in ("t2i", "mmu", "lm"):
+        assert record["stability"][t]["full"] == [1, 3] and record["per_task"][t]["target_reached"]
+    # Each half of the calibration set alone: where the trained layers clearly cost (t2i: > 0.1 nats at every
+    # capacity) the halves pick the same layers. (mmu's answers are learnt so well that skipping image tokens
+    # in layer 2 measures ~0 there, a tie with the identity layers that either half may break its own way.)
+    st = record["stability"]["t2i"]
+    assert st["half_a"] == st["half_b"] == [1, 3] and st["jaccard"] == 1.0
+    _, other = plan(10, tmp_path / "p3")  # a different calibration set
+    assert other["model"]["mod"]["capacity"] == mod["capacity"]
+    assert read_mod_plan(tmp_path / "p1" / "mod_plan.yaml") == mod  # the record is not part of the plan
+
+
+def test_plan_stability_reports_the_smallest_overlap():
+    plans = {"full": {"t2i": {"mod_layers": [1, 2, 3]}, "mmu": {"mod_layers": []}},
+             "half_a": {"t2i": {"mod_layers": [2, 3]}, "mmu": {"mod_layers": []}},
+             "half_b": {"t2i": {"mod_layers": [1, 3]}, "mmu": {"mod_layers": []}}}
+    st = plan_stability(plans)
+    assert st["t2i"]["jaccard"] == pytest.approx(1 / 3)  # the halves share layer 3 of {1, 2, 3}
+    assert st["t2i"]["half_a"] == [2, 3] and st["mmu"]["jaccard"] == 1.0
+
+
+def test_plan_files_must_hold_a_model_mod_mapping(tmp_path):
+    f = tmp_path / "mod_plan.yaml"
+    f.write_text(yaml.safe_dump({"model": {"mod": {"capacity": {"1": {"t2i": 0.5}}}}, "plan": {"measure": "x"}}))
+    assert read_mod_plan(f) == {"capacity": {"1": {"t2i": 0.5}}}
+    for bad in ({"model": {"mod": {}}, "other": 1}, {"model": {"mod": {}}, "plan": [1]}, {"plan": {}}):
+        f.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ValueError, match="model: {mod"):
+            read_mod_plan(f)
 
 
 def test_nonroutable_fraction():
@@ -325,6 +456,7 @@ def test_cli_end_to_end_on_the_demo_data(demo_dataset, tmp_path):
     built = ModelConfig.from_dict({**{k: v for k, v in net.config.to_dict().items() if k != "mod"}, "mod": mod})
     assert built.mod.tasks == tasks and built.mod.mod_layers()  # half the layers per task, some capacity < 1
     for t, d in report["plan"]["per_task"].items():
-        assert len(d["lowest_arank_layers"]) == 2
+        assert d["mod_layers"] and 0 < d["forward_flops_saved"]  # token_skip (the default) routed something
+    assert report["plan"]["record"]["measure"] == "token_skip"
     # the source checkpoint's own MoD plan is not what was analysed (dense) nor copied into the plan
     assert report["plan"]["mod"]["routable"] == net.config.mod.routable

@@ -90,7 +90,7 @@ def test_router_agreement_is_one_minus_the_topk_keep_rate_for_zero_routers(evalu
         stats = torch.zeros(4, 2)
         with torch.no_grad():
             for ids, batch in evaluator._batches(task):
-                stats += model(ids, task_ids=torch.full((len(batch),), t), routing="topk").routing[:, t]
+                stats += model(ids, task_ids=torch.full((len(batch),), t), routing="topk").routing[:, t, :2]
         for layer in (2, 3):
             routable, selected = stats[layer].tolist()
             assert m[f"router/causal_keep/{task}/layer_{layer}"] == 0.0

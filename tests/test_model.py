@@ -194,11 +194,42 @@ def test_exactly_k_tokens_and_only_routable_ones_are_skipped(task, cap):
         assert (changed & routable).sum(1).tolist() == k
         assert not (~changed & ~routable & (kinds != KIND_PAD)).any(), "a non-routable token was skipped"
         assert not changed[1, 50:].any(), "padding was processed"
-        n_rout, n_selected = out.routing[layer, task].tolist()
+        n_rout, n_selected = out.routing[layer, task, :2].tolist()
         assert n_rout == sum(n_routable) and n_selected == sum(k)
     # dense layers process everything
     seen, _ = layer_io(net, ids, tasks, 0)
     assert seen["P"] == S
+
+
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_router_columns_count_causal_decisions_and_their_agreement_with_topk(routing):
+    """out.routing's router_on / agree columns, recomputed from outside the layer: the router logit read
+    from the layer's input and the top-k membership read from which positions the layer changed."""
+    from model.mod import KIND_IMAGE, ROUTING_STATS, token_kinds
+
+    assert ROUTING_STATS == ("routable", "selected", "router_on", "agree")
+    cfg = mod_cfg({"2-3": {"t2i": 0.25}}, routing=routing)
+    torch.manual_seed(0)
+    net = UnifiedTransformer(cfg).eval()
+    for layer in (2, 3):  # logits spread around 0, so both decisions occur
+        torch.nn.init.normal_(net.model.layers[layer].mod_router.weight, std=0.5)
+    ids, tasks = make_batch(cfg, [T2I, T2I, MMU, LM])
+    routable = (token_kinds(ids, cfg.vocab) == KIND_IMAGE) & (tasks == T2I)[:, None]
+    for layer in (2, 3):
+        seen, out = layer_io(net, ids, tasks, layer)
+        r = net.model.layers[layer].mod_router(seen["x"])[..., T2I]
+        on, kept = (r > 0) & routable, (seen["y"] != seen["x"]).any(-1) & routable
+        n_routable, n_selected, n_on, n_agree = out.routing[layer, T2I].tolist()
+        assert (n_routable, n_selected, n_on) == (routable.sum(), kept.sum(), on.sum())
+        assert n_agree == ((on == kept) & routable).sum()
+        assert 0 < n_on < n_routable
+        if routing == "topk":
+            assert n_agree < n_routable  # random routers disagree with top-k somewhere
+        else:
+            assert n_selected == n_on and n_agree == n_routable  # causal routing keeps exactly r > 0
+        for task in (MMU, LM):  # full layer: every column is the routable count
+            n = out.routing[layer, task].tolist()
+            assert n[0] > 0 and n == [n[0]] * 4
 
 
 @pytest.mark.parametrize("routing", ["topk", "causal"])
@@ -215,10 +246,10 @@ def test_full_capacity_tasks_report_every_routable_token_selected(routing, tasks
         out = net(ids, task_ids=task_ids)
     for layer in (1, 2):
         for task in (MMU, LM):
-            n_routable, n_selected = out.routing[layer, task].tolist()
+            n_routable, n_selected = out.routing[layer, task, :2].tolist()
             assert n_routable > 0 and n_selected == n_routable, (layer, task, n_routable, n_selected)
         if T2I in tasks and routing == "topk":
-            n_routable, n_selected = out.routing[layer, T2I].tolist()
+            n_routable, n_selected = out.routing[layer, T2I, :2].tolist()
             assert n_selected == math.ceil(0.25 * n_routable)
 
 

@@ -37,9 +37,11 @@ from analysis import plots, probes
 from analysis.checkpoint import load_dense
 from analysis.config import AnalysisConfig
 from analysis.metrics import measure_task
-from analysis.plan import nonroutable_fraction, plan_flops, plan_mod, write_plan
+from analysis.plan import (layer_savings, nonroutable_fraction, plan_arank, plan_flops, plan_stability,
+                           plan_token_skip, write_plan)
 from analysis.runner import mean_nll
 from analysis.samples import load_task_samples, make_batches, open_dataset
+from analysis.token_skip import token_skip_curves
 from data.files import atomic_write
 
 DEFINITIONS = {
@@ -74,9 +76,11 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
     L = mc.num_hidden_layers
     log(f"analyze: {loaded.description}; {L} layers; tasks {tasks}")
 
-    calib, evals, routable_fraction, eval_len = {}, {}, {}, {}
+    calib, halves, evals, routable_fraction, eval_len = {}, {}, {}, {}, {}
     for task in tasks:
         samples = load_task_samples(manifest, "train", task, cfg.calib_samples)
+        # Two disjoint halves (alternate samples) for the plan's stability check.
+        halves[task] = [make_batches(samples[i::2], cfg.batch_size, mc.vocab.pad_id, device) for i in (0, 1)]
         routable_fraction[task] = float(np.mean([1.0 - nonroutable_fraction(s.ids, mc.mod.routable[task], mc.vocab)
                                                  for s in samples]))
         calib[task] = make_batches(samples, cfg.batch_size, mc.vocab.pad_id, device)
@@ -93,14 +97,16 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
     inter = probes.interaction(net, measures, evals, eval_loss, min(n_inter, L), cfg.interaction_width)
     log(f"analyze: measurements done ({time.perf_counter() - t0:.1f}s)")
 
-    mod, plan_details = plan_mod({t: m.arank_ratio for t, m in measures.items()}, loaded.source_mod, cfg)
+    mod, plan_details, record = make_plan(net, cfg, tasks, measures, halves, routable_fraction, loaded.source_mod)
     flops = plan_flops(mc, mod, {t: measures[t].mean_len for t in tasks}, routable_fraction)
+    log(f"analyze: plan made by {cfg.measure} ({time.perf_counter() - t0:.1f}s)")
 
     report: dict[str, Any] = {
         "checkpoint": loaded.description, "data": str(data), "tasks": tasks, "num_layers": L,
         "config": {k: v for k, v in vars(cfg).items()}, "definitions": DEFINITIONS,
         "calibration": {t: {"split": "train", "samples": measures[t].samples, "tokens": measures[t].tokens,
                             "mean_len": measures[t].mean_len, "arank_positions_mean": measures[t].arank_tokens,
+                            "routable_fraction": routable_fraction[t],
                             "loss": calib_loss[t]} for t in tasks},
         "evaluation": {t: {"split": "validation", "samples": sum(int(b.lengths.numel()) for b in evals[t]),
                            "mean_len": eval_len[t], "loss": eval_loss[t]} for t in tasks},
@@ -111,7 +117,7 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
                                      "per_layer_max": m.neuron_score.max(1).values.tolist()}
                                  for t, m in measures.items()},
         "interaction": inter,
-        "plan": {"mod": mod, "per_task": plan_details, "forward_flops": flops},
+        "plan": {"mod": mod, "per_task": plan_details, "forward_flops": flops, "record": record},
     }
     if cfg.probes:
         compute = probes.ComputeModel(net, eval_len)
@@ -125,12 +131,17 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
         log(f"analyze: probes done ({time.perf_counter() - t0:.1f}s)")
 
     out_dir = Path(out)
+    rule = (f"capacities chosen greedily by the measured loss increase per forward FLOP saved until each task's "
+            f"forward FLOPs are {cfg.flops_target:.0%} below dense" if cfg.measure == "token_skip" else
+            f"the {cfg.mod_fraction:.0%} of layers with the lowest ARank (rtol {cfg.rank_rtol}), capacity = "
+            f"ARank/length clipped to [{cfg.capacity_min}, {cfg.capacity_max}]")
     header = (f"MoD plan written by `python -m tools.analyze` from {loaded.description}\n"
               f"data {data}; tasks {tasks}; {cfg.calib_samples} calibration samples per task (train split)\n"
-              f"per planned task: the {cfg.mod_fraction:.0%} of layers with the lowest ARank, capacity = ARank/length "
-              f"clipped to [{cfg.capacity_min}, {cfg.capacity_max}]\n"
+              f"measure {cfg.measure}: {rule}\n"
+              f"plan: below, how it was measured (parameters, per-layer numbers, stability over two halves of "
+              f"the calibration set)\n"
               f"use: python train/main.py --config X.yaml --set \"$(cat {out_dir / 'set_mod.txt'})\"")
-    plan_path, set_path = write_plan(out_dir, mod, header)
+    plan_path, set_path = write_plan(out_dir, mod, header, record)
     atomic_write(out_dir / "measurements.json", json.dumps(report, indent=1))
     panels = {"ARank / length": {t: m.arank_ratio for t, m in measures.items()},
               "cosine block": {t: m.cos_block for t, m in measures.items()},
@@ -149,8 +160,48 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
         f"({time.perf_counter() - t0:.1f}s)")
     for t in tasks:
         log(f"  {t}: MoD layers {plan_details.get(t, {}).get('mod_layers', [])} capacity "
-            f"{plan_details.get(t, {}).get('capacity', {})}; planned forward FLOPs -{flops[t]['saved_fraction']:.1%}")
+            f"{plan_details.get(t, {}).get('capacity', {})}; planned forward FLOPs -{flops[t]['saved_fraction']:.1%}; "
+            f"halves agree on layers (Jaccard) {record['stability'].get(t, {}).get('jaccard', 1.0):.2f}")
     return report
+
+
+def make_plan(net, cfg: AnalysisConfig, tasks: list[str], measures: dict, halves: dict,
+              routable_fraction: dict[str, float], source_mod: dict) -> tuple[dict, dict, dict]:
+    """-> (the `mod:` mapping, per-task details, the plan's record: measure, parameters, per-layer numbers
+    and the plans the two calibration halves give on their own)."""
+    params: dict[str, Any] = {"calib_samples": cfg.calib_samples, "calib_split": "train"}
+    if cfg.measure == "token_skip":
+        grid = list(cfg.capacity_grid)
+        per_half: dict[str, list] = {}
+        for t in tasks:
+            per_half[t] = [token_skip_curves(net, half, t, grid) for half in halves[t]]
+        curves, per_layer = {}, {}
+        for t in tasks:
+            (da, base_a, na), (db, base_b, nb) = per_half[t]
+            curves[t] = (np.array(da) * na + np.array(db) * nb) / (na + nb)
+            curves[t] = curves[t].tolist()
+        savings = {t: layer_savings(net.config, t, measures[t].mean_len, routable_fraction[t], grid) for t in tasks}
+        mod, details = plan_token_skip(curves, savings, source_mod, cfg)
+        halves_plans = {name: plan_token_skip({t: per_half[t][i][0] for t in tasks}, savings, source_mod, cfg)[1]
+                        for i, name in enumerate(("half_a", "half_b"))}
+        params.update(flops_target=cfg.flops_target, capacity_grid=grid)
+        for t in tasks:
+            per_layer[t] = {"capacity": [0.0, *grid], "delta_loss": curves[t],
+                            "dense_loss": sum(h[1] * h[2] for h in per_half[t]) / sum(h[2] for h in per_half[t]),
+                            "forward_flops_saved": savings[t]}
+    else:
+        mod, details = plan_arank({t: m.arank_ratio for t, m in measures.items()}, source_mod, cfg)
+        halves_plans = {}
+        for i, name in enumerate(("half_a", "half_b")):
+            ratio = {t: measure_task(net, halves[t][i], cfg.arank_max_tokens, cfg.rank_rtol).arank_ratio for t in tasks}
+            halves_plans[name] = plan_arank(ratio, source_mod, cfg)[1]
+        params.update(rank_rtol=cfg.rank_rtol, arank_max_tokens=cfg.arank_max_tokens, mod_fraction=cfg.mod_fraction,
+                      capacity_min=cfg.capacity_min, capacity_max=cfg.capacity_max)
+        per_layer = {t: {"arank": m.arank, "arank_ratio": m.arank_ratio} for t, m in measures.items()}
+    stability = plan_stability({"full": details, **halves_plans})
+    record = {"measure": cfg.measure, "parameters": params, "per_task": details, "per_layer": per_layer,
+              "stability": stability}
+    return mod, details, record
 
 
 def _ints(text: str) -> list[int]:
@@ -180,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=AnalysisConfig.batch_size)
     p.add_argument("--arank-max-tokens", type=int, default=AnalysisConfig.arank_max_tokens)
     p.add_argument("--rank-rtol", type=float)
+    p.add_argument("--measure", choices=["token_skip", "arank"], default=AnalysisConfig.measure,
+                   help="what the plan is made from (analysis/plan.py)")
+    p.add_argument("--flops-target", type=float, default=AnalysisConfig.flops_target,
+                   help="token_skip: fraction of each planned task's dense forward FLOPs to remove")
+    p.add_argument("--capacity-grid", type=_floats, default=None, help="token_skip: capacities measured, "
+                   "e.g. 0.1,0.2,0.3,0.5")
     p.add_argument("--mod-fraction", type=float, default=AnalysisConfig.mod_fraction)
     p.add_argument("--capacity-min", type=float, default=AnalysisConfig.capacity_min)
     p.add_argument("--capacity-max", type=float, default=AnalysisConfig.capacity_max)
@@ -201,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = AnalysisConfig(
             tasks=args.tasks, calib_samples=args.calib_samples, eval_samples=args.eval_samples,
             batch_size=args.batch_size, arank_max_tokens=args.arank_max_tokens, rank_rtol=args.rank_rtol,
+            measure=args.measure, flops_target=args.flops_target,
+            **({"capacity_grid": args.capacity_grid} if args.capacity_grid else {}),
             mod_fraction=args.mod_fraction, capacity_min=args.capacity_min, capacity_max=args.capacity_max,
             plan_tasks=args.plan_tasks, prune_max_layers=args.prune_max_layers,
             interaction_layers=args.interaction_layers, interaction_width=args.interaction_width,

@@ -47,7 +47,7 @@ from data.layout import make_labels
 from data.manifest import load_manifest
 from data.reader import iter_samples
 from model.loss import causal_lm_nll_sum
-from model.mod import routable_table, token_kinds
+from model.mod import ROUTING_STATS
 from tools.checkpoints import open_checkpoint
 from tools.generate import Sampler, SamplingConfig, add_sampling_args, dataset_dir_of, image_grid, sampling_config
 
@@ -279,56 +279,33 @@ class Evaluator:
     # ----- router agreement ----------------------------------------------------------------------------
     @torch.no_grad()
     def router_agreement(self, model) -> dict[str, float]:
-        """Per MoD layer and task: in the top-k forward, the fraction of routable tokens whose causal
-        decision (logit > 0) equals top-k membership. Membership is read from the layer's own output: a
-        selected token's hidden state changes, a skipped one rides the residual stream bit for bit."""
+        """Per MoD layer and routed task, on the validation samples in the top-k forward: the fraction of
+        routable tokens whose causal decision (logit > 0) equals top-k membership (`agreement`), and the
+        fraction a causal decision keeps (`causal_keep`). The forward counts both (model/mod.py
+        ROUTING_STATS); training logs the same on its micro-batches as mod/agreement and mod/causal_keep."""
         cfg = model.config
         mod_layers = cfg.mod.mod_layers()
         if not mod_layers:
             return {}
         device = next(model.parameters()).device
-        tbl = routable_table(cfg, device)
-        counts: dict[tuple[int, int], list[float]] = {}  # (layer, task) -> [agree, causal_kept, routable]
-        current: dict[str, torch.Tensor] = {}
-
-        def hook(layer_idx):
-            def fn(module, args, output):
-                x, x_out = args[0], output[0]
-                r, _ = module.router_logits(x, current["task"])
-                routable = current["routable"] & (torch.tensor(module.capacities, device=device)[current["task"]] < 1)[:, None]
-                selected = (x_out != x).any(-1)
-                causal = r > 0
-                for t in current["task"].unique().tolist():
-                    m = routable & (current["task"] == t)[:, None]
-                    c = counts.setdefault((layer_idx, t), [0.0, 0.0, 0.0])
-                    c[0] += float(((causal == selected) & m).sum())
-                    c[1] += float((causal & m).sum())
-                    c[2] += float(m.sum())
-            return fn
-
-        handles = [model.model.layers[i].register_forward_hook(hook(i)) for i in mod_layers]
-        try:
-            for task in ("t2i", "mmu", "lm"):
-                if task not in cfg.mod.tasks:
-                    continue
-                t = cfg.mod.tasks.index(task)
-                for ids, batch in self._batches(task):
-                    ids = ids.to(device)
-                    current["task"] = torch.full((len(batch),), t, dtype=torch.long, device=device)
-                    current["routable"] = tbl[current["task"]][torch.arange(len(batch), device=device)[:, None],
-                                                               token_kinds(ids, cfg.vocab).long()]
-                    model(ids, task_ids=current["task"], routing="topk")
-        finally:
-            for h in handles:
-                h.remove()
+        stats = torch.zeros(cfg.num_hidden_layers, cfg.num_tasks, len(ROUTING_STATS), dtype=torch.float64)
+        for task in ("t2i", "mmu", "lm"):
+            if task not in cfg.mod.tasks:
+                continue
+            t = cfg.mod.tasks.index(task)
+            for ids, batch in self._batches(task):
+                task_ids = torch.full((len(batch),), t, dtype=torch.long, device=device)
+                stats += model(ids.to(device), task_ids=task_ids, routing="topk").routing.double().cpu()
+        col = {name: i for i, name in enumerate(ROUTING_STATS)}
         out = {}
         for layer in mod_layers:
             agree = total = 0.0
             for t, task in enumerate(cfg.mod.tasks):
-                a, kept, n = counts.get((layer, t), (0.0, 0.0, 0.0))
-                if n > 0:
+                n = float(stats[layer, t, col["routable"]])
+                if n > 0 and cfg.mod.capacity_of(layer, t) < 1.0:
+                    a = float(stats[layer, t, col["agree"]])
                     out[f"router/agreement/{task}/layer_{layer}"] = a / n
-                    out[f"router/causal_keep/{task}/layer_{layer}"] = kept / n
+                    out[f"router/causal_keep/{task}/layer_{layer}"] = float(stats[layer, t, col["router_on"]]) / n
                     agree, total = agree + a, total + n
             if total > 0:
                 out[f"router/agreement/layer_{layer}"] = agree / total

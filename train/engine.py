@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from model.flops import RowTokens, StepFlops
+from model.mod import ROUTING_STATS
 from train.config import OptimConfig, RunConfig
 from train.launch import distributed
 
@@ -44,7 +45,7 @@ class StepRecord:
     loss_sum: torch.Tensor    # [T] summed micro-batch cross-entropies per task (the aux loss is not in them)
     loss_count: torch.Tensor  # [T] micro-batches per task
     aux_sum: torch.Tensor     # [] summed MoD aux losses
-    routing: torch.Tensor     # [L, T, 2] routable / selected tokens
+    routing: torch.Tensor     # [L, T, 4] token counts, columns model.mod.ROUTING_STATS
     samples: int = 0
     """Samples this data-parallel replica trained on."""
     skipped_nonfinite: int = 0
@@ -119,7 +120,7 @@ class Engine(abc.ABC):
     def new_record(self) -> StepRecord:
         T, L = self.cfg.model.num_tasks, self.cfg.model.num_hidden_layers
         zeros = lambda *shape: torch.zeros(shape, device=self.device)  # noqa: E731
-        return StepRecord(zeros(T), zeros(T), zeros(), zeros(L, T, 2))
+        return StepRecord(zeros(T), zeros(T), zeros(), zeros(L, T, len(ROUTING_STATS)))
 
     @abc.abstractmethod
     def train_step(self, batches: Batches, nonfinite: NonfiniteRun, step: int) -> StepRecord:

@@ -180,9 +180,15 @@ class StepLog:
                                               self.device, cfg.logging.peak_tflops))
         for layer in cfg.model.mod.mod_layers():
             for t, task in enumerate(cfg.model.mod.tasks):
-                n_routable, n_selected = rec.routing[layer, t].tolist()
+                n_routable, n_selected, n_on, n_agree = rec.routing[layer, t].tolist()
                 if n_routable > 0:
                     scalars[f"mod/capacity/{task}/layer_{layer}"] = n_selected / n_routable
+                    if cfg.model.mod.capacity_of(layer, t) < 1.0:
+                        # The routers learning: the share of routable tokens a causal decision (r > 0, what
+                        # sampling uses) would keep, and how often it agrees with the top-k that trains.
+                        # (The evaluator logs the same two on validation data as router/...)
+                        scalars[f"mod/causal_keep/{task}/layer_{layer}"] = n_on / n_routable
+                        scalars[f"mod/agreement/{task}/layer_{layer}"] = n_agree / n_routable
         scalars.update(memory_scalars(self.device))
         # Cumulative over the run. captions_dropped shows that classifier-free-guidance dropout
         # (data.caption_dropout) is live; the skip and loss counters make data dropped under data.bad_input: skip

@@ -10,7 +10,7 @@ builds (`model.transformer.layer_context`). Between stages everything travels as
 (DeepSpeed #3895, Megatron-DeepSpeed #373):
 
     hidden [B,S,D] float | input_ids [B,S] long | task_ids [B] long | position_ids [B,S] long |
-    aux [1] float (MoD router loss so far) | routing [L,T,2] long (routable / selected counts)
+    aux [1] float (MoD router loss so far) | routing [L,T,4] long (counts, columns model.mod.ROUTING_STATS)
 
 The position ids also carry the packed rows' documents (they restart at 0 for each sample), so every stage
 rebuilds the same document mask and per-sample MoD capacities as the single-device model, once per
@@ -31,7 +31,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.hf import iter_hf_weights, parameter_shapes
 from model.layers import Embedding, Linear, RMSNorm
-from model.mod import DecoderLayer, LayerContext
+from model.mod import ROUTING_STATS, DecoderLayer, LayerContext
 from model.transformer import UnifiedTransformer, hf_key_to_stage, layer_context, pieces, stage_key_to_hf
 
 
@@ -85,7 +85,7 @@ class EmbedPipe(nn.Module):
         input_ids, task_ids, position_ids = inputs
         h = self.embed_tokens(input_ids)
         aux = (self.embed_tokens.weight[0, :1] * 0.0).float()  # on the graph, so stage 0 can backprop it
-        routing = torch.zeros(self.num_layers, self.num_tasks, 2, dtype=torch.long, device=h.device)
+        routing = torch.zeros(self.num_layers, self.num_tasks, len(ROUTING_STATS), dtype=torch.long, device=h.device)
         return h, input_ids, task_ids, position_ids, aux, routing
 
 
