@@ -18,9 +18,10 @@ bench-grid:
 bench-peer:
 	$(PY) bench/peer_stack.py --out $(OUT)/peer_cpu.json
 
-# 3. dense vs UniMoD vs shared-router on the demo set with the real trainer, the main job's 4500 steps (~50 min)
+# 3. the UniMoD recipe's quality table: dense pre-training, analysed plan, dense / UniMoD / hand-plan /
+#    shared-router / from-scratch / isoFLOP fine-tunes, 3 seeds for dense and UniMoD (~50 min on 2 cores)
 bench-quality:
-	$(PY) bench/quality_study.py --steps 4500 --out $(OUT)/quality_study_cpu.json
+	$(PY) bench/unimod_recipe.py --rows all --seeds 0,1,2 --runs-dir runs/unimod_study --out $(OUT)/unimod_recipe_cpu.json
 
 # 4. loader throughput against a step's need, emu3-8b and demo shapes (~2 min)
 bench-loader:
@@ -35,7 +36,7 @@ bench-quick:
 		--repeats 2 --warmup 1 --threads 1 --out $(QUICK)/mod_grid.json
 	$(PY) bench/peer_stack.py --preset debug --mod-layers 2-3 --seq-len 256 --warmup 1 --steps 2 --rounds 1 \
 		--out $(QUICK)/peer.json
-	$(PY) bench/quality_study.py --steps 6 --runs-dir $(QUICK)/runs --set logging.eval_samples=4 \
-		--out $(QUICK)/quality_study.json
+	$(PY) bench/unimod_recipe.py --rows all --pretrain-steps 10 --finetune-steps 5 --runs-dir $(QUICK)/unimod \
+		--set logging.eval_samples=4 --out $(QUICK)/unimod_recipe.json
 	$(PY) bench/loader_study.py --samples 24 --batches 10 --workers 1 --out $(QUICK)/loader.json
 	$(PY) bench/scale_plan.py --nodes 1,2 --out $(QUICK)/scale_plan.json

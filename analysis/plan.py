@@ -60,7 +60,7 @@ def _ceil_cent(x: float) -> float:
 
 
 def plan_arank(arank_ratio: Mapping[str, list[float]], source_mod: Mapping[str, Any],
-             cfg: AnalysisConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+               cfg: AnalysisConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """-> (the `mod:` mapping, per-task details for the report).
 
     `arank_ratio[task]` is [L]; `source_mod` the checkpoint's mod section (its tasks, routable kinds and

@@ -52,6 +52,8 @@ def token_skip_curves(net: UnifiedTransformer, batches: list[Batch], task: str,
                       grid: list[float]) -> tuple[list[list[float]], float, int]:
     """-> (delta [L][len(grid) + 1]: loss increase at capacity 0 then at each grid value, dense loss,
     supervised tokens). `task` names the model's task whose routable kind applies (`mod.routable`)."""
+    if not batches:
+        raise ValueError(f"token_skip_curves: no {task} calibration batch")
     cfg = net.config
     t = cfg.mod.tasks.index(task)
     table = routable_table(cfg, batches[0].input_ids.device)

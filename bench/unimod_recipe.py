@@ -17,6 +17,8 @@ Steps, each skipped when its result is already there (a finished run is found by
     unimod_scratch  the analysed plan trained from scratch for pretrain + fine-tune steps (no dense phase)
     unimod_isoflop  the analysed plan fine-tuned on the dense fine-tune's training FLOPs: more steps, as many
                     as dense_ft's FLOPs over unimod_ft's (MoD's isoFLOP comparison; needs both at seed 0)
+    unimod_ft_tNN   with --sweep-targets: unimod_ft with a plan made for another FLOPs target (NN percent),
+                    the quality/FLOPs trade-off
 
 Every run evaluates at its end (understanding accuracy on the 180 validation digits, generation accuracy of
 10 images per digit by the independent judge, text perplexity). FLOPs are each run's own count; a saving is
@@ -66,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-steps", type=int, default=1500)
     p.add_argument("--measure", default="token_skip", choices=["token_skip", "arank"])
     p.add_argument("--flops-target", type=float, default=0.4, help="the planner's per-task forward-FLOPs target")
+    p.add_argument("--calib-samples", type=int, default=50, help="the analysis's calibration samples per task")
+    p.add_argument("--sweep-targets", default="", help="more FLOPs targets, e.g. 0.2,0.3: a plan and a unimod_ft "
+                   "row (seed 0) for each")
     p.add_argument("--jobs", type=int, default=2, help="trainer runs at a time")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each trainer run")
     p.add_argument("--set", action="append", default=[], help="extra trainer override for every fine-tune")
@@ -78,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown := [r for r in args.rows if r not in ROWS]:
         p.error(f"--rows: unknown {unknown}; known {list(ROWS)}")
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.sweep_targets = [float(t) for t in args.sweep_targets.split(",") if t.strip()]
+    if any(not 0 < t < 1 for t in [args.flops_target, *args.sweep_targets]):
+        p.error("FLOPs targets must be in (0, 1)")
     if not args.seeds or args.pretrain_steps < 1 or args.finetune_steps < 1 or args.jobs < 1:
         p.error("--seeds needs one seed; --pretrain-steps, --finetune-steps and --jobs must be >= 1")
     args.out = args.out or str(Path(args.runs_dir) / "unimod_recipe.json")
@@ -136,14 +144,19 @@ def train(name: str, out: Path, config: Path, steps: int, overrides: list[str], 
     print(f"[{name}] finished in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def analyse(args, pretrain: Path, plan_dir: Path) -> Path:
+def target_row(target: float) -> str:
+    return f"unimod_ft_t{round(100 * target)}"
+
+
+def analyse(args, pretrain: Path, plan_dir: Path, target: float) -> Path:
     plan = plan_dir / "mod_plan.yaml"
     hf = pretrain / "hf"
     if plan.exists() and plan.stat().st_mtime > (hf / "model.safetensors").stat().st_mtime:
         print(f"[analyse] plan there already: {plan}", flush=True)
         return plan
     cmd = [sys.executable, "-m", "tools.analyze", "--checkpoint", str(hf), "--data", args.data,
-           "--out", str(plan_dir), "--no-probes", "--measure", args.measure, "--flops-target", str(args.flops_target),
+           "--out", str(plan_dir), "--no-probes", "--measure", args.measure, "--flops-target", str(target),
+           "--calib-samples", str(args.calib_samples),
            "--device", "cuda" if _has_cuda() else "cpu"]
     print(f"[analyse] {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True, env=_env(args.threads * args.jobs))
@@ -152,7 +165,8 @@ def analyse(args, pretrain: Path, plan_dir: Path) -> Path:
 
 def row_overrides(row: str, seed: int, plan: Path, args, iso_steps: int | None = None) -> tuple[Path, int, list[str]]:
     """-> (config, steps, overrides) of one fine-tune row."""
-    common = [f"run.seed={seed}", *args.set]
+    seeded = [f"run.seed={seed}", f"data.seed={seed}", *args.set]  # a seed is init AND data order
+    common = [f"checkpoint.init_from_hf={Path(args.runs_dir) / 'pretrain' / 'hf'}", *seeded]  # this recipe's
     F = args.finetune_steps
     if row == "dense_ft":
         return FINETUNE_CONFIG, F, common
@@ -165,7 +179,7 @@ def row_overrides(row: str, seed: int, plan: Path, args, iso_steps: int | None =
     if row == "unimod_scratch":
         # From scratch, the same total steps as pretrain + fine-tune; the pre-training config's optimizer.
         return PRETRAIN_CONFIG, args.pretrain_steps + F, [f"model.mod_plan={plan}", "model.mod.aux_loss_weight=0.01",
-                                                          "checkpoint.save_every=1000", *common]
+                                                          "checkpoint.save_every=1000", *seeded]
     if row == "unimod_isoflop":
         return FINETUNE_CONFIG, iso_steps, [f"model.mod_plan={plan}", *common]
     raise ValueError(row)
@@ -183,8 +197,14 @@ def run_all(args) -> None:
     pretrain = runs / "pretrain"
     train("pretrain", pretrain, PRETRAIN_CONFIG, args.pretrain_steps, [], argparse.Namespace(
         **{**vars(args), "threads": args.threads * args.jobs}))
-    plan = analyse(args, pretrain, runs / "plan")
+    plan = analyse(args, pretrain, runs / "plan", args.flops_target)
     jobs = []
+    for target in args.sweep_targets:
+        sweep_plan = analyse(args, pretrain, runs / f"plan_t{round(100 * target)}", target)
+        seeds = args.seeds if args.all_rows_seeded else args.seeds[:1]
+        for seed in seeds:
+            config, steps, sets = row_overrides("unimod_ft", seed, sweep_plan, args)
+            jobs.append((f"{target_row(target)}_s{seed}", config, steps, sets))
     for row in args.rows:
         if row == "unimod_isoflop":
             continue
@@ -210,8 +230,12 @@ def _run_record(out: Path) -> dict:
     s = json.loads((out / "summary.json").read_text())
     steps = [json.loads(line).get("time/step_s") for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     steps = [t for t in steps if t is not None]
-    rec = {"run": out.name, "steps": s["steps"], "flops_actual": s["flops_actual"], "flops_dense": s["flops_dense"],
-           "saved_vs_padding_free_dense_pct": 100 * (1 - s["flops_actual"] / s["flops_dense"]),
+    # summary.json counts what its last attempt trained: a run resumed at its last step (e.g. only to evaluate)
+    # has no FLOPs of its own, and none are shown rather than a wrong count.
+    counted = s.get("steps_this_run", s["steps"]) == s["steps"] and s["flops_dense"] > 0
+    rec = {"run": out.name, "steps": s["steps"], "flops_actual": s["flops_actual"] if counted else None,
+           "flops_dense": s["flops_dense"] if counted else None,
+           "saved_vs_padding_free_dense_pct": 100 * (1 - s["flops_actual"] / s["flops_dense"]) if counted else None,
            "pad_pct": s.get("pad_pct"), "step_time_median_s": statistics.median(steps) if steps else None,
            "train_wall_s": s.get("wall_time_s")}
     for key, name in METRICS.items():
@@ -229,7 +253,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float | None]:
 def summarise(runs: Path, rows: list[str]) -> dict:
     table = {}
     for row in ("pretrain", *rows):
-        outs = sorted(runs.glob(f"{row}_s*")) if row != "pretrain" else [runs / "pretrain"]
+        outs = sorted(p for p in runs.glob(f"{row}_s*") if p.name[len(row) + 2:].isdigit()) \
+            if row != "pretrain" else [runs / "pretrain"]
         recs = [_run_record(o) for o in outs if (o / "summary.json").exists() and
                 json.loads((o / "summary.json").read_text()).get("eval")]
         if not recs:
@@ -292,7 +317,8 @@ def flops_context(runs: Path, data: str) -> dict:
         dense = flops_forward(model, S, [task], routable={task: routable}, dense=True, causal_attention=True).total
         planned = flops_forward(model, S, [task], routable={task: routable}, causal_attention=True).total
         tiny = 1e-9  # keeps ceil(1e-9 * n) = 1 routable token: "all but one" is as far as a capacity goes
-        plan_layers = model.replace(mod={"capacity": {str(li): {task: tiny} for li in model.mod.mod_layers()}})
+        own = [li for li in range(L) if model.mod.capacity_of(li, task) < 1.0]  # the task's own MoD layers
+        plan_layers = model.replace(mod={"capacity": {str(li): {task: tiny} for li in own}})
         every_layer = model.replace(mod={"capacity": {f"0-{L - 1}": {task: tiny}}})
         per_task[task] = {
             "seq_len": S, "routable": routable, "planned_saved": 1 - planned / dense,
@@ -351,7 +377,8 @@ def render(result: dict, png: str) -> str:
              f"Pre-training {result['pretrain_steps']} steps (dense); fine-tunes {result['finetune_steps']} steps "
              f"from it; plan: `{result['plan']['capacity']}` ({result['plan']['measure']}, target "
              f"{result['plan']['flops_target']}). Mean ± sample standard deviation over seeds where n > 1.", "",
-             "| row | seeds | steps | understanding % | generation % | text ppl | train FLOPs (TFLOP) | "
+             *[f"{row}: the plan for that target, `{cap}`." for row, cap in result.get("sweep_plans", {}).items()],
+             "", "| row | seeds | steps | understanding % | generation % | text ppl | train FLOPs (TFLOP) | "
              "saved vs padding-free dense | step median (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for row, agg in t.items():
         lines.append(f"| {row} | {agg['seeds']} | {agg['steps']:.0f} | {_fmt(agg, 'understanding', 100)} | "
@@ -369,8 +396,8 @@ def render(result: dict, png: str) -> str:
                   "train-split tokens per task):", "",
                   f"- token mix of training: {', '.join(f'{k} {x:.1%}' for k, x in fc['token_mix'].items())}",
                   f"- the plan's saving on this mix: {fc['planned_saved']:.1%}; its ceiling (every routable token "
-                  f"skipped in the plan's MoD layers): {fc['ceiling_plan_layers']:.1%}; every routable token skipped "
-                  f"in every layer: {fc['ceiling_every_layer']:.1%}",
+                  f"skipped in each task's MoD layers of the plan): {fc['ceiling_plan_layers']:.1%}; every routable "
+                  f"token skipped in every layer: {fc['ceiling_every_layer']:.1%}",
                   f"- the same plan at Emu3-8B shapes (layers {', '.join(fc['emu3_8b']['capacity'])}): " +
                   ", ".join(f"{k} -{fc['emu3_8b'][k]['saved']:.1%} ({fc['emu3_8b'][k]['seq_len']} tokens)"
                             for k in ("t2i", "mmu", "lm") if k in fc["emu3_8b"])]
@@ -392,9 +419,11 @@ def draw(table: dict, png: Path) -> None:
         for row, agg in table.items():
             if key not in agg:
                 continue
+            if "flops_actual" not in agg:
+                continue
             x = agg["flops_actual"] / 1e12
             ax.errorbar(x, 100 * agg[key], yerr=100 * (agg.get(f"{key}_sd") or 0), fmt="o", capsize=3, label=row)
-            for r in agg["runs"]:
+            for r in (r for r in agg["runs"] if r["flops_actual"] is not None):
                 ax.plot(r["flops_actual"] / 1e12, 100 * r[key], ".", color="grey", alpha=0.5)
         ax.set_xlabel("training FLOPs of the run (TFLOP)")
         ax.set_ylabel(f"{label} (%)")
@@ -412,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     if not args.report_only:
         run_all(args)
-    table = summarise(runs, args.rows)
+    table = summarise(runs, [*args.rows, *(target_row(t) for t in args.sweep_targets)])
     meas = json.loads((runs / "plan" / "measurements.json").read_text())
     rec = meas["plan"]["record"]
     result = {
@@ -420,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
         "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
         "plan": {"capacity": meas["plan"]["mod"]["capacity"], "measure": rec["measure"],
                  "flops_target": rec["parameters"].get("flops_target"), "stability": rec["stability"]},
+        "sweep_plans": {target_row(t): json.loads((runs / f"plan_t{round(100 * t)}" / "measurements.json").read_text())
+                        ["plan"]["mod"]["capacity"] for t in args.sweep_targets},
         "table": table, "verdict": verdict(table), "flops_context": flops_context(runs, args.data),
         "wall_s": time.perf_counter() - t0, "machine": machine_info(), "note": args.note,
     }

@@ -79,6 +79,9 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
     calib, halves, evals, routable_fraction, eval_len = {}, {}, {}, {}, {}
     for task in tasks:
         samples = load_task_samples(manifest, "train", task, cfg.calib_samples)
+        if len(samples) < 2:
+            raise ValueError(f"{data}/manifest.json: the train split holds {len(samples)} {task} sample(s); the "
+                             "plan's stability check needs at least 2 calibration samples per task (one per half)")
         # Two disjoint halves (alternate samples) for the plan's stability check.
         halves[task] = [make_batches(samples[i::2], cfg.batch_size, mc.vocab.pad_id, device) for i in (0, 1)]
         routable_fraction[task] = float(np.mean([1.0 - nonroutable_fraction(s.ids, mc.mod.routable[task], mc.vocab)
@@ -176,10 +179,9 @@ def make_plan(net, cfg: AnalysisConfig, tasks: list[str], measures: dict, halves
         for t in tasks:
             per_half[t] = [token_skip_curves(net, half, t, grid) for half in halves[t]]
         curves, per_layer = {}, {}
-        for t in tasks:
-            (da, base_a, na), (db, base_b, nb) = per_half[t]
-            curves[t] = (np.array(da) * na + np.array(db) * nb) / (na + nb)
-            curves[t] = curves[t].tolist()
+        for t in tasks:  # the whole calibration set: the halves' curves weighted by their supervised tokens
+            (da, _, na), (db, _, nb) = per_half[t]
+            curves[t] = ((np.array(da) * na + np.array(db) * nb) / (na + nb)).tolist()
         savings = {t: layer_savings(net.config, t, measures[t].mean_len, routable_fraction[t], grid) for t in tasks}
         mod, details = plan_token_skip(curves, savings, source_mod, cfg)
         halves_plans = {name: plan_token_skip({t: per_half[t][i][0] for t in tasks}, savings, source_mod, cfg)[1]

@@ -205,7 +205,8 @@ class RunSection:
     output_dir: str = "runs/default"
     """config.yaml, tensorboard/, checkpoints/, summary.json and hf/ are written here."""
     seed: int = 0
-    """Seeds model init, dropout-free training RNG and (unless data.seed is set apart) the loader."""
+    """Seeds model init (fresh weights, and fresh MoD routers on top of `checkpoint.init_from_hf`). The data
+    order and caption dropout are `data.seed`'s: set both to repeat a run with another seed end to end."""
     max_steps: int = 100
     """Optimizer steps to train."""
     device: str = "auto"
