@@ -363,11 +363,11 @@ def emu3_saving(mod: dict, demo_layers: int) -> dict:
     return out
 
 
-def _fmt(agg: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
+def _fmt(agg: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
     if key not in agg:
         return "-"
     v, sd = agg[key] * scale, agg.get(f"{key}_sd")
-    return f"{v:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
+    return f"{v:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if sd is not None else "") + unit
 
 
 def render(result: dict, png: str) -> str:
@@ -383,7 +383,7 @@ def render(result: dict, png: str) -> str:
     for row, agg in t.items():
         lines.append(f"| {row} | {agg['seeds']} | {agg['steps']:.0f} | {_fmt(agg, 'understanding', 100)} | "
                      f"{_fmt(agg, 'generation', 100)} | {_fmt(agg, 'text_ppl', digits=3)} | "
-                     f"{_fmt(agg, 'flops_actual', 1e-12, 2)} | {_fmt(agg, 'saved_vs_padding_free_dense_pct')}% | "
+                     f"{_fmt(agg, 'flops_actual', 1e-12, 2)} | {_fmt(agg, 'saved_vs_padding_free_dense_pct', unit='%')} | "
                      f"{_fmt(agg, 'step_time_median_s', digits=3)} |")
     lines += ["", "Verdict against the goal (computed, not asserted): UniMoD fine-tune within "
               f"{GOAL['max_gap_pts']} point of dense fine-tune on understanding and generation at >= "
@@ -435,6 +435,19 @@ def draw(table: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line for the report, the --note text left out (it is printed under the table)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     runs = Path(args.runs_dir)
@@ -445,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     meas = json.loads((runs / "plan" / "measurements.json").read_text())
     rec = meas["plan"]["record"]
     result = {
-        "command": " ".join(["bench/unimod_recipe.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["bench/unimod_recipe.py", *_without_note(argv if argv is not None else sys.argv[1:])]),
         "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
         "plan": {"capacity": meas["plan"]["mod"]["capacity"], "measure": rec["measure"],
                  "flops_target": rec["parameters"].get("flops_target"), "stability": rec["stability"]},
