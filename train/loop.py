@@ -327,6 +327,7 @@ class Trainer:
                 if rec is None:
                     continue  # the step is taken again with the next micro-batches
 
+                step_log.add(rec)
                 if step_log.due(self.step):
                     counters = self._data_counters()  # a collective: before the ranks that do not log leave
                     if self.engine.logs:

@@ -160,9 +160,15 @@ class StepLog:
 
     def __init__(self, logger: MetricsLogger, cfg, world_size: int, device: torch.device) -> None:
         self.logger, self.cfg, self.world_size, self.device = logger, cfg, world_size, device
+        self.routing: torch.Tensor | None = None  # routing counts of the steps since the last line
 
     def due(self, step: int) -> bool:
         return step % self.cfg.logging.log_every == 0 or step == self.cfg.run.max_steps
+
+    def add(self, rec) -> None:
+        """Every applied step: its routing counts join the window the next line reports, so a task that is rare
+        in the mix still shows its routers (a logged step holds one task's micro-batches, often)."""
+        self.routing = rec.routing.clone() if self.routing is None else self.routing + rec.routing
 
     def write(self, step: int, rec, lr: float, grad_norm: float | None, samples: int,
               data_counters: Mapping[str, int] | None) -> None:
@@ -178,9 +184,12 @@ class StepLog:
         if rec.flops is not None:
             scalars.update(throughput_scalars(rec.flops, rec.flops_model, rec.step_s, self.world_size, samples,
                                               self.device, cfg.logging.peak_tflops))
+        # mod/*: token counts over every step since the previous line (`add`), not only this one.
+        routing = self.routing if self.routing is not None else rec.routing
+        self.routing = None
         for layer in cfg.model.mod.mod_layers():
             for t, task in enumerate(cfg.model.mod.tasks):
-                n_routable, n_selected, n_on, n_agree = rec.routing[layer, t].tolist()
+                n_routable, n_selected, n_on, n_agree = routing[layer, t].tolist()
                 if n_routable > 0:
                     scalars[f"mod/capacity/{task}/layer_{layer}"] = n_selected / n_routable
                     if cfg.model.mod.capacity_of(layer, t) < 1.0:
