@@ -5,10 +5,13 @@
     python train/main.py --config train/configs/demo.yaml --set "$(cat plans/demo/set_mod.txt)"
 
 Per task, on `--calib-samples` samples of the TRAIN split: ARank per layer, cosine importance (block,
-attention, MLP), loss increase when each part is skipped, MLP neuron scores; task interaction and the
+attention, MLP), loss increase when each part is skipped, MLP neuron scores, and the token-skip curves the
+plan is made from (`--measure token_skip`, analysis/token_skip.py; `--measure arank` for UniMoD's ARank
+rule), each half of the calibration set planned on its own as a stability check; task interaction and the
 pruning probes are evaluated on `--eval-samples` VALIDATION samples. Writes to `--out`:
 
-    mod_plan.yaml      {model: {mod: ...}}: the plan in the model's schema (ModelConfig.from_dict accepts it)
+    mod_plan.yaml      {model: {mod: ...}, plan: {...}}: the plan in the model's schema (ModelConfig.from_dict
+                       accepts it) and its record: measure, parameters, per-layer numbers, stability
     set_mod.txt        the same plan as one `--set model.mod={...}` override for train/main.py
     measurements.json  every measurement, its definition, and the plan's FLOPs per task
     heatmaps.png, interaction.png, probes.png
