@@ -460,3 +460,23 @@ def test_cli_end_to_end_on_the_demo_data(demo_dataset, tmp_path):
     assert report["plan"]["record"]["measure"] == "token_skip"
     # the source checkpoint's own MoD plan is not what was analysed (dense) nor copied into the plan
     assert report["plan"]["mod"]["routable"] == net.config.mod.routable
+
+
+def test_arank_plans_record_their_tolerance_and_stability(demo_dataset, tmp_path):
+    """--measure arank: UniMoD's rule, with the rank tolerance it hinges on recorded beside the per-layer ARank,
+    and the halves of the calibration set planned on their own."""
+    from tools.analyze import run_analysis
+
+    _, hf = _demo_model(demo_dataset, tmp_path)
+    cfg = AnalysisConfig(measure="arank", rank_rtol=1e-2, calib_samples=6, eval_samples=3, batch_size=3,
+                         arank_max_tokens=32, probes=False)
+    report = run_analysis(str(hf), str(demo_dataset), str(tmp_path / "plan"), cfg, log=lambda *_: None)
+    record = yaml.safe_load((tmp_path / "plan" / "mod_plan.yaml").read_text())["plan"]
+    assert record["measure"] == "arank"
+    assert record["parameters"]["rank_rtol"] == 0.01 and record["parameters"]["mod_fraction"] == 0.5
+    for t in ("t2i", "mmu", "lm"):
+        assert len(record["per_layer"][t]["arank_ratio"]) == 4
+        assert len(record["stability"][t]["full"]) == 2  # half of 4 layers, from all samples and from each half
+        assert len(record["stability"][t]["half_a"]) == len(record["stability"][t]["half_b"]) == 2
+        # the plan file's numbers are the measurements' (rounded to 6 significant digits for YAML)
+        assert record["per_layer"][t]["arank_ratio"] == pytest.approx(report["layers"][t]["arank_ratio"], rel=1e-5)
