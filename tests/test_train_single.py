@@ -517,3 +517,35 @@ def test_dropped_shard_is_counted_in_metrics_and_summary(in_process, demo_datase
     assert data_summary["read_samples"] > 0 and data_summary["skipped_samples"] == 0
     last = read_metrics(out / "metrics.jsonl")[-1]
     assert last["data/skipped_shards/unreadable_shard"] == 1 and last["data/lost_samples"] == held
+
+
+def test_a_crashed_run_leaves_no_shared_memory_behind(demo_dataset, tmp_path):
+    """An exception inside training skips the orderly shutdown, yet the rank's DeepSpeed CPU all-reduce workspace
+    (~70 MB in /dev/shm, which DeepSpeed never unlinks) is removed on the way out; the error still propagates."""
+    import glob
+    import subprocess
+
+    script = tmp_path / "crash.py"
+    script.write_text(f"""
+import glob, sys
+sys.path.insert(0, {str(Path(MAIN).resolve().parents[1])!r})
+import torch
+import train.loop as loop
+
+def crash(self, stop):
+    import torch.distributed as dist
+    dist.all_reduce(torch.zeros(4))  # the shared-memory workspace exists from here
+    print("WORKSPACE", *glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"), flush=True)
+    raise RuntimeError("crash inside training")
+
+loop.Trainer.fit = crash
+from train.main import main
+sys.exit(main(["--smoke", "--set", "run.output_dir={tmp_path / 'run'}", "--set", "data.dataset_dir={demo_dataset}"]))
+""")
+    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and "crash inside training" in proc.stderr
+    during = set(next(line for line in proc.stdout.splitlines() if line.startswith("WORKSPACE")).split()[1:])
+    assert during - before, "the run created no workspace: the test would pass without the fix"
+    assert not (set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) & (during - before))

@@ -171,7 +171,7 @@ def _run(argv: list[str] | None, stop, where: dict) -> int:
     args = parse_args(argv)
     from train.config import (RunConfig, check_environment, load_ds_config, reconcile_ds_config,
                               resolve_precision)
-    from train.launch import init_distributed, resolve, shutdown_distributed
+    from train.launch import init_distributed, remove_shm_workspace, resolve, shutdown_distributed
     from train.log import log, set_rank
     from train.signals import EXIT_PREEMPTED
 
@@ -222,8 +222,15 @@ def _run(argv: list[str] | None, stop, where: dict) -> int:
     log.info(f"[train] deepspeed config: {json.dumps(ds_config)}")
     from train.loop import Trainer
 
-    trainer = Trainer(cfg, ds_config, env, device, precision)
-    code = trainer.fit(stop)
+    try:
+        trainer = Trainer(cfg, ds_config, env, device, precision)
+        code = trainer.fit(stop)
+    except BaseException:
+        # A crash skips the orderly shutdown below (a peer may still be inside a collective), but this rank's
+        # DeepSpeed shared-memory workspace can go: unlinking removes its name only, a peer's mapping of it
+        # stays valid, and otherwise ~70 MB of RAM stays in /dev/shm after every crashed run.
+        remove_shm_workspace(env.rank)
+        raise
     # Every rank returns from fit at the same point (an exception skips this). The engine's reference cycles
     # hold gloo work handles and tensors: freed now, while the interpreter is whole, and then the group, rather
     # than during interpreter finalization, where a finished 2-rank run was seen to abort ("terminate called
