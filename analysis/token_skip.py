@@ -26,21 +26,19 @@ from analysis.runner import run_hidden
 from analysis.samples import Batch
 from model.layers import rope_cos_sin
 from model.loss import causal_lm_nll_per_row
-from model.mod import KIND_PAD, routable_kept, routable_table, token_kinds
+from model.mod import KIND_PAD, routable_table, token_kinds, topk_per_document
 from model.transformer import UnifiedTransformer
 
 
 def _mod_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, routable: torch.Tensor,
                nonpad: torch.Tensor, score: torch.Tensor, capacity: float) -> torch.Tensor:
     """Layer `layer` on x [B,S,D] as a MoD layer keeping the top `capacity` of each row's routable tokens
-    by `score` [B,S]; skipped tokens keep x and are hidden as keys (each query still sees itself)."""
+    by `score` [B,S] (one sample per row; the model's own selection, model/mod.py `topk_per_document`);
+    skipped tokens keep x and are hidden as keys (each query still sees itself)."""
     B, S, _ = x.shape
-    keep = nonpad & ~routable
-    for b in range(B):
-        n = int(routable[b].sum())
-        k = routable_kept(capacity, n) if capacity > 0 else 0
-        if k:
-            keep[b, score[b].masked_fill(~routable[b], float("-inf")).topk(k).indices] = True
+    cap = torch.full((B,), capacity, dtype=torch.float64, device=x.device)
+    doc_ids = torch.zeros(B, S, dtype=torch.long, device=x.device)
+    keep = (nonpad & ~routable) | topk_per_document(score, routable, cap, doc_ids, single_document=True)
     eye = torch.eye(S, dtype=torch.bool, device=x.device)
     mask = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()[None, None] & (keep[:, None, None, :] | eye)
     y = layer.block(x, cos, sin, mask)
@@ -74,12 +72,13 @@ def token_skip_curves(net: UnifiedTransformer, batches: list[Batch], task: str,
         base += float(dense_nll.sum())
         count += int(n.sum())
         for layer_idx, layer in enumerate(net.model.layers):
-            score = (layer.block(x, cos, sin) - x).float().norm(dim=-1)
+            dense_out = layer.block(x, cos, sin)
+            score = (dense_out - x).float().norm(dim=-1)
             for j, c in enumerate(capacities):
                 h = _mod_layer(layer, x, cos, sin, routable, nonpad, score, c)
                 h = run_hidden(net, ids, start=layer_idx + 1, x=h)
                 nll[layer_idx, j] += float(causal_lm_nll_per_row(h, batch.labels, head)[0].sum())
-            x = run_hidden(net, ids, start=layer_idx, stop=layer_idx + 1, x=x)  # the dense prefix, one layer on
+            x = dense_out  # the dense prefix, one layer on
     if count == 0:
         raise ValueError(f"token_skip_curves: no supervised token in the {task} calibration samples")
     dense = base / count
