@@ -311,21 +311,21 @@ def flops_context(runs: Path, data: str) -> dict:
     manifest = load_manifest(data)
     L = model.num_hidden_layers
     shares, per_task = {}, {}
-    for task, cal in meas["calibration"].items():
-        S = round(cal["mean_len"])
-        routable = round(cal["routable_fraction"] * S)
-        dense = flops_forward(model, S, [task], routable={task: routable}, dense=True, causal_attention=True).total
-        planned = flops_forward(model, S, [task], routable={task: routable}, causal_attention=True).total
+    for task in meas["calibration"]:
+        # The analysis's own count of the plan on the task's mean calibration sample (analysis/plan.py plan_flops)
+        planned = meas["plan"]["forward_flops"][task]
+        S, routable = planned["seq_len"], planned["routable"]
+
+        def saved(cfg: ModelConfig) -> float:
+            return 1 - flops_forward(cfg, S, [task], routable={task: routable}, causal_attention=True).total \
+                / planned["dense"]
+
         tiny = 1e-9  # keeps ceil(1e-9 * n) = 1 routable token: "all but one" is as far as a capacity goes
         own = [li for li in range(L) if model.mod.capacity_of(li, task) < 1.0]  # the task's own MoD layers
-        plan_layers = model.replace(mod={"capacity": {str(li): {task: tiny} for li in own}})
-        every_layer = model.replace(mod={"capacity": {f"0-{L - 1}": {task: tiny}}})
         per_task[task] = {
-            "seq_len": S, "routable": routable, "planned_saved": 1 - planned / dense,
-            "ceiling_plan_layers": 1 - flops_forward(plan_layers, S, [task], routable={task: routable},
-                                                     causal_attention=True).total / dense,
-            "ceiling_every_layer": 1 - flops_forward(every_layer, S, [task], routable={task: routable},
-                                                     causal_attention=True).total / dense}
+            "seq_len": S, "routable": routable, "planned_saved": planned["saved_fraction"],
+            "ceiling_plan_layers": saved(model.replace(mod={"capacity": {str(li): {task: tiny} for li in own}})),
+            "ceiling_every_layer": saved(model.replace(mod={"capacity": {f"0-{L - 1}": {task: tiny}}}))}
         shares[task] = passes.get(task, 0.0) * sum(len(s.ids) for s in load_task_samples(manifest, "train", task,
                                                                                            1 << 40))
     total = sum(shares.values())
