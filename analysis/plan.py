@@ -126,14 +126,19 @@ def budget_capacities(delta: list[list[float]], saved: list[list[float]], grid: 
     return [1.0 if j == G else grid[j] for j in cur], total
 
 
+def _mean_sample(task: str, length: float, routable_fraction: float) -> tuple[int, dict[str, int]]:
+    """(S, {task: routable tokens}) of a sample of the task's mean length and routable fraction."""
+    S = max(1, round(length))
+    return S, {task: min(S, round(routable_fraction * S))}
+
+
 def layer_savings(model_cfg: ModelConfig, task: str, seq_len: float, routable_fraction: float,
                   grid: list[float]) -> list[list[float]]:
     """[L][len(grid)]: fraction of one mean `task` sample's dense forward FLOPs (causal attention, head
     included) saved when only layer l is a MoD layer at capacity grid[j] (its router's cost included)."""
     from model.flops import flops_forward
 
-    S = max(1, round(seq_len))
-    routable = {task: min(S, round(routable_fraction * S))}
+    S, routable = _mean_sample(task, seq_len, routable_fraction)
     dense = model_cfg.replace(mod={"capacity": {}})
     base = flops_forward(dense, S, [task], routable=routable, causal_attention=True).total
     out = []
@@ -245,8 +250,7 @@ def plan_flops(model_cfg: ModelConfig, mod: Mapping[str, Any], mean_len: Mapping
     planned = model_cfg.replace(mod=dict(mod))
     out = {}
     for task, length in mean_len.items():
-        S = max(1, round(length))
-        routable = {task: min(S, round(routable_fraction[task] * S))}
+        S, routable = _mean_sample(task, length, routable_fraction[task])
         dense = flops_forward(planned, S, [task], routable=routable, dense=True, causal_attention=True).total
         mod_f = flops_forward(planned, S, [task], routable=routable, causal_attention=True).total
         out[task] = {"seq_len": S, "routable": routable[task], "dense": dense, "planned": mod_f,
