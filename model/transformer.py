@@ -7,9 +7,12 @@ One decoder over one vocabulary of text and image VQ tokens (Emu3). Parameter na
     from model import ModelConfig, UnifiedTransformer
     net = UnifiedTransformer(ModelConfig.from_preset("debug", mod={"capacity": {"2-3": {"t2i": 0.25}}}))
     out = net(input_ids, task_ids=task_ids)   # out.logits [B,S,V], out.aux_loss [], out.routing [L,T,4] (model/mod.py ROUTING_STATS)
+    out = net(input_ids, task_ids=task_ids, labels=labels)  # out.loss [] (mean next-token CE), out.logits None
+    (out.loss + out.aux_loss).backward()
 
 The forward is three pieces, in order: `prologue` (embedding + the `LayerContext` every layer shares),
-the decoder layers, `head`. `pieces` lists the same order with each piece's HF names; the pipeline stages
+the decoder layers, `head` (or, given labels, `head_loss`: the LM head and the loss in chunks, never the
+whole [B,S,V] logits; model/loss.py `linear_cross_entropy`). `pieces` lists the same order with each piece's HF names; the pipeline stages
 of `train/stages.py` are built from it and run the same prologue code (`layer_context`). Parallelism
 (ZeRO-3, pipeline stages) is applied from outside by `train/`; this file is single-device.
 """
@@ -25,6 +28,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.layers import Embedding, Linear, RMSNorm, rope_cos_sin
+from model.loss import IGNORE_INDEX, linear_cross_entropy, next_token_targets
 from model.mod import DecoderLayer, LayerContext, capacity_table, routable_table, row_layout, token_kinds
 
 
@@ -32,8 +36,8 @@ class ModelOutput(NamedTuple):
     """A NamedTuple rather than a dataclass: DeepSpeed's ZeRO-3 module hooks walk tuples (namedtuples
     included), lists and dicts to find the output tensors; a dataclass hides them from those hooks."""
 
-    logits: torch.Tensor
-    # [B, S, V] next-token logits.
+    logits: torch.Tensor | None
+    # [B, S, V] next-token logits; None when the forward was given labels (it returns `loss` instead).
     aux_loss: torch.Tensor
     # Scalar: the MoD router BCE loss summed over MoD layers, already times `mod.aux_loss_weight`. Add it to
     # the language-model loss.
@@ -41,6 +45,9 @@ class ModelOutput(NamedTuple):
     # [num_layers, num_tasks, 4] float token counts per layer and task in this batch, columns
     # model.mod.ROUTING_STATS: routable, selected, router_on (logit > 0), agree (r > 0 == top-k). Dense
     # layers, and tasks with capacity 1 in a MoD layer, report every column equal to routable.
+    loss: torch.Tensor | None = None
+    # Scalar fp32: the mean next-token cross-entropy over supervised positions, when the forward was given
+    # labels (aux loss not included); else None.
 
 
 def layer_context(cfg: ModelConfig, input_ids: torch.Tensor, task_ids: torch.Tensor | None,
@@ -70,6 +77,26 @@ def layer_context(cfg: ModelConfig, input_ids: torch.Tensor, task_ids: torch.Ten
                         routing=routing)
 
 
+class LMHead(Linear):
+    """Linear(D, vocab), which can also return the summed next-token loss of its input without materialising
+    the logits (`linear_cross_entropy`). The loss is computed inside this module's own forward, so DeepSpeed
+    ZeRO-3 has gathered the weight for it, as for a plain call."""
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D] -> logits [..., V]; with target [...] (IGNORE_INDEX = no loss) -> the summed CE, fp32 []."""
+        if target is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, target)
+
+
+def head_loss(norm: nn.Module, lm_head: LMHead, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) over the supervised positions of `labels` [B,S] (aligned with the
+    inputs, model/loss.py) from the last hidden states h [B,S,D]; 0 when nothing is supervised. Shared by the
+    model and the pipeline's last stage."""
+    target = next_token_targets(labels)
+    return lm_head(norm(h), target) / (target != IGNORE_INDEX).sum().clamp_min(1)
+
+
 class Backbone(nn.Module):
     """The `model.` prefix of the HF checkpoint: embeddings, layers, final norm."""
 
@@ -85,7 +112,7 @@ class UnifiedTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.initializer_range)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.initializer_range)
         self.gradient_checkpointing = False
         """Recompute each decoder layer in backward (torch.utils.checkpoint, non-reentrant)."""
 
@@ -95,9 +122,12 @@ class UnifiedTransformer(nn.Module):
         task_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         routing: str | None = None,
+        labels: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B,S] long; task_ids [B] long (index into config.mod.tasks; required when the model
-        has MoD layers); position_ids [B,S] (default 0..S-1); routing overrides config.mod.routing.
+        has MoD layers); position_ids [B,S] (default 0..S-1); routing overrides config.mod.routing; labels
+        [B,S] long aligned with input_ids (-100 = not supervised; model/loss.py): return `loss` computed in
+        chunks instead of the logits.
 
         Packed rows: position ids restart at 0 for each sample in a row (trailing padding continues the
         last sample's positions). Each sample then attends only to itself and its RoPE restarts; MoD
@@ -112,6 +142,8 @@ class UnifiedTransformer(nn.Module):
                 h, layer_aux, layer_stats = layer(h, ctx)
             aux = aux + layer_aux
             stats.append(layer_stats)
+        if labels is not None:
+            return ModelOutput(logits=None, aux_loss=aux, routing=torch.stack(stats), loss=self.head_loss(h, labels))
         return ModelOutput(logits=self.head(h), aux_loss=aux, routing=torch.stack(stats))
 
     def prologue(self, input_ids: torch.Tensor, task_ids: torch.Tensor | None = None,
@@ -124,6 +156,11 @@ class UnifiedTransformer(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """[B,S,D] last hidden states -> [B,S,V] logits."""
         return self.lm_head(self.model.norm(h))
+
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B,S,D] last hidden states, [B,S] labels -> mean next-token CE over supervised positions (fp32),
+        the head run in chunks (model/loss.py `linear_cross_entropy`)."""
+        return head_loss(self.model.norm, self.lm_head, h, labels)
 
     # ----- helpers used by training and tests ------------------------------------------------------
     def num_parameters(self, exclude_routers: bool = False) -> int:

@@ -121,9 +121,10 @@ def count_contexts(monkeypatch) -> dict[str, int]:
     return counts
 
 
-def pipe_loss(out) -> torch.Tensor:
-    logits, aux, _, _ = out
-    return logits.square().mean() + aux.sum()
+def pipe_loss(out, head) -> torch.Tensor:
+    """The last layer passes the hidden states on (its head runs in the loss function, train/pipeline.py)."""
+    h, aux, _, _ = out
+    return head.logits(h).square().mean() + aux.sum()
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
@@ -149,7 +150,7 @@ def test_pipeline_module_builds_one_context_per_micro_batch(world_of_one, monkey
     counts = count_contexts(monkeypatch)
     outs = [module(tuple(t.clone() for t in b)) for b in batches]  # the engine hands each forward clones
     assert counts == {"row_layout": 2, "host": 2}
-    sum(pipe_loss(o) for o in reversed(outs)).backward()
+    sum(pipe_loss(o, module.forward_funcs[-1]) for o in reversed(outs)).backward()
     assert counts == {"row_layout": 2, "host": 2}, "the backward (recompute) rebuilt a context"
     monkeypatch.undo()
 
@@ -186,7 +187,7 @@ def test_two_stages_build_one_context_each_per_micro_batch(monkeypatch):
     with torch.no_grad():
         for (ids, tasks, pos), out in zip(batches, outs):
             want = net(ids, task_ids=tasks, position_ids=pos)
-            assert torch.equal(out[0], want.logits) and torch.equal(out[1][0], want.aux_loss)
+            assert torch.equal(stage1[-1].logits(out[0]), want.logits) and torch.equal(out[1][0], want.aux_loss)
             assert torch.equal(out[2], want.routing.round().long())
 
 
@@ -204,7 +205,7 @@ def test_a_new_micro_batch_gets_a_new_context():
             x = (ids, tasks, pos)
             for layer in layers:
                 x = layer(x)
-            assert torch.equal(x[0], net(ids, task_ids=tasks, position_ids=pos).logits)
+            assert torch.equal(layers[-1].logits(x[0]), net(ids, task_ids=tasks, position_ids=pos).logits)
     assert contexts.builds == 2
     del x, ids, tasks, pos
     gc.collect()

@@ -2,8 +2,8 @@
 FLOPs, its HF export; checkpoints under SIGTERM, SIGUSR1 and SIGKILL with exact resume; non-finite losses.
 
 Runs are subprocesses of `train/main.py` (as a user starts them), shared between tests by module fixtures.
-The non-finite-loss tests run `train.main.main` in-process with `train.zero.causal_lm_loss` (the ZeRO engine's loss)
-patched, so production carries no test-only switch.
+The non-finite-loss tests run `train.main.main` in-process with `UnifiedTransformer.head_loss` (the loss the ZeRO
+engine reads as `out.loss`) patched, so production carries no test-only switch.
 """
 
 from __future__ import annotations
@@ -319,17 +319,18 @@ def in_process():
 
 
 def _patch_loss(monkeypatch, bad_calls):
-    import train.zero
+    """Make the model's cross-entropy (the ZeRO engine's `out.loss`) NaN on the calls `bad_calls(n)` picks."""
+    from model.transformer import UnifiedTransformer
 
-    real = train.zero.causal_lm_loss
+    real = UnifiedTransformer.head_loss
     calls = []
 
-    def flaky(logits, labels):
+    def flaky(self, h, labels):
         calls.append(len(calls) + 1)
-        loss = real(logits, labels)
+        loss = real(self, h, labels)
         return loss * float("nan") if bad_calls(len(calls)) else loss
 
-    monkeypatch.setattr(train.zero, "causal_lm_loss", flaky)
+    monkeypatch.setattr(UnifiedTransformer, "head_loss", flaky)
     return calls
 
 
@@ -351,17 +352,17 @@ def _main(dataset, out, **kw):
 def test_task_loss_is_the_cross_entropy_without_the_aux_loss(in_process, demo_dataset, tmp_path, monkeypatch):
     """loss/<task> is the micro-batch's cross-entropy as the ZeRO engine's loss function returned it (one
     micro-batch per step here); the MoD aux loss is in loss/total and mod/aux_loss only."""
-    import train.zero
+    from model.transformer import UnifiedTransformer
 
-    real = train.zero.causal_lm_loss
+    real = UnifiedTransformer.head_loss
     ces = []
 
-    def spy(logits, labels):
-        loss = real(logits, labels)
+    def spy(self, h, labels):
+        loss = real(self, h, labels)
         ces.append(float(loss))
         return loss
 
-    monkeypatch.setattr(train.zero, "causal_lm_loss", spy)
+    monkeypatch.setattr(UnifiedTransformer, "head_loss", spy)
     out = tmp_path / "run"
     assert _main(demo_dataset, out, run__max_steps=3, logging__log_every=1, logging__eval_at_end="false",
                  checkpoint__resume="none") == 0
@@ -408,7 +409,7 @@ def _patch_nan_grads(monkeypatch, bad_calls):
     of 2.4e24 and a NaN gradient norm)."""
     import torch
 
-    import train.zero
+    from model.transformer import UnifiedTransformer
 
     class NanGrad(torch.autograd.Function):
         @staticmethod
@@ -419,15 +420,15 @@ def _patch_nan_grads(monkeypatch, bad_calls):
         def backward(ctx, g):
             return g * float("nan")
 
-    real = train.zero.causal_lm_loss
+    real = UnifiedTransformer.head_loss
     calls = []
 
-    def poisoned(logits, labels):
+    def poisoned(self, h, labels):
         calls.append(len(calls) + 1)
-        loss = real(logits, labels)
+        loss = real(self, h, labels)
         return NanGrad.apply(loss) if bad_calls(len(calls)) else loss
 
-    monkeypatch.setattr(train.zero, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(UnifiedTransformer, "head_loss", poisoned)
     return calls
 
 

@@ -18,26 +18,28 @@ from deepspeed.pipe import PipelineModule
 
 from model.config import ModelConfig
 from model.flops import RowTokens
-from model.loss import causal_lm_loss
 from model.transformer import stage_key_to_hf
 from train.config import RunConfig
 from train.engine import (Batches, Engine, NonfiniteRun, StepRecord, guard_nonfinite_steps,
                           make_optimizer, torch_dtype)
 from train.launch import distributed
 from train.log import log
-from train.stages import checkpoint_fn, load_hf_into_stages, stage_specs
+from train.stages import HeadPipe, checkpoint_fn, load_hf_into_stages, stage_specs
 
 
 class PipelineLoss:
-    """The last stage's loss: next-token CE + MoD aux. While a step runs (`record` set by the engine) it also
-    records each micro-batch's CE under its task (without the aux loss), the aux loss and the routing counts."""
+    """The last stage's loss: next-token CE + MoD aux. The CE runs the last stage's LM head on the hidden states
+    in chunks (`HeadPipe.loss`; `head` is set on the last stage when the engine is built), so the [B,S,V] logits
+    never exist. While a step runs (`record` set by the engine) it also records each micro-batch's CE under its
+    task (without the aux loss), the aux loss and the routing counts."""
 
     def __init__(self) -> None:
         self.record: StepRecord | None = None
+        self.head: HeadPipe | None = None
 
     def __call__(self, outputs, labels):
-        logits, aux, routing, task_ids = outputs
-        ce = causal_lm_loss(logits, labels)
+        h, aux, routing, task_ids = outputs
+        ce = self.head.loss(h, labels)
         loss = ce + aux.sum()
         rec = self.record
         if not torch.isfinite(loss.detach()):
@@ -122,6 +124,9 @@ def build_pipeline_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: 
                             activation_checkpoint_interval=ckpt_interval,
                             activation_checkpoint_func=checkpoint_fn)
     module.to(device=device, dtype=torch_dtype(precision) if precision != "fp32" else torch.float32)
+    heads = [f for f in module.forward_funcs if isinstance(f, HeadPipe)]
+    if heads:  # the last stage: its loss function runs this head (PipelineLoss)
+        module.loss_fn.head = heads[0]
     if cfg.checkpoint.init_from_hf:
         load_hf_into_stages(module, cfg.model, cfg.checkpoint.init_from_hf)
     opt, sched, ds_config = make_optimizer(cfg, module.named_parameters(), ds_config, device.type == "cuda",

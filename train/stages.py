@@ -17,7 +17,8 @@ rebuilds the same document mask and per-sample MoD capacities as the single-devi
 micro-batch (`StageContext`). Ids travel as integers (the engine expects a gradient for every float it
 sends); the aux loss is a float on the gradient path from stage 0 on (seeded with 0 * a weight), so every
 stage has a gradient to send back. Shapes are fixed per run (fixed seq_len, fixed micro-batch): the engine
-sends them only once. The last stage returns (logits, aux, routing, task_ids) to the loss function.
+sends them only once. The last stage returns (hidden [B,S,D], aux, routing, task_ids) to the loss function,
+which runs the head with the labels (`HeadPipe.loss`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.hf import iter_hf_weights, parameter_shapes
-from model.layers import Embedding, Linear, RMSNorm
+from model.layers import Embedding, RMSNorm
 from model.mod import ROUTING_STATS, DecoderLayer, LayerContext
-from model.transformer import UnifiedTransformer, hf_key_to_stage, layer_context, pieces, stage_key_to_hf
+from model.transformer import (LMHead, UnifiedTransformer, head_loss, hf_key_to_stage, layer_context, pieces,
+                               stage_key_to_hf)
 
 
 class StageContext:
@@ -107,14 +109,26 @@ class DecoderPipe(DecoderLayer):
 
 
 class HeadPipe(nn.Module):
+    """The final norm and the LM head. Its forward passes the last hidden states on: the head itself runs in
+    the loss function (train/pipeline.py `PipelineLoss`, through `loss`), the only place that has the labels,
+    so the [B,S,V] logits are never materialised (model/loss.py `linear_cross_entropy`)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg.initializer_range)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.initializer_range)
 
     def forward(self, inputs):
         h, _, task_ids, _, aux, routing = inputs
-        return self.lm_head(self.norm(h)), aux, routing, task_ids  # UnifiedTransformer.head
+        return h, aux, routing, task_ids
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[B,S,D] last hidden states (this layer's first output) -> [B,S,V] logits (UnifiedTransformer.head)."""
+        return self.lm_head(self.norm(h))
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token CE over the supervised positions (UnifiedTransformer.head_loss)."""
+        return head_loss(self.norm, self.lm_head, h, labels)
 
 
 def stage_specs(cfg: ModelConfig) -> list[LayerSpec]:

@@ -17,7 +17,6 @@ import torch.distributed as dist
 
 from model import UnifiedTransformer
 from model.hf import iter_hf_weights, parameter_shapes
-from model.loss import causal_lm_loss
 from train.config import RunConfig
 from train.engine import Batches, Engine, NonfiniteRun, StepRecord, guard_nonfinite_steps, make_optimizer
 from train.launch import distributed
@@ -48,8 +47,10 @@ class ZeroEngine(Engine):
         rec = self.new_record()
         while len(rec.microbatches) < self.cfg.optim.grad_accum:
             batch, rows = next(batches)
-            out = self.ds(batch["input_ids"], task_ids=batch["task_ids"], position_ids=batch["position_ids"])
-            ce = causal_lm_loss(out.logits, batch["labels"])
+            # With labels the model returns the loss computed in chunks, never the [B,S,V] logits.
+            out = self.ds(batch["input_ids"], task_ids=batch["task_ids"], position_ids=batch["position_ids"],
+                          labels=batch["labels"])
+            ce = out.loss
             loss = ce + out.aux_loss
             if not _finite_everywhere(loss):
                 rec.skipped_nonfinite += 1
