@@ -29,9 +29,7 @@ sys.path.insert(0, str(REPO))
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from data.layout import IGNORE_INDEX  # noqa: E402
 from model import ModelConfig, UnifiedTransformer  # noqa: E402
 from model.flops import describe_microbatch, mfu, microbatch_flops, peak_flops, tflops_per_device  # noqa: E402
 
@@ -114,14 +112,13 @@ def build(args: argparse.Namespace, cfg: ModelConfig, ds: dict):
 
 
 def loss_of(args: argparse.Namespace, engine, ids: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor):
-    """Same loss for both: mean next-token cross-entropy (fp32 logits) + our MoD routers' aux loss."""
+    """Same loss for both, each stack's own training path: mean next-token cross-entropy over supervised
+    positions (HF: fp32 logits through its `ForCausalLMLoss`; ours: the head and the loss in chunks,
+    model/loss.py) + our MoD routers' aux loss."""
     if args.model == "ours":
-        out = engine(ids, task_ids=task_ids)
-        logits, aux = out.logits, out.aux_loss
-    else:
-        logits, aux = engine(input_ids=ids, use_cache=False).logits, 0.0
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-    return ce + aux
+        out = engine(ids, task_ids=task_ids, labels=labels)
+        return out.loss + out.aux_loss
+    return engine(input_ids=ids, labels=labels, use_cache=False).loss
 
 
 def max_rss_gib() -> float:

@@ -15,7 +15,6 @@ the evaluator's perplexity use it; `causal_lm_loss` on full logits stays for cal
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -67,13 +66,14 @@ def chunk_columns(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
     return max(1, min(vocab, chunk_budget(rows, hidden, itemsize) // (4 * rows)))
 
 
-def head_loss_bytes(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
+def head_loss_bytes(rows: int, hidden: int, vocab: int, itemsize: int, weight_grad: bool = True) -> int:
     """Peak transient bytes of `linear_cross_entropy`'s backward beyond its inputs, for the capacity planner:
     one column chunk of fp32 logits and its cast to the weight's dtype, the fp32 input-gradient accumulator
-    and the weight gradient itself (which an unchunked head allocates as well)."""
+    and, with `weight_grad`, the weight's whole gradient (an unchunked head allocates it as well; leave it out
+    where the gradients are counted whole anyway, as on a pipeline stage)."""
     cols = chunk_columns(rows, hidden, vocab, itemsize)
     cast = rows * cols * itemsize if itemsize < 4 else 0
-    return rows * cols * 4 + cast + rows * hidden * 4 + vocab * hidden * itemsize
+    return rows * cols * 4 + cast + rows * hidden * 4 + (vocab * hidden * itemsize if weight_grad else 0)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

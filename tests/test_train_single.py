@@ -359,7 +359,7 @@ def test_task_loss_is_the_cross_entropy_without_the_aux_loss(in_process, demo_da
 
     def spy(self, h, labels):
         loss = real(self, h, labels)
-        ces.append(float(loss))
+        ces.append(float(loss.detach()))
         return loss
 
     monkeypatch.setattr(UnifiedTransformer, "head_loss", spy)
@@ -524,8 +524,12 @@ def test_a_crashed_run_leaves_no_shared_memory_behind(demo_dataset, tmp_path):
     """An exception inside training skips the orderly shutdown, yet the rank's DeepSpeed CPU all-reduce workspace
     (~70 MB in /dev/shm, which DeepSpeed never unlinks) is removed on the way out; the error still propagates."""
     import glob
+    import socket
     import subprocess
 
+    with socket.socket() as sock:  # a free port, given to the run, so its workspace's name is known
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     script = tmp_path / "crash.py"
     script.write_text(f"""
 import glob, sys
@@ -536,7 +540,8 @@ import train.loop as loop
 def crash(self, stop):
     import torch.distributed as dist
     dist.all_reduce(torch.zeros(4))  # the shared-memory workspace exists from here
-    print("WORKSPACE", *glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"), flush=True)
+    # Only this run's workspace (its port is in the name): other jobs on the machine may hold their own.
+    print("WORKSPACE", *glob.glob("/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), flush=True)
     raise RuntimeError("crash inside training")
 
 loop.Trainer.fit = crash
@@ -544,7 +549,7 @@ from train.main import main
 sys.exit(main(["--smoke", "--set", "run.output_dir={tmp_path / 'run'}", "--set", "data.dataset_dir={demo_dataset}"]))
 """)
     before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and "crash inside training" in proc.stderr
     during = set(next(line for line in proc.stdout.splitlines() if line.startswith("WORKSPACE")).split()[1:])

@@ -35,7 +35,11 @@ Memory model, per GPU (ZeRO paper, Rajbhandari et al. 2020, section 3.1: mixed-p
   tokens*B*(6D + 2*D_kv + 4F)*a (norm inputs and outputs, q/k/v, attention output, SwiGLU gate, up,
   SiLU and product). A MoD layer runs on P = K tokens instead of S (see "Rows" below), plus its
   full-length residual (S*B*D*a); the task of the mix with the largest P sets the memory.
-- Logits S*B*V*4 bytes (fp32 for the loss), on the last pipeline stage only.
+- LM head + loss, on the last pipeline stage only: the head runs in chunks and never holds the S*B*V fp32
+  logits (model/loss.py `linear_cross_entropy`); its backward holds one chunk of fp32 logits (as large as the
+  hidden states) and its cast, an fp32 input-gradient accumulator, and under ZeRO-3 the head's whole weight
+  gradient before it is reduce-scattered (`head_loss_bytes`). Full logits would be 7.04 GiB for one
+  10,240-token Emu3-8B micro-batch, and their gradient as much again.
 - 1F1B pipeline: stage s holds min(stages - s, grad_accum) micro-batches of activations in flight.
 Not counted: CUDA context and NCCL buffers (~1-2 GiB), allocator fragmentation, ZeRO bucket buffers,
 temporary tensors of the loss. Leave that much headroom.
@@ -66,6 +70,7 @@ from typing import Mapping, Sequence
 
 from model.config import ModelConfig
 from model.flops import RowTokens, layer_tokens, step_flops
+from model.loss import head_loss_bytes
 from train.config import RunConfig, apply_overrides, read_config_doc, resolve_precision
 
 GiB = 1024**3
@@ -280,7 +285,6 @@ def plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
     b_param, b_grad, b_opt = _STATE_BYTES[precision]
     mod_tokens = {t: [n for n, _ in layer_tokens(model_cfg, [rows[t]])] for t in mix}
     worst_task = max(mix, key=lambda t: sum(mod_tokens[t]))
-    logits = seq_len * micro_batch_size * model_cfg.vocab_size * 4.0
     layer_of = {n: int(n.split()[1]) for n in names if n.startswith("layer ")}
 
     if mode == "zero":
@@ -309,7 +313,9 @@ def plan(cfg: RunConfig, *, nodes: int, gpus_per_node: int, gpu_memory_gib: floa
             memory["gradients"] = float(b_grad * p)
             memory["optimizer states"] = 0.0 if offload_optimizer else b_opt * p / dp
             memory["activations"] = in_flight * acts
-        memory["logits"] = logits if "norm+head" in stage_names else 0.0
+        memory["LM head + loss"] = float(head_loss_bytes(seq_len * micro_batch_size, model_cfg.hidden_size,
+                                                         model_cfg.vocab_size, a, weight_grad=mode == "zero")
+                                         ) if "norm+head" in stage_names else 0.0
         stages.append(StagePlan(items=tuple(stage_names), params=p, memory=memory))
     worst = max(range(len(stages)), key=lambda i: stages[i].total_bytes)
     # Offloaded optimizer states: every GPU's shard lives in its node's host memory.
