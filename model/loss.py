@@ -66,50 +66,95 @@ def chunk_columns(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
     return max(1, min(vocab, chunk_budget(rows, hidden, itemsize) // (4 * rows)))
 
 
+def grads_in_forward(rows: int, hidden: int, vocab: int, itemsize: int) -> bool:
+    """Whether `linear_cross_entropy` computes its gradients during the forward (three head matmuls, as an
+    unfused head) rather than recomputing the logits in the backward (four): when an fp32 accumulator of the
+    weight's gradient fits the chunk budget, i.e. for small vocabularies (the demo's, the CPU benchmarks');
+    never at Emu3's 184k vocabulary, where that accumulator would be 3 GiB."""
+    return vocab * hidden * 4 <= chunk_budget(rows, hidden, itemsize)
+
+
 def head_loss_bytes(rows: int, hidden: int, vocab: int, itemsize: int, weight_grad: bool = True) -> int:
-    """Peak transient bytes of `linear_cross_entropy`'s backward beyond its inputs, for the capacity planner:
-    one column chunk of fp32 logits and its cast to the weight's dtype, the fp32 input-gradient accumulator
-    and, with `weight_grad`, the weight's whole gradient (an unchunked head allocates it as well; leave it out
-    where the gradients are counted whole anyway, as on a pipeline stage)."""
+    """Peak transient bytes of `linear_cross_entropy` beyond its inputs, for the capacity planner: one chunk of
+    fp32 logits and its cast to the weight's dtype, the input's gradient (an fp32 accumulator when the backward
+    recomputes the logits), and, with `weight_grad`, the weight's whole gradient (an unchunked head allocates it
+    as well; leave it out where the gradients are counted whole anyway, as on a pipeline stage) plus its fp32
+    accumulator when the gradients are computed in the forward."""
+    weight = vocab * hidden * itemsize if weight_grad else 0
+    if grads_in_forward(rows, hidden, vocab, itemsize):
+        chunk = chunk_rows(rows, hidden, vocab, itemsize) * vocab
+        cast = chunk * itemsize if itemsize < 4 else 0
+        return chunk * 4 + cast + rows * hidden * itemsize + vocab * hidden * 4 + weight
     cols = chunk_columns(rows, hidden, vocab, itemsize)
     cast = rows * cols * itemsize if itemsize < 4 else 0
-    return rows * cols * 4 + cast + rows * hidden * 4 + (vocab * hidden * itemsize if weight_grad else 0)
+    return rows * cols * 4 + cast + rows * hidden * 4 + weight
+
+
+def _softmax_minus_one_hot_(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, first: int,
+                            scale: torch.Tensor) -> torch.Tensor:
+    """In place on fp32 logits [N, C] of vocabulary columns first..first+C: (softmax - one_hot(target)) * scale
+    [N] = d(sum of scaled CE) / d logits. Rows whose target is outside these columns get no one-hot entry."""
+    g = logits.sub_(lse[:, None]).exp_()
+    cols = g.shape[1]
+    hit = (target >= first) & (target < first + cols)
+    # scatter_add, not boolean indexing: no device->host sync per chunk on a GPU.
+    g.scatter_add_(1, (target - first).clamp(0, cols - 1)[:, None], -hit.to(g.dtype)[:, None])
+    return g.mul_(scale[:, None])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(x_i @ weight.T, target_i) over rows whose target is not IGNORE_INDEX, in chunks.
 
-    Forward: chunks of rows over the whole vocabulary give each row's log-sum-exp and the loss; only the
-    log-sum-exp [N] is kept. Backward (the way Apple's cut-cross-entropy does it): chunks of vocabulary columns
-    over all rows recompute their logits, turn them into softmax - one_hot, write that slice of the weight's
-    gradient exactly once (one rounding, no accumulation over chunks in the weight's dtype) and add their share
-    of the input's gradient into an fp32 [N, D] accumulator. That is one more head matmul than an unfused
-    forward + backward (about 3% of an Emu3-8B step's FLOPs) for no [N, V] tensor and no second [V, D] one:
-    accumulating the weight gradient over row chunks instead would need an fp32 [V, D] accumulator (3 GiB at
-    Emu3-8B) read and written once per chunk."""
+    Forward: chunks of rows over the whole vocabulary give each row's log-sum-exp and the loss. Then one of:
+    - gradients in the forward (`grads_in_forward`, small vocabularies): each row chunk's softmax - one_hot
+      gives its rows of the input's gradient and adds into an fp32 accumulator of the weight's gradient, while
+      its logits are at hand (as Liger's fused kernel does); the backward only scales them. Three head matmuls.
+    - recomputation (large vocabularies, the way Apple's cut-cross-entropy does it): only the log-sum-exp [N]
+      is kept; the backward's chunks of vocabulary columns over all rows recompute their logits, write that
+      slice of the weight's gradient exactly once and add their share of the input's gradient into an fp32
+      [N, D] accumulator. One head matmul more (about 3% of an Emu3-8B step's FLOPs), for no [N, V] tensor and
+      no [V, D] fp32 accumulator read and written once per row chunk (3 GiB at Emu3-8B)."""
 
     @staticmethod
-    def forward(ctx, x, weight, target, rows_per_chunk, cols_per_chunk):  # noqa: D401
+    def forward(ctx, x, weight, target, rows_per_chunk, cols_per_chunk, in_forward):  # noqa: D401
         n = x.shape[0]
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         lse = torch.empty(n, dtype=torch.float32, device=x.device)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
+        if in_forward:
+            grad_x = torch.empty_like(x) if want_x else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_w else None
         for start in range(0, n, rows_per_chunk):
             end = start + rows_per_chunk
-            logits = (x[start:end] @ weight.t()).float()  # [C, V], the only logits that exist
-            tc = target[start:end]
+            xc, tc = x[start:end], target[start:end]
+            logits = (xc @ weight.t()).float()  # [C, V], the only logits that exist
             valid = tc != IGNORE_INDEX
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, torch.where(valid, tc, 0)[:, None]).squeeze(1)
             total += torch.where(valid, lse[start:end] - picked, 0.0).sum()
-        ctx.save_for_backward(x, weight, target, lse)
-        ctx.cols_per_chunk = cols_per_chunk
+            if in_forward:
+                g = _softmax_minus_one_hot_(logits, lse[start:end], tc, 0, valid.to(torch.float32))
+                if want_w and g.dtype == xc.dtype:
+                    grad_w.addmm_(g.t(), xc)
+                elif want_w:  # a low-precision product per chunk, summed in fp32
+                    grad_w += g.to(xc.dtype).t() @ xc
+                if want_x:
+                    torch.mm(g.to(x.dtype), weight, out=grad_x[start:end])
+        ctx.in_forward, ctx.cols_per_chunk = in_forward, cols_per_chunk
+        if in_forward:
+            ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))
+        else:
+            ctx.save_for_backward(x, weight, target, lse)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
+        if ctx.in_forward:
+            grad_x, grad_w = ctx.saved_tensors
+            return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
+                    None if grad_w is None else grad_w * grad_total.to(grad_w.dtype), None, None, None, None)
         x, weight, target, lse = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # d(sum CE)/d logits = softmax - one_hot(target), zero on unsupervised rows; times the incoming scale.
         scale = (target != IGNORE_INDEX).to(torch.float32) * grad_total.to(torch.float32)  # [N]
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if want_x else None
         grad_w = torch.empty_like(weight) if want_w else None
@@ -117,32 +162,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, V, cols):
             end = min(start + cols, V)
             w = weight[start:end]
-            g = (x @ w.t()).float().sub_(lse[:, None]).exp_()  # [N, Vc] softmax slice
-            hit = (target >= start) & (target < end)  # rows whose target column is in this slice
-            g.scatter_add_(1, (target - start).clamp(0, end - start - 1)[:, None], -hit.to(g.dtype)[:, None])
-            g = g.mul_(scale[:, None]).to(x.dtype)
+            g = _softmax_minus_one_hot_((x @ w.t()).float(), lse, target, start, scale).to(x.dtype)  # [N, Vc]
             if want_w:
                 torch.mm(g.t(), x, out=grad_w[start:end])
             if want_x:
                 grad_x += g @ w
-        return (None if grad_x is None else grad_x.to(x.dtype), grad_w, None, None, None)
+        return (None if grad_x is None else grad_x.to(x.dtype), grad_w, None, None, None, None)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         rows_per_chunk: int | None = None, cols_per_chunk: int | None = None) -> torch.Tensor:
+                         rows_per_chunk: int | None = None, cols_per_chunk: int | None = None,
+                         in_forward: bool | None = None) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) of the logits `x @ weight.T` against `target`, IGNORE_INDEX rows
     excluded, without materialising the logits: x [N, D] (or [..., D]), weight [V, D], target [N] (or [...]).
 
     Exact to fp32 rounding against `F.cross_entropy(x @ weight.T, target, reduction="sum")`, values and
-    gradients. Chunk sizes default to what memory allows (`chunk_rows`, `chunk_columns`)."""
+    gradients. Chunk sizes, and whether the gradients are computed in the forward, default to what memory
+    allows (`chunk_rows`, `chunk_columns`, `grads_in_forward`)."""
     x, target = x.reshape(-1, x.shape[-1]), target.reshape(-1)
     if target.shape[0] != x.shape[0]:
         raise ValueError(f"linear_cross_entropy: {x.shape[0]} rows of hidden states but {target.shape[0]} targets")
     n, d, v, size = x.shape[0], x.shape[1], weight.shape[0], x.element_size()
     rows_per_chunk = rows_per_chunk or chunk_rows(n, d, v, size)
     cols_per_chunk = cols_per_chunk or chunk_columns(n, d, v, size)
+    if in_forward is None:
+        in_forward = grads_in_forward(n, d, v, size)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(x, weight, target, rows_per_chunk, cols_per_chunk)
+        return _LinearCrossEntropy.apply(x, weight, target, rows_per_chunk, cols_per_chunk, in_forward)
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for start in range(0, n, rows_per_chunk):
         logits = (x[start:start + rows_per_chunk] @ weight.t()).float()

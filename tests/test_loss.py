@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.loss
 from model import ModelConfig, UnifiedTransformer
-from model.loss import (IGNORE_INDEX, causal_lm_loss, chunk_columns, chunk_rows, head_loss_bytes,
-                        linear_cross_entropy)
+from model.loss import (IGNORE_INDEX, causal_lm_loss, chunk_columns, chunk_rows, grads_in_forward,
+                        head_loss_bytes, linear_cross_entropy)
 from tests.model_helpers import LM, MMU, T2I, pack, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -31,10 +31,11 @@ def _problem(dtype=torch.float32, n=50, d=16, v=37, seed=0):
     return x, w, t
 
 
+@pytest.mark.parametrize("in_forward", [False, True], ids=["recompute", "grads_in_forward"])
 @pytest.mark.parametrize("rows,cols", [(1, 1), (7, 5), (10, 36), (50, 37), (None, None)])
-def test_values_and_gradients_equal_cross_entropy_on_full_logits(rows, cols):
+def test_values_and_gradients_equal_cross_entropy_on_full_logits(rows, cols, in_forward):
     x, w, t = _problem()
-    got = linear_cross_entropy(x, w, t, rows, cols)
+    got = linear_cross_entropy(x, w, t, rows, cols, in_forward)
     (got * 0.37).backward()  # a loss scale other than 1 reaches both gradients
     gx, gw = x.grad, w.grad
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
@@ -47,11 +48,12 @@ def test_values_and_gradients_equal_cross_entropy_on_full_logits(rows, cols):
     assert gw[t[t >= 0]].abs().sum() > 0 and gx[t == IGNORE_INDEX].abs().max() == 0
 
 
-def test_bf16_is_as_accurate_as_the_unchunked_bf16_head():
+@pytest.mark.parametrize("in_forward", [False, True], ids=["recompute", "grads_in_forward"])
+def test_bf16_is_as_accurate_as_the_unchunked_bf16_head(in_forward):
     """In bf16 both the chunked head and the plain one (bf16 logits upcast for the loss) round; measured
     against an fp32 reference, the chunked one's error is no larger than the plain one's."""
     x, w, t = _problem(torch.bfloat16, n=64, d=32, v=300)
-    got = linear_cross_entropy(x, w, t, 9, 40)
+    got = linear_cross_entropy(x, w, t, 9, 40, in_forward)
     got.backward()
     xp, wp = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     plain = F.cross_entropy((xp @ wp.t()).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -85,9 +87,13 @@ def test_mismatched_targets_are_an_error():
 
 
 def test_chunk_sizes_follow_memory():
-    # Emu3-8B, one 10,240-token bf16 micro-batch: chunks of fp32 logits no larger than the hidden states.
+    # Emu3-8B, one 10,240-token bf16 micro-batch: chunks of fp32 logits no larger than the hidden states, and
+    # the logits recomputed in the backward (an fp32 weight-gradient accumulator would be 3 GiB).
     assert chunk_rows(10240, 4096, 184622, 2) == 10240 * 4096 * 2 // (4 * 184622) == 113
     assert chunk_columns(10240, 4096, 184622, 2) == 2048
+    assert not grads_in_forward(10240, 4096, 184622, 2)
+    # A 4,096-id vocabulary at hidden 512 (the CPU benchmarks): the 8 MiB accumulator fits the 16 MiB budget.
+    assert grads_in_forward(4096, 512, 4096, 4) and not grads_in_forward(4096, 512, 8193, 4)
     # The 16 MiB floor for small inputs; never more rows or columns than there are.
     assert chunk_rows(256, 64, 1000, 4) == 256 and chunk_columns(256, 64, 1000, 4) == 1000
     assert chunk_rows(4096, 512, 4096, 4) == (16 << 20) // (4 * 4096) == 1024
@@ -112,8 +118,11 @@ def _batch(cfg: ModelConfig):
     return ids, pos, torch.tensor([T2I, MMU, LM]), labels
 
 
+@pytest.mark.parametrize("in_forward", [False, True], ids=["recompute", "grads_in_forward"])
 @pytest.mark.parametrize("mod", [None, {"capacity": {"2-3": {"t2i": 0.25, "mmu": 0.5}}}], ids=["dense", "mod"])
-def test_model_loss_and_gradients_equal_the_loss_on_full_logits(mod):
+def test_model_loss_and_gradients_equal_the_loss_on_full_logits(mod, in_forward, monkeypatch):
+    monkeypatch.setattr(model.loss, "grads_in_forward", lambda *a: in_forward)
+    monkeypatch.setattr(model.loss, "CHUNK_FLOOR_BYTES", 0)  # several chunks even at these tiny shapes
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("debug", **({"mod": mod} if mod else {}))
     a = UnifiedTransformer(cfg)
@@ -158,10 +167,12 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_no_tensor_as_large_as_the_logits(monkeypatch):
+@pytest.mark.parametrize("in_forward", [False, True], ids=["recompute", "grads_in_forward"])
+def test_no_tensor_as_large_as_the_logits(monkeypatch, in_forward):
     """Forward + backward with labels never creates a tensor of B x S x V elements (or anything near it);
     the same step through the full logits does (so the probe sees them when they exist)."""
     monkeypatch.setattr(model.loss, "CHUNK_FLOOR_BYTES", 0)  # chunks sized by the hidden states alone
+    monkeypatch.setattr(model.loss, "grads_in_forward", lambda *a: in_forward)
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("debug", vocab={"visual_size": 3000, "vocab_size": 3264})
     net = UnifiedTransformer(cfg)
