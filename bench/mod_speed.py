@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -143,17 +142,16 @@ def make_batch(cfg: ModelConfig, tasks: list[str], seq_len: int, seed: int = 0) 
 
 
 class Step:
-    """One training step of `net` (zero grads, forward, loss, backward), synchronised for timing."""
+    """One training step of `net` (zero grads, forward with the chunked loss as training runs it, backward),
+    synchronised for timing."""
 
     def __init__(self, net: UnifiedTransformer, ids: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor):
         self.net, self.ids, self.labels, self.task_ids = net, ids, labels, task_ids
 
     def __call__(self) -> None:
         self.net.zero_grad(set_to_none=True)
-        out = self.net(self.ids, task_ids=self.task_ids)
-        logits = out.logits[:, :-1].flatten(0, 1).float()
-        loss = F.cross_entropy(logits, self.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX) + out.aux_loss
-        loss.backward()
+        out = self.net(self.ids, task_ids=self.task_ids, labels=self.labels)
+        (out.loss + out.aux_loss).backward()
         _sync(self.ids.device)
 
 

@@ -15,6 +15,7 @@ the evaluator's perplexity use it; `causal_lm_loss` on full logits stays for cal
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -55,14 +56,16 @@ def chunk_budget(rows: int, hidden: int, itemsize: int) -> int:
 
 
 def chunk_rows(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
-    """Rows per forward chunk (all vocabulary columns) under `chunk_budget`. At Emu3-8B shapes (10,240 bf16
-    rows of 4,096, vocabulary 184,622): 113 rows, 91 chunks of 80 MiB instead of 7 GiB of logits."""
+    """Rows per chunk (all vocabulary columns) under `chunk_budget`, where `linear_cross_entropy` goes by rows
+    (small vocabularies, `grads_in_forward`): 1,024 rows of 4,096 ids at hidden 512 in fp32."""
     return max(1, min(rows, chunk_budget(rows, hidden, itemsize) // (4 * vocab)))
 
 
 def chunk_columns(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
-    """Vocabulary columns per backward chunk (all rows) under `chunk_budget`: hidden x itemsize / 4 columns
-    (2,048 for bf16 at 4,096 wide), or more when the floor allows."""
+    """Vocabulary columns per chunk (all rows) under `chunk_budget`, where `linear_cross_entropy` goes by
+    columns (large vocabularies): hidden x itemsize / 4 columns, or more when the floor allows. At Emu3-8B
+    shapes (10,240 bf16 rows of 4,096, vocabulary 184,622): 2,048 columns, 91 chunks of 80 MiB of fp32 logits
+    instead of 7 GiB."""
     return max(1, min(vocab, chunk_budget(rows, hidden, itemsize) // (4 * rows)))
 
 
@@ -102,49 +105,73 @@ def _softmax_minus_one_hot_(logits: torch.Tensor, lse: torch.Tensor, target: tor
     return g.mul_(scale[:, None])
 
 
+def _lse_by_columns(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                    cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp of every row's logits [N] fp32, summed CE of the supervised rows []) over chunks of
+    vocabulary columns for all rows at once, with a running max (the online softmax): [N, cols] logits at a
+    time, in matmuls as wide as the batch (chunks of rows would make them as thin as 22 rows at emu3-1b's
+    widths, slow on CPUs and below tensor-core tile sizes on GPUs)."""
+    n = x.shape[0]
+    run_max = torch.full((n,), -math.inf, dtype=torch.float32, device=x.device)
+    run_sum = torch.zeros(n, dtype=torch.float32, device=x.device)
+    picked = torch.zeros(n, dtype=torch.float32, device=x.device)
+    V = weight.shape[0]
+    for start in range(0, V, cols):
+        end = min(start + cols, V)
+        logits = (x @ weight[start:end].t()).float()  # [N, Vc]
+        new_max = torch.maximum(run_max, logits.max(dim=1).values)
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+        run_max = new_max
+        hit = (target >= start) & (target < end)
+        col = (target - start).clamp(0, end - start - 1)[:, None]
+        picked += torch.where(hit, logits.gather(1, col).squeeze(1), 0.0)
+    lse = run_max + torch.log(run_sum)
+    return lse, torch.where(target != IGNORE_INDEX, lse - picked, 0.0).sum()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(x_i @ weight.T, target_i) over rows whose target is not IGNORE_INDEX, in chunks.
 
-    Forward: chunks of rows over the whole vocabulary give each row's log-sum-exp and the loss. Then one of:
-    - gradients in the forward (`grads_in_forward`, small vocabularies): each row chunk's softmax - one_hot
-      gives its rows of the input's gradient and adds into an fp32 accumulator of the weight's gradient, while
-      its logits are at hand (as Liger's fused kernel does); the backward only scales them. Three head matmuls.
-    - recomputation (large vocabularies, the way Apple's cut-cross-entropy does it): only the log-sum-exp [N]
-      is kept; the backward's chunks of vocabulary columns over all rows recompute their logits, write that
-      slice of the weight's gradient exactly once and add their share of the input's gradient into an fp32
-      [N, D] accumulator. One head matmul more (about 3% of an Emu3-8B step's FLOPs), for no [N, V] tensor and
-      no [V, D] fp32 accumulator read and written once per row chunk (3 GiB at Emu3-8B)."""
+    Two ways, by memory (`grads_in_forward`):
+    - gradients in the forward (small vocabularies): chunks of rows over the whole vocabulary give each row's
+      log-sum-exp and loss, and their softmax - one_hot gives those rows of the input's gradient and adds into
+      an fp32 accumulator of the weight's gradient while the logits are at hand (as Liger's fused kernel does);
+      the backward only scales them. Three head matmuls, as an unfused head.
+    - recomputation (large vocabularies, the way Apple's cut-cross-entropy does it): the forward runs chunks of
+      vocabulary columns over all rows with an online log-sum-exp and keeps only that [N]; the backward's
+      chunks of vocabulary columns recompute their logits, write that slice of the weight's gradient exactly
+      once and add their share of the input's gradient into an fp32 [N, D] accumulator. One head matmul more
+      (about 3% of an Emu3-8B step's FLOPs), for no [N, V] tensor and no [V, D] fp32 accumulator read and
+      written once per chunk (3 GiB at Emu3-8B)."""
 
     @staticmethod
     def forward(ctx, x, weight, target, rows_per_chunk, cols_per_chunk, in_forward):  # noqa: D401
+        ctx.in_forward, ctx.cols_per_chunk = in_forward, cols_per_chunk
+        if not in_forward:
+            lse, total = _lse_by_columns(x, weight, target, cols_per_chunk)
+            ctx.save_for_backward(x, weight, target, lse)
+            return total
         n = x.shape[0]
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        lse = torch.empty(n, dtype=torch.float32, device=x.device)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        if in_forward:
-            grad_x = torch.empty_like(x) if want_x else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_w else None
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_w else None
         for start in range(0, n, rows_per_chunk):
             end = start + rows_per_chunk
             xc, tc = x[start:end], target[start:end]
             logits = (xc @ weight.t()).float()  # [C, V], the only logits that exist
             valid = tc != IGNORE_INDEX
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, torch.where(valid, tc, 0)[:, None]).squeeze(1)
-            total += torch.where(valid, lse[start:end] - picked, 0.0).sum()
-            if in_forward:
-                g = _softmax_minus_one_hot_(logits, lse[start:end], tc, 0, valid.to(torch.float32))
-                if want_w and g.dtype == xc.dtype:
-                    grad_w.addmm_(g.t(), xc)
-                elif want_w:  # a low-precision product per chunk, summed in fp32
-                    grad_w += g.to(xc.dtype).t() @ xc
-                if want_x:
-                    torch.mm(g.to(x.dtype), weight, out=grad_x[start:end])
-        ctx.in_forward, ctx.cols_per_chunk = in_forward, cols_per_chunk
-        if in_forward:
-            ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))
-        else:
-            ctx.save_for_backward(x, weight, target, lse)
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            g = _softmax_minus_one_hot_(logits, lse, tc, 0, valid.to(torch.float32))
+            if want_w and g.dtype == xc.dtype:
+                grad_w.addmm_(g.t(), xc)
+            elif want_w:  # a low-precision product per chunk, summed in fp32
+                grad_w += g.to(xc.dtype).t() @ xc
+            if want_x:
+                torch.mm(g.to(x.dtype), weight, out=grad_x[start:end])
+        ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
     @staticmethod
@@ -189,6 +216,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
         in_forward = grads_in_forward(n, d, v, size)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(x, weight, target, rows_per_chunk, cols_per_chunk, in_forward)
+    if not in_forward:  # no gradients wanted: the same chunks as the forward with gradients
+        return _lse_by_columns(x, weight, target, cols_per_chunk)[1]
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for start in range(0, n, rows_per_chunk):
         logits = (x[start:start + rows_per_chunk] @ weight.t()).float()

@@ -71,10 +71,11 @@ def test_bf16_is_as_accurate_as_the_unchunked_bf16_head(in_forward):
     assert err(w.grad, w32.grad) <= 1.5 * err(wp.grad, w32.grad) + 1e-3
 
 
-def test_without_gradients_the_value_is_the_same():
+@pytest.mark.parametrize("in_forward", [False, True], ids=["by_columns", "by_rows"])
+def test_without_gradients_the_value_is_the_same(in_forward):
     x, w, t = _problem()
     with torch.no_grad():
-        got = linear_cross_entropy(x, w, t, 7, 5)
+        got = linear_cross_entropy(x, w, t, 7, 5, in_forward)
     assert not got.requires_grad
     want = F.cross_entropy(x @ w.t(), t, ignore_index=IGNORE_INDEX, reduction="sum")
     torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-5)
