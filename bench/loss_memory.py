@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from bench.report import machine_info
     from model import ModelConfig
-    from model.loss import chunk_columns, chunk_rows, head_loss_bytes
+    from model.loss import chunk_columns, chunk_rows, grads_in_forward, head_loss_bytes
 
     base = [sys.executable, str(Path(__file__).resolve()), "--preset", args.preset, "--layers", str(args.layers),
             "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype]
@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         "saved_gib": (full - chunked) / 2**30,
         "peak_ratio": chunked / full,
         "logits_fp32_gib": n * cfg.vocab_size * 4 / 2**30,
+        "grads_in_forward": grads_in_forward(n, cfg.hidden_size, cfg.vocab_size, itemsize),
         "chunk_rows": chunk_rows(n, cfg.hidden_size, cfg.vocab_size, itemsize),
         "chunk_columns": chunk_columns(n, cfg.hidden_size, cfg.vocab_size, itemsize),
         "planner_head_loss_gib": head_loss_bytes(n, cfg.hidden_size, cfg.vocab_size, itemsize) / 2**30,
@@ -156,6 +157,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def render(r: dict) -> str:
     c = r["config"]
+    grads = r["runs"]["chunked"]["grad_bytes"] / 2**30
+    if r.get("grads_in_forward"):
+        chunks = f"Chunks of {r['chunk_rows']} rows, gradients computed in the forward."
+    else:
+        chunks = (f"Chunks of {r['chunk_columns']} vocabulary columns over all rows, forward (online log-sum-exp) "
+                  f"and backward (logits recomputed).")
     lines = [
         "# Peak memory: full logits vs the chunked LM head + loss",
         "",
@@ -172,11 +179,12 @@ def render(r: dict) -> str:
         f"{r['runs']['chunked']['seconds']:.1f} |",
         "",
         f"Saved: **{r['saved_gib']:.2f} GiB** ({100 * (1 - r['peak_ratio']):.0f}% of the step's peak above the model). "
-        f"The fp32 logits alone are {r['logits_fp32_gib']:.2f} GiB; parameter gradients "
-        f"{r['runs']['chunked']['grad_bytes'] / 2**30:.2f} GiB are in both columns. Chunks: {r['chunk_rows']} rows "
-        f"(forward), {r['chunk_columns']} vocabulary columns (backward); the capacity planner counts "
-        f"{r['planner_head_loss_gib']:.2f} GiB for the head + loss (model/loss.py `head_loss_bytes`, the head's "
-        f"weight gradient included).",
+        f"Both columns include the parameter gradients ({grads:.2f} GiB); beyond them the step needs "
+        f"{r['peak_full_gib'] - grads:.2f} GiB with the full logits (fp32 logits alone: {r['logits_fp32_gib']:.2f} "
+        f"GiB, plus their log-softmax and gradient) and {r['peak_chunked_gib'] - grads:.2f} GiB chunked. "
+        f"{chunks} The capacity planner counts {r['planner_head_loss_gib']:.2f} GiB for the head + loss "
+        f"(model/loss.py `head_loss_bytes`, the head's weight gradient included). One step per column, so the "
+        f"times are rough: the chunked head does one more head matmul when it recomputes its logits.",
         "",
         f"Machine: {r['machine'].get('lscpu Model name', r['machine']['platform'])}, "
         f"{r['machine'].get('memory_gib', '?')} GiB, torch {r['machine']['torch']}, "
