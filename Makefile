@@ -6,7 +6,7 @@ OUT ?= bench/results
 QUICK ?= runs/bench_quick
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: bench bench-quick bench-grid bench-peer bench-quality bench-loader bench-scale
+.PHONY: bench bench-quick bench-grid bench-peer bench-quality bench-loader bench-scale bench-gpu
 
 bench: bench-grid bench-peer bench-quality bench-loader bench-scale
 
@@ -30,6 +30,12 @@ bench-loader:
 # 5. capacity planner: emu3-8b UniMoD vs dense on 1/4/16 nodes, ZeRO-3 and 4-stage pipeline (seconds)
 bench-scale:
 	$(PY) bench/scale_plan.py --out $(OUT)/scale_plan_emu3_8b.json
+
+# The GPU pack (bench/gpu.sh), on a machine with one CUDA GPU (~8 min on an H100/H200): ours vs HF Emu3ForCausalLM
+# at the reference shapes in bf16, mod_speed.py and MFU at emu3-1b; *_gpu.{json,md} and summary_gpu.md in $(OUT).
+# The same on CPU at tiny shapes: BENCH_DEVICE=cpu BENCH_SMOKE=1 BENCH_OUT=/tmp/gpu_smoke make bench-gpu
+bench-gpu:
+	env -u DS_ACCELERATOR PY=$(PY) BENCH_OUT=$${BENCH_OUT:-$(OUT)} bash bench/gpu.sh
 
 bench-quick:
 	$(PY) bench/mod_grid.py --preset debug --seq-lens 128,256 --capacities 0.5 --layers 1,2 --base-seq-len 128 \

@@ -177,6 +177,12 @@ class UnifiedTransformer(nn.Module):
 
         save_hf(self, path, **kwargs)
 
+    def compile_blocks(self, dynamic: bool | None = None) -> None:
+        """torch.compile each decoder layer's dense compute in place (model/compile.py `compile_blocks`)."""
+        from model.compile import compile_blocks
+
+        compile_blocks(self.model.layers, dynamic=dynamic)
+
 
 # ----- the model as an ordered list of pieces (pipeline layers, train/stages.py) --------------------------
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ cross-check against the DeepSpeed JSON.
     parallel:    ParallelConfig (zero | pipeline, stages, activation checkpointing, precision)
     logging:     LoggingConfig (TensorBoard cadence, peak FLOP/s for MFU, progress bar)
     checkpoint:  CheckpointConfig (cadence, retention, resume, HF export, non-finite-loss policy)
-    run:         RunSection (output dir, seed, steps, device)
+    run:         RunSection (output dir, seed, steps, device, torch.compile)
 
 The YAML is the source of truth. In the DeepSpeed JSON, "auto" (or a missing key) is filled from it and
 an explicit value must agree with it: a contradiction is a ValueError naming both files' fields, raised
@@ -211,12 +211,32 @@ class RunSection:
     """Optimizer steps to train."""
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda."""
+    compile: bool | None = None
+    """true | false | null: `torch.compile` each decoder layer's dense compute (norms, attention with RoPE, SwiGLU
+    MLP; model/compile.py `compile_blocks`), in ZeRO (stages 0-3) and pipeline mode. Parameters, their names and
+    checkpoints are unchanged. The token dimension is compiled dynamic, so MoD's kept-token counts, mixed-task and
+    packed micro-batches and `data.pad_to: longest` never recompile: a run compiles two graphs (rows without and
+    with a document mask), and again once if it evaluates (no_grad). null: on with CUDA (unmeasured in this
+    project; what torchtitan users expect), off on CPU, where the main job (demo.yaml, 1 thread) measured 3.4%
+    faster steps for ~20 s of compiling per process, paid back only after ~3,200 steps
+    (bench/results/compile_cpu.md)."""
 
     def __post_init__(self) -> None:
         check_int("run.seed", self.seed, 0)
         check_int("run.max_steps", self.max_steps, 1)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"run.device must be auto, cpu or cuda, got {self.device!r}")
+        if not (self.compile is None or isinstance(self.compile, bool)):
+            raise ValueError(f"run.compile must be true, false or null, got {self.compile!r}")
+
+    def compile_on(self, device_type: str) -> tuple[bool, str]:
+        """-> (compile the decoder blocks?, why, for the log) on a device of this type ("cuda", "cpu")."""
+        if self.compile is not None:
+            return self.compile, f"run.compile: {str(self.compile).lower()}"
+        if device_type == "cuda":
+            return True, "run.compile: null, on by default on CUDA"
+        return False, (f"run.compile: null, off by default on {device_type}: 3% faster steps do not repay the compile "
+                       "on CPU, bench/results/compile_cpu.md")
 
 
 _SECTIONS = {"optim": OptimConfig, "parallel": ParallelConfig, "logging": LoggingConfig,

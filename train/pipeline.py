@@ -129,6 +129,18 @@ def build_pipeline_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: 
         module.loss_fn.head = heads[0]
     if cfg.checkpoint.init_from_hf:
         load_hf_into_stages(module, cfg.model, cfg.checkpoint.init_from_hf)
+    compile_on, why = cfg.run.compile_on(device.type)
+    if compile_on:
+        from torch._functorch import config as functorch_config
+
+        from model.compile import compile_blocks
+        from train.stages import DecoderPipe
+
+        # DeepSpeed's pipeline engine backpropagates each float output of a stage on its own, all but the last with
+        # retain_graph=True, which a compiled backward that donates its saved buffers refuses.
+        functorch_config.donated_buffer = False
+        compile_blocks(f for f in module.forward_funcs if isinstance(f, DecoderPipe))  # this stage's layers
+    log.info(f"[train] torch.compile of the decoder blocks: {'on' if compile_on else 'off'} ({why})")
     opt, sched, ds_config = make_optimizer(cfg, module.named_parameters(), ds_config, device.type == "cuda",
                                            norm_group=module._grid.get_pipe_parallel_group())
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
