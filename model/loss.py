@@ -8,7 +8,7 @@ predicts token t+1 from position t, so logits and labels are shifted by one here
 Emu3's vocabulary has 184,622 rows: full [B, S, V] logits, upcast to fp32 for the loss, are the largest
 activation of a training step (7 GiB for one 10,240-token micro-batch, and their gradient as much again),
 more than all decoder activations together. `linear_cross_entropy` computes the LM head and the loss
-together in chunks of rows, so no more than one chunk of logits ever exists (the approach of Liger's fused
+together in chunks, so no more than one chunk of logits ever exists (the approach of Liger's fused
 linear cross-entropy and Apple's cut-cross-entropy, in plain torch). Training, the pipeline's last stage and
 the evaluator's perplexity use it; `causal_lm_loss` on full logits stays for callers that want the logits.
 """
@@ -66,7 +66,7 @@ def chunk_columns(rows: int, hidden: int, vocab: int, itemsize: int) -> int:
     columns (large vocabularies): hidden x itemsize / 4 columns, or more when the floor allows. At Emu3-8B
     shapes (10,240 bf16 rows of 4,096, vocabulary 184,622): 2,048 columns, 91 chunks of 80 MiB of fp32 logits
     instead of 7 GiB."""
-    return max(1, min(vocab, chunk_budget(rows, hidden, itemsize) // (4 * rows)))
+    return max(1, min(vocab, chunk_budget(rows, hidden, itemsize) // (4 * max(rows, 1))))
 
 
 def grads_in_forward(rows: int, hidden: int, vocab: int, itemsize: int) -> bool:
@@ -238,8 +238,8 @@ def causal_lm_nll_per_row(hidden: torch.Tensor, labels: torch.Tensor,
     total = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     if x.shape[0] == 0:
         return total, sel.sum(1)
-    first = head(x[:1])
-    chunk = chunk_rows(x.shape[0], x.shape[1], first.shape[-1], x.element_size())
+    vocab = head(x[:1]).shape[-1]  # `head` is opaque: one row through it tells the vocabulary size
+    chunk = chunk_rows(x.shape[0], x.shape[1], vocab, x.element_size())
     for start in range(0, x.shape[0], chunk):
         logits = head(x[start:start + chunk]).float()
         nll = F.cross_entropy(logits, tgt[start:start + chunk], reduction="none")
