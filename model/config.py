@@ -1,6 +1,6 @@
-"""Typed model configuration: architecture shapes, the unified vocabulary layout, task-aware MoD.
+"""Typed model configuration: architecture shapes, the unified vocabulary layout, task-aware MoD, MoE MLPs.
 
-One dataclass per concern (`VocabLayout`, `MoDConfig`, `ModelConfig`), validated in `__post_init__`
+One dataclass per concern (`VocabLayout`, `MoDConfig`, `MoEConfig`, `ModelConfig`), validated in `__post_init__`
 with a `ValueError` that names the bad field. Presets follow litgpt's `Config.from_name`: a named
 size plus keyword overrides (`ModelConfig.from_preset("emu3-8b", num_hidden_layers=2)`).
 
@@ -19,6 +19,14 @@ YAML schema (also accepted as a plain dict):
         routable: {t2i: image, mmu: image, lm: all}
         aux_loss_weight: 0.01
         routing: topk          # topk | causal
+      moe:                     # Mixture-of-Experts MLPs (model/moe.py); absent or layers: [] = dense MLPs
+        layers: ["16-31"]      # same keys as mod.capacity: "7", "16-31", or ints
+        num_experts: 8
+        top_k: 2
+        router: task           # task (one block of E logits per task) | shared
+        balance_loss_weight: 0.01
+        capacity_factor: 1.25  # null = no limit
+        overflow: drop
       mod_plan: runs/analysis/mod_plan.yaml   # optional: a plan written by `python -m tools.analyze`;
                                               # its fields override those of mod: above
 """
@@ -33,6 +41,8 @@ from typing import Any, Mapping
 
 ROUTABLE_KINDS = ("image", "text", "all")
 ROUTING_MODES = ("topk", "causal")
+MOE_ROUTERS = ("task", "shared")
+MOE_OVERFLOW = ("drop",)
 
 
 # ----- validation shared by the config dataclasses (model/, data/, train/) --------------------------------
@@ -219,9 +229,9 @@ def _expand_capacity(raw: Mapping[Any, Mapping[str, float]], tasks: list[str]) -
     return out
 
 
-def _parse_layer_key(key: Any) -> list[int]:
+def _parse_layer_key(key: Any, where: str = "mod.capacity key") -> list[int]:
     if isinstance(key, bool):
-        raise ValueError(f"mod.capacity key {key!r} is not a layer index or range")
+        raise ValueError(f"{where} {key!r} is not a layer index or range")
     if isinstance(key, int):
         layers = [key]
     else:
@@ -236,11 +246,74 @@ def _parse_layer_key(key: Any) -> list[int]:
                 layers = [int(text)]
         except ValueError:
             raise ValueError(
-                f"mod.capacity key {key!r} is not a layer index (\"7\") or inclusive range (\"16-31\")"
+                f"{where} {key!r} is not a layer index (\"7\") or inclusive range (\"16-31\")"
             ) from None
     if layers[0] < 0:
-        raise ValueError(f"mod.capacity key {key!r} names a negative layer")
+        raise ValueError(f"{where} {key!r} names a negative layer")
     return layers
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts MLPs (model/moe.py; the sparsity study's MoE adaptation of the dense MLPs).
+
+    In each layer of `layers` the SwiGLU MLP of width F becomes `num_experts` experts of width F / E; every
+    non-padding token runs its `top_k` experts, weighted by the gate 2*sigmoid(logit). A config without
+    layers (the default) builds no expert and behaves exactly as a dense model.
+    """
+
+    layers: list[int] = field(default_factory=list)
+    """Decoder layers whose MLP is an MoE: layer indices or the mod.capacity key syntax ("7", "16-31"); a
+    single key or a list of keys. Empty = no MoE layer."""
+    num_experts: int = 8
+    """E: experts per MoE layer; intermediate_size must be divisible by it (each expert is F / E wide)."""
+    top_k: int = 2
+    """k: experts each token runs, in [1, num_experts]."""
+    router: str = "task"
+    """task: one block of E router logits per task of mod.tasks, each token reads its sequence's task's block
+    (as the MoD router bank does) | shared: one block of E logits for every task."""
+    balance_loss_weight: float = 0.01
+    """Weight of the Switch/Mixtral load-balancing loss E * sum_e f_e * P_e (f_e: fraction of token-slots
+    routed to expert e, P_e: mean softmax router probability of e, over the layer's non-padding tokens),
+    added to the forward's aux_loss. 0 = off."""
+    capacity_factor: float | None = None
+    """Token-slots an expert may run per layer call: ceil(capacity_factor * k * N / E) with N the layer's
+    non-padding tokens; applies to training (routing "topk"); sampling (routing "causal") never drops, so
+    cached decoding equals the full forward. None or 0 = no limit."""
+    overflow: str = "drop"
+    """What happens to a token-slot over its expert's capacity. drop (Switch Transformer): the token gets
+    nothing from that expert; its other experts and the residual still apply."""
+
+    def __post_init__(self) -> None:
+        self.layers = _expand_moe_layers(self.layers)
+        check_int("moe.num_experts", self.num_experts, 1)
+        check_int("moe.top_k", self.top_k, 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"moe.top_k ({self.top_k}) must not exceed moe.num_experts ({self.num_experts})")
+        if self.router not in MOE_ROUTERS:
+            raise ValueError(f"moe.router must be one of {MOE_ROUTERS}, got {self.router!r}")
+        check_number("moe.balance_loss_weight", self.balance_loss_weight, 0.0)
+        if self.capacity_factor is not None:
+            check_number("moe.capacity_factor", self.capacity_factor, 0.0)
+            if self.capacity_factor == 0:
+                self.capacity_factor = None  # 0 means "no limit", spelt one way from here on
+        if self.overflow not in MOE_OVERFLOW:
+            raise ValueError(f"moe.overflow must be one of {MOE_OVERFLOW}, got {self.overflow!r}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _expand_moe_layers(raw: Any) -> list[int]:
+    """[3, "16-18"] or "16-18" -> [3, 16, 17, 18] (sorted, distinct)."""
+    keys = [] if raw is None else raw if isinstance(raw, (list, tuple)) else [raw]
+    out: set[int] = set()
+    for key in keys:
+        out.update(_parse_layer_key(key, "moe.layers entry"))
+    return sorted(out)
 
 
 @dataclass
@@ -258,6 +331,8 @@ class ModelConfig:
     initializer_range: float = 0.02
     vocab: VocabLayout = field(default_factory=VocabLayout)
     mod: MoDConfig = field(default_factory=MoDConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts MLPs; the default has no MoE layer."""
     preset: str | None = None
     """Name of the preset this config came from (informational)."""
 
@@ -266,6 +341,8 @@ class ModelConfig:
             self.vocab = VocabLayout(**known_fields(VocabLayout, self.vocab, "model.vocab"))
         if isinstance(self.mod, Mapping):
             self.mod = MoDConfig(**known_fields(MoDConfig, self.mod, "model.mod"))
+        if isinstance(self.moe, Mapping):
+            self.moe = MoEConfig(**known_fields(MoEConfig, self.moe, "model.moe"))
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
             check_int(f"model.{name}", getattr(self, name), 1)
@@ -287,6 +364,14 @@ class ModelConfig:
         if bad:
             raise ValueError(
                 f"model.mod.capacity names layer {bad[0]} but the model has {self.num_hidden_layers} layers"
+            )
+        bad = [i for i in self.moe.layers if i >= self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"model.moe.layers names layer {bad[0]} but the model has {self.num_hidden_layers} layers")
+        if self.moe.layers and self.intermediate_size % self.moe.num_experts:
+            raise ValueError(
+                f"model.moe.num_experts ({self.moe.num_experts}) must divide model.intermediate_size "
+                f"({self.intermediate_size}): every expert is intermediate_size / num_experts neurons wide"
             )
 
     @property
@@ -310,7 +395,7 @@ class ModelConfig:
         base["preset"] = name
         for key, value in overrides.items():
             # Nested sections merge field by field, so `vocab: {visual_size: 512}` keeps the rest.
-            if key in ("vocab", "mod") and isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            if key in ("vocab", "mod", "moe") and isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
                 base[key] = {**base[key], **value}
             else:
                 base[key] = value
@@ -339,13 +424,14 @@ class ModelConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["vocab"] = self.vocab.to_dict()
         d["mod"] = self.mod.to_dict()
+        d["moe"] = self.moe.to_dict()
         return d
 
     def replace(self, **changes: Any) -> "ModelConfig":
         d = self.to_dict()
         d.pop("preset")
         for key, value in changes.items():
-            if key in ("vocab", "mod") and isinstance(value, Mapping):
+            if key in ("vocab", "mod", "moe") and isinstance(value, Mapping):
                 d[key] = {**d[key], **value}
             else:
                 d[key] = value

@@ -9,7 +9,15 @@ norms, RoPE, softmax, masks, gates, top-k and gather/scatter counts zero):
   (K/V counted with the KV heads of GQA, unlike Megatron's integer division), SDPA
   `4*H*hd*n^2`, SwiGLU MLP `2n*3*D*F`;
 - the router bank of a MoD layer, `Linear(D, T)` on all S positions of a row: `2*S*D*T`;
-- the LM head `Linear(D, V)` on all S positions: `2*S*D*V` (the embedding lookup is free).
+- the LM head `Linear(D, V)` on all S positions: `2*S*D*V` (the embedding lookup is free);
+- an MoE layer (`moe.layers`, model/moe.py) replaces the SwiGLU MLP term by its router
+  `Linear(D, E*T)` (`E` for a shared router) on the n positions the layer runs, `2n*D*E*T` (counted as
+  `router`), plus each expert's SwiGLU on the token-slots it actually ran, `2*slots_e*3*D*(F/E)` (counted
+  as `mlp`; padding, MoD placeholders and slots dropped over capacity take none). Routing is
+  data-dependent, so the exact count takes the forward's slot counts (`expert_slots`, from
+  `ModelOutput.experts`); without them every token the layer keeps (non-padding, MoD-kept) is counted
+  with k slots: exact with `routing="topk"` and no capacity limit (all experts are F/E wide, so which
+  experts ran does not matter), an upper bound with a capacity limit or causal routing.
 
 A micro-batch is described by `describe_microbatch` as one `RowTokens` per row: its task, its packed
 documents (position ids restart at 0 for each; `model.layers.document_ids`), each with its non-padding
@@ -69,9 +77,9 @@ class FlopsBreakdown:
     attn_sdpa: int = 0
     """Scaled-dot-product attention (Q K^T and P V) of every layer that ran."""
     mlp: int = 0
-    """SwiGLU gate, up and down projections."""
+    """SwiGLU gate, up and down projections (MoE layers: of the experts, on the slots they ran)."""
     router: int = 0
-    """MoD router banks, Linear(D, num_tasks) on all positions of every MoD layer."""
+    """MoD router banks, Linear(D, num_tasks) on all positions of every MoD layer, and MoE routers."""
     head: int = 0
     """LM head, Linear(D, vocab) on all positions."""
 
@@ -191,15 +199,55 @@ class _Passes(NamedTuple):
         return cls(3 + recompute, 3, 2 + 5 + 2 * recompute)
 
 
-def _layer(cfg: ModelConfig, n: int, causal: bool, passes: _Passes) -> FlopsBreakdown:
-    """One decoder layer (no router) on n tokens of one row."""
+def _layer(cfg: ModelConfig, n: int, causal: bool, passes: _Passes, mlp: bool = True) -> FlopsBreakdown:
+    """One decoder layer (no router) on n tokens of one row; without its dense MLP for an MoE layer."""
     d, hd = cfg.hidden_size, cfg.head_dim
     q_width, kv_width = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     return FlopsBreakdown(
         attn_proj=passes.layer_linear * (2 * n * d * (q_width + 2 * kv_width) + 2 * n * q_width * d),
         attn_sdpa=_sdpa(cfg, n, causal, passes.sdpa_products),
-        mlp=passes.layer_linear * 2 * n * 3 * d * cfg.intermediate_size,
+        mlp=passes.layer_linear * 2 * n * 3 * d * cfg.intermediate_size if mlp else 0,
     )
+
+
+def _moe_router(cfg: ModelConfig, n: int, passes: _Passes) -> FlopsBreakdown:
+    columns = cfg.moe.num_experts * (cfg.num_tasks if cfg.moe.router == "task" else 1)
+    return FlopsBreakdown(router=passes.layer_linear * 2 * n * cfg.hidden_size * columns)
+
+
+def _moe_experts(cfg: ModelConfig, slots: int, passes: _Passes) -> FlopsBreakdown:
+    """The experts of one MoE layer on `slots` token-slots (all experts are intermediate_size / E wide)."""
+    width = cfg.intermediate_size // cfg.moe.num_experts
+    return FlopsBreakdown(mlp=passes.layer_linear * 2 * slots * 3 * cfg.hidden_size * width)
+
+
+def expert_slots(experts, cfg: ModelConfig) -> dict[int, list[int]]:
+    """`ModelOutput.experts` [L, T, E, 2] (one micro-batch's forward) -> {MoE layer: slots each expert ran}, the
+    `expert_slots` argument of `microbatch_flops`: routed minus dropped, summed over tasks."""
+    run = (experts[..., 0] - experts[..., 1]).sum(1).round().long().tolist()  # [L][E]
+    return {i: run[i][:cfg.moe.num_experts] for i in cfg.moe.layers}
+
+
+def _nominal_slots(cfg: ModelConfig, rows: Sequence[RowTokens], layer: int, routing: str) -> int:
+    """k slots for every token an MoE layer keeps (see the module docstring: exact for top-k routing without a
+    capacity limit, an upper bound otherwise)."""
+    mod = cfg.mod
+    if routing != "causal" and mod.is_mod_layer(layer) and any(mod.capacity_of(layer, r.task) < 1.0 for r in rows):
+        kept = sum(row_kept(cfg, r, layer) for r in rows)
+    else:
+        kept = sum(r.real_tokens for r in rows)
+    return cfg.moe.top_k * kept
+
+
+def _check_expert_slots(cfg: ModelConfig, slots: Mapping[int, Sequence[int]]) -> None:
+    if set(slots) != set(cfg.moe.layers):
+        raise ValueError(f"expert_slots must give the slot counts of exactly the MoE layers {cfg.moe.layers}, "
+                         f"got layers {sorted(slots)}")
+    for layer, counts in slots.items():
+        if len(counts) != cfg.moe.num_experts or any(isinstance(c, bool) or not isinstance(c, int) or c < 0
+                                                     for c in counts):
+            raise ValueError(f"expert_slots[{layer}] must hold {cfg.moe.num_experts} slot counts >= 0 (one per "
+                             f"expert), got {counts!r}")
 
 
 def _router(cfg: ModelConfig, n: int, passes: _Passes) -> FlopsBreakdown:
@@ -251,23 +299,35 @@ def layer_tokens(cfg: ModelConfig, rows: Sequence[RowTokens], *, dense: bool = F
 def microbatch_flops(
     cfg: ModelConfig, rows: Sequence[RowTokens], *, train: bool = True, recompute: bool = False,
     dense: bool = False, causal_attention: bool = False, include_head: bool = True, routing: str | None = None,
+    expert_slots: Mapping[int, Sequence[int]] | None = None,
 ) -> FlopsBreakdown:
     """FLOPs the model runs on one micro-batch of `rows` (every row pays the same; see the module docstring).
 
     `train` counts forward + backward (+ one layer forward when `recompute`); `dense=True` counts the same
-    model with MoD switched off on the same rows (all layers on all S positions, padding included, no
-    routers): what a dense twin runs. `routing` overrides `cfg.mod.routing` (as the model's forward does).
+    model with MoD and MoE switched off on the same rows (all layers on all S positions, padding included,
+    dense MLPs, no routers): what a dense twin runs. `routing` overrides `cfg.mod.routing` (as the model's
+    forward does). `expert_slots` ({MoE layer: token-slots each expert ran in this micro-batch}, e.g.
+    `expert_slots(out.experts, cfg)`) makes an MoE model's count exact; None counts k slots per kept token.
     """
     passes = _Passes.of(train, recompute and train)
     S = _check_rows(cfg, rows, "microbatch_flops")
+    moe_layers = set() if dense else set(cfg.moe.layers)
+    if expert_slots is not None and moe_layers:
+        _check_expert_slots(cfg, expert_slots)
     per_row = FlopsBreakdown()
-    for n, routed in layer_tokens(cfg, rows, dense=dense, routing=routing):
-        per_row += _layer(cfg, n, causal_attention, passes)
+    experts = FlopsBreakdown()  # the experts' work is known per micro-batch, not per row
+    for layer, (n, routed) in enumerate(layer_tokens(cfg, rows, dense=dense, routing=routing)):
+        per_row += _layer(cfg, n, causal_attention, passes, mlp=layer not in moe_layers)
         if routed:
             per_row += _router(cfg, S, passes)
+        if layer in moe_layers:
+            per_row += _moe_router(cfg, n, passes)
+            slots = (sum(expert_slots[layer]) if expert_slots is not None
+                     else _nominal_slots(cfg, rows, layer, routing or cfg.mod.routing))
+            experts += _moe_experts(cfg, slots, passes)
     if include_head:
         per_row += _head(cfg, S, passes)
-    return len(rows) * per_row
+    return len(rows) * per_row + experts
 
 
 def dense_flops(
@@ -337,20 +397,25 @@ class StepFlops:
 
 def step_flops(
     cfg: ModelConfig, microbatches: Sequence[Sequence[RowTokens]], *, recompute: bool = False,
-    causal_attention: bool = False,
+    causal_attention: bool = False, expert_slots: Sequence[Mapping[int, Sequence[int]] | None] | None = None,
 ) -> StepFlops:
     """Training FLOPs of a step made of these micro-batches (each a list of `RowTokens`, e.g. from
     `describe_microbatch`): actual, dense baseline, tokens and padding, split by task.
 
-    Pass one rank's micro-batches for that rank's FLOPs, or every rank's for the global step.
+    Pass one rank's micro-batches for that rank's FLOPs, or every rank's for the global step. `expert_slots`:
+    one `microbatch_flops` expert_slots per micro-batch (MoE models; None = k slots per kept token).
     """
     if len(microbatches) == 0:
         raise ValueError("step_flops: microbatches must hold at least one micro-batch")
+    if expert_slots is not None and len(expert_slots) != len(microbatches):
+        raise ValueError(f"step_flops: expert_slots has {len(expert_slots)} entries for {len(microbatches)} "
+                         f"micro-batches")
     kw = dict(train=True, recompute=recompute, causal_attention=causal_attention)
     actual = dense = tokens = real = 0
     per_task: dict[str, list[int]] = {}
-    for rows in microbatches:
-        mb_actual = microbatch_flops(cfg, rows, **kw).total
+    for m, rows in enumerate(microbatches):
+        slots = None if expert_slots is None else expert_slots[m]
+        mb_actual = microbatch_flops(cfg, rows, expert_slots=slots, **kw).total
         row_actual = mb_actual // len(rows)  # every row of a micro-batch pays the same
         for row in rows:
             row_dense = dense_flops(cfg, [row], **kw).total

@@ -198,7 +198,13 @@ class CachedDecoder:
         K, V, mask = cache.keys_values_mask(pos)
         o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=hkv != hq)
         h = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, hq * hd))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        m_in = layer.post_attention_layernorm(h)
+        if not layer.is_moe:
+            return h + layer.mlp(m_in)
+        # Each kept token runs its own task's experts; no capacity at sampling, as in the causal forward.
+        y, _, _ = layer.mlp.dispatch(m_in.reshape(B * T, -1), self.task_ids[:, None].expand(B, T).reshape(-1),
+                                     keep.reshape(-1), apply_capacity=False, num_tasks=self.cfg.num_tasks)
+        return h + y.view_as(h)
 
 
 # ----- sampling ------------------------------------------------------------------------------------------

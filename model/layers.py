@@ -154,12 +154,13 @@ class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.)). Returns the block's output
     (residual included), like HF's decoder layer."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module | None = None) -> None:
+        """`mlp` replaces the dense SwiGLU MLP (an MoE layer's experts), so no dense one is built and dropped."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg) if mlp is None else mlp
 
     def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)

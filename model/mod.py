@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig, VocabLayout
 from model.layers import Block, Linear, document_ids, document_mask
+from model.moe import MoEMLP
 
 # Token kinds, computed once per forward from the ids and the vocabulary layout.
 KIND_PAD, KIND_STRUCTURAL, KIND_TEXT, KIND_IMAGE = 0, 1, 2, 3
@@ -198,10 +199,15 @@ def topk_per_document(r: torch.Tensor, routable: torch.Tensor, capacity: torch.T
 
 
 class DecoderLayer(Block):
-    """The Emu3 decoder block plus, in MoD layers, the task router bank (`mod_router`)."""
+    """The Emu3 decoder block plus, in MoD layers, the task router bank (`mod_router`), and in MoE layers
+    (`moe.layers`, or an MLP converted by `model.moe.convert_mlps`) a mixture of experts as its `mlp`.
+
+    An MoE layer does not run `Block.block` (which `model.compile` compiles for dense layers): its MLP needs
+    each token's task and validity and returns a loss and statistics, and its dispatch reads host-side slot
+    counts, which would break a graph anyway. It runs the same math eagerly (`_moe_block`)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__(cfg)
+        super().__init__(cfg, MoEMLP.from_config(cfg) if cfg.moe.is_moe_layer(layer_idx) else None)
         self.layer_idx = layer_idx
         self.num_tasks = cfg.num_tasks
         self.capacities = [cfg.mod.capacity_of(layer_idx, t) for t in range(cfg.num_tasks)]
@@ -211,28 +217,61 @@ class DecoderLayer(Block):
         n_scores = 1 if self.shared_router else cfg.num_tasks
         self.mod_router = Linear(cfg.hidden_size, n_scores, cfg.mod.router_init_std) if self.is_mod else None
 
-    def forward(self, x: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B,S,D] -> (x_out [B,S,D], weighted aux loss [], stats [num_tasks, 4] (`ROUTING_STATS` counts)).
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoEMLP)
+
+    def forward(self, x: torch.Tensor, ctx: LayerContext, return_experts: bool = False):
+        """x [B,S,D] -> (x_out [B,S,D], weighted aux loss [], stats [num_tasks, 4] (`ROUTING_STATS` counts));
+        with `return_experts` a fourth item: the MoE layer's slot counts [num_tasks, E, 2] (`EXPERT_STATS`), or
+        None for a dense MLP. The aux loss includes the MoE balance loss.
 
         `ctx` (`LayerContext`) is built once per forward and shared by every layer."""
+        moe = [] if self.is_moe else None  # the MoE MLP's (balance loss, stats), appended by `_run_block`
+        x_out, aux, stats = self._forward(x, ctx, moe)
+        experts = None
+        if moe:
+            aux = aux + moe[0][0]
+            experts = moe[0][1]
+        return (x_out, aux, stats, experts) if return_experts else (x_out, aux, stats)
+
+    def _run_block(self, moe: list | None, x, cos, sin, attn_mask, task_ids, valid, apply_capacity):
+        """`Block.block` (compiled when `model.compile` installed it), or for an MoE MLP the same math with the
+        tokens' tasks: x [B,P,D], task_ids [B] (each row's task), valid [B,P] bool (tokens that take expert
+        slots). Appends (balance loss, stats) to `moe`."""
+        if moe is None:
+            return self.block(x, cos, sin, attn_mask)
+        B, P, D = x.shape
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        y, loss, stats = self.mlp.dispatch(
+            self.post_attention_layernorm(h).reshape(B * P, D), task_ids[:, None].expand(B, P).reshape(-1),
+            valid.reshape(-1), apply_capacity=apply_capacity, num_tasks=self.num_tasks)
+        moe.append((loss, stats))
+        return h + y.view(B, P, D)
+
+    def _forward(self, x: torch.Tensor, ctx: LayerContext, moe: list | None):
         cos, sin, task_ids, layout = ctx.cos, ctx.sin, ctx.task_ids, ctx.layout
         routable = layout.routable
         n_routable = routable.sum(1).to(torch.float32)
         zero = x.new_zeros((), dtype=torch.float32)
+        # Expert capacity is a training-time limit (routing "topk"); sampling never drops a token's experts, so
+        # cached decoding (model/generation.py) equals the full forward.
+        train_routing = ctx.routing != "causal"
         if not self.is_mod:
-            return self.block(x, cos, sin, layout.attn_mask), zero, self._stats(task_ids, n_routable, n_routable)
+            y = self._run_block(moe, x, cos, sin, layout.attn_mask, task_ids, layout.nonpad, train_routing)
+            return y, zero, self._stats(task_ids, n_routable, n_routable)
 
         r, r_all = self.router_logits(x, task_ids)
         capacity = ctx.cap_tbl[self.layer_idx][task_ids]  # [B] float64
         routed_seq = capacity < 1.0  # [B] on device: sequences routed here
         routable = routable & routed_seq[:, None]
         if ctx.routing == "causal":
-            return self._forward_causal(x, cos, sin, task_ids, layout, r, routable, n_routable)
+            return self._forward_causal(x, cos, sin, task_ids, layout, r, routable, n_routable, moe)
         if all(self.capacities[t] >= 1.0 for t in layout.tasks):
             # Full layer for every sequence; keep the router in the graph so every rank produces a
             # gradient for it (ZeRO-3 reduces every parameter on every rank).
-            return (self.block(x, cos, sin, layout.attn_mask), zero + 0.0 * r_all.sum(),
-                    self._stats(task_ids, n_routable, n_routable))
+            return (self._run_block(moe, x, cos, sin, layout.attn_mask, task_ids, layout.nonpad, True),
+                    zero + 0.0 * r_all.sum(), self._stats(task_ids, n_routable, n_routable))
 
         B, S, D = x.shape
         selected = topk_per_document(r.detach(), routable, capacity, layout.doc_ids, layout.single_document)
@@ -262,7 +301,8 @@ class DecoderLayer(Block):
             if valid is not None:
                 doc_sel = torch.where(valid, doc_sel, S)
             mask = document_mask(doc_sel)
-        y = self.block(x_sel, cos_sel, sin_sel, mask)
+        valid_sel = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid  # kept tokens: never padding
+        y = self._run_block(moe, x_sel, cos_sel, sin_sel, mask, task_ids, valid_sel, True)
 
         r_sel = r.gather(1, idx)
         routed_sel = routable.gather(1, idx)
@@ -286,7 +326,7 @@ class DecoderLayer(Block):
         column = torch.zeros_like(task_ids) if self.shared_router else task_ids
         return r_all.gather(-1, column.view(B, 1, 1).expand(B, S, 1)).squeeze(-1).float(), r_all
 
-    def _forward_causal(self, x, cos, sin, task_ids, layout, r, routable, n_routable):
+    def _forward_causal(self, x, cos, sin, task_ids, layout, r, routable, n_routable, moe=None):
         """Sampling-time routing: a routable token goes through the layer iff its logit > 0, a decision
         that depends on nothing after it. Runs on the full sequence with skipped tokens masked out as
         keys (and other documents hidden), so the result equals gathering the kept tokens (the KV cache
@@ -298,7 +338,7 @@ class DecoderLayer(Block):
             base = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()[None, None]
         eye = torch.eye(S, dtype=torch.bool, device=x.device)
         mask = base & (keep[:, None, None, :] | eye)  # [B,1,S,S]
-        y = self.block(x, cos, sin, mask)
+        y = self._run_block(moe, x, cos, sin, mask, task_ids, keep, False)  # skipped tokens take no expert slot
         gate = torch.where(routable, 2.0 * torch.sigmoid(r), torch.ones_like(r)) * keep
         x_out = x + (y - x) * gate[..., None].to(x.dtype)
         n_selected = (keep & routable).sum(1).to(torch.float32)

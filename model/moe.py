@@ -6,7 +6,9 @@ split follows the neuron importance (e.g. `mean|h_j| * ||W_down[:, j]||`, see `a
 neurons sorted by importance are dealt to the experts in snake order (0..E-1, then E-1..0, ...), so
 every expert receives one neuron of every importance tier and the experts start equally strong.
 
-Routing: a router `Linear(D, E)` initialised to exactly zero; each token runs the k experts with the
+Routing: a router `Linear(D, E)` (`Linear(D, E * T)` for a task-aware router: one block of E logits per task,
+each token reads its own sequence's task's block, as the MoD router bank does) initialised to exactly zero;
+each token runs the k experts with the
 highest logits and expert e's output is weighted by the bounded gate `2 * sigmoid(r_e)` (the MoD gate of
 model/mod.py). Why this gate: at zero init every weight is exactly 1.0 (sigmoid(0) = 0.5 has an exact
 float), so with k = E the layer reproduces the dense MLP up to float summation order, and with k < E it
@@ -15,17 +17,31 @@ gradient even for k = 1 (a softmax over the chosen experts alone would be consta
 `E * softmax` is not exactly 1 at init for every E). With all logits equal at init, top-k picks experts
 by index; training the router breaks the tie.
 
+A model config with a `moe` section (`MoEConfig`) builds these layers fresh (`MoEMLP.from_config`, experts
+normal(0, initializer_range), router zero); the conversion below fills the same kind of module from a dense MLP:
+
     moe = MoEMLP.from_dense(net.model.layers[3].mlp, importance_F, num_experts=8, top_k=2)
-    net.model.layers[3].mlp = moe          # DecoderLayer.block calls self.mlp(...)
+    net.model.layers[3].mlp = moe          # DecoderLayer sees an MoEMLP and dispatches through it
     moe.freeze_experts(True)               # train the router only
 
 The converted layer's parameter names (`mlp.router.weight`, `mlp.experts.N.gate_proj.weight`) are not
 Emu3's, so an HF export of a converted model is not an Emu3ForCausalLM checkpoint.
 
-Reference: He et al., "Understanding and Harnessing Sparsity in Unified Multimodal Models".
+Dispatch (`MoEMLP.dispatch`): the N*k token-slots are sorted by expert (one argsort), each expert runs once
+on its contiguous slice, and the weighted outputs are scattered back with one index_add. torch has no
+grouped GEMM on CPU (and none in the public API for this shape), so the E experts run in a Python loop over
+experts, never over tokens. Padding (and MoD placeholders) take no slot: they get a zero MLP output.
+A capacity limit (`capacity_factor`) lets each expert run at most ceil(cf * k * N / E) slots, first come
+(token order) first served; the rest are dropped (Switch Transformer). Training adds the Switch/Mixtral
+load-balancing loss E * sum_e f_e * P_e.
+
+References: He et al., "Understanding and Harnessing Sparsity in Unified Multimodal Models";
+Fedus et al. 2021 (Switch Transformer: capacity, load-balancing loss); Jiang et al. 2024 (Mixtral).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -52,45 +68,92 @@ def snake_partition(importance_F: torch.Tensor, num_experts: int) -> list[torch.
     return [order[expert_of_rank == e].sort().values for e in range(num_experts)]
 
 
+# Columns of an MoE layer's statistics (`MoEMLP.dispatch`, `ModelOutput.experts` [L, T, E, 2]), token-slot
+# counts per task and expert:
+#   routed    slots the router sent to the expert (non-padding tokens' top-k choices)
+#   dropped   of those, slots over the expert's capacity: not run (0 without a capacity limit)
+EXPERT_STATS = ("routed", "dropped")
+
+
+class _ZeroLinear(nn.Linear):
+    """Bias-free Linear initialised to exactly zero (in reset_parameters, where deepspeed.zero.Init expects
+    a leaf module's init)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype=None, device=None) -> None:
+        super().__init__(in_features, out_features, bias=False, dtype=dtype, device=device)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+
 class Expert(nn.Module):
-    """A slice of a SwiGLU MLP: the neurons `idx` of the dense layer (HF MLP parameter names)."""
+    """A slice of a SwiGLU MLP (HF MLP parameter names): the neurons `idx` of a dense layer (`from_dense`), or
+    a freshly initialised one, normal(0, std), when `std` is given."""
 
     def __init__(self, hidden_size: int, width: int, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, std: float | None = None) -> None:
         super().__init__()
-        kw = dict(bias=False, dtype=dtype, device=device)
-        self.gate_proj = nn.Linear(hidden_size, width, **kw)
-        self.up_proj = nn.Linear(hidden_size, width, **kw)
-        self.down_proj = nn.Linear(width, hidden_size, **kw)
+        if std is None:
+            kw = dict(bias=False, dtype=dtype, device=device)
+            self.gate_proj = nn.Linear(hidden_size, width, **kw)
+            self.up_proj = nn.Linear(hidden_size, width, **kw)
+            self.down_proj = nn.Linear(width, hidden_size, **kw)
+        else:
+            from model.layers import Linear  # init inside the leaf module, as the dense MLP does
+
+            self.gate_proj = Linear(hidden_size, width, std)
+            self.up_proj = Linear(hidden_size, width, std)
+            self.down_proj = Linear(width, hidden_size, std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEMLP(nn.Module):
-    """Top-k of E experts cut from one dense SwiGLU MLP, with a zero-initialised router."""
+    """Top-k of E experts with a zero-initialised router (shared, or one block of E logits per task).
 
-    def __init__(self, hidden_size: int, expert_widths: list[int], top_k: int,
-                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+    `forward(x)` is the drop-in MLP (every token valid, task 0, no capacity); decoder layers call `dispatch`,
+    which also takes each token's task and validity and returns the balance loss and statistics."""
+
+    def __init__(self, hidden_size: int, expert_widths: list[int], top_k: int, *, num_tasks: int = 1,
+                 router: str = "shared", balance_loss_weight: float = 0.0, capacity_factor: float | None = None,
+                 init_std: float | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         E = len(expert_widths)
         if E < 1 or any(w < 1 for w in expert_widths):
             raise ValueError(f"expert_widths must be a non-empty list of positive widths, got {expert_widths}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
             raise ValueError(f"top_k must be an integer in [1, {E}] (num_experts), got {top_k!r}")
-        self.num_experts, self.top_k = E, top_k
-        self.router = nn.Linear(hidden_size, E, bias=False, dtype=dtype, device=device)
-        nn.init.zeros_(self.router.weight)
-        self.experts = nn.ModuleList(Expert(hidden_size, w, dtype, device) for w in expert_widths)
+        if router not in ("task", "shared"):
+            raise ValueError(f"router must be 'task' or 'shared', got {router!r}")
+        self.num_experts, self.top_k, self.num_tasks = E, top_k, num_tasks
+        self.task_router = router == "task"
+        self.balance_loss_weight = balance_loss_weight
+        self.capacity_factor = capacity_factor or None
+        # Row t*E + e of the weight is task t's logit for expert e.
+        self.router = _ZeroLinear(hidden_size, E * (num_tasks if self.task_router else 1), dtype, device)
+        self.experts = nn.ModuleList(Expert(hidden_size, w, dtype, device, init_std) for w in expert_widths)
 
     @classmethod
-    def from_dense(cls, mlp: nn.Module, importance_F: torch.Tensor, num_experts: int, top_k: int) -> "MoEMLP":
-        """Cut `mlp` (with `gate_proj`, `up_proj`, `down_proj`) into experts by snake partition."""
+    def from_config(cls, cfg) -> "MoEMLP":
+        """A fresh MoE MLP for a layer of `cfg.moe.layers` (cfg: model.config.ModelConfig)."""
+        moe = cfg.moe
+        width = cfg.intermediate_size // moe.num_experts  # divisibility checked by ModelConfig
+        return cls(cfg.hidden_size, [width] * moe.num_experts, moe.top_k, num_tasks=cfg.num_tasks,
+                   router=moe.router, balance_loss_weight=moe.balance_loss_weight,
+                   capacity_factor=moe.capacity_factor, init_std=cfg.initializer_range)
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, importance_F: torch.Tensor, num_experts: int, top_k: int,
+                   **kwargs) -> "MoEMLP":
+        """Cut `mlp` (with `gate_proj`, `up_proj`, `down_proj`) into experts by snake partition. `kwargs`:
+        the router and loss settings of `__init__` (num_tasks, router, balance_loss_weight, capacity_factor)."""
         gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [F,D] [F,D] [D,F]
         if importance_F.numel() != gate.shape[0]:
             raise ValueError(f"importance has {importance_F.numel()} scores but the MLP has {gate.shape[0]} neurons")
         groups = snake_partition(importance_F, num_experts)
-        moe = cls(gate.shape[1], [len(g) for g in groups], top_k, dtype=gate.dtype, device=gate.device)
+        moe = cls(gate.shape[1], [len(g) for g in groups], top_k, dtype=gate.dtype, device=gate.device, **kwargs)
         with torch.no_grad():
             for expert, idx in zip(moe.experts, groups):
                 idx = idx.to(gate.device)
@@ -105,30 +168,102 @@ class MoEMLP(nn.Module):
         for p in self.experts.parameters():
             p.requires_grad_(not frozen)
 
-    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, x_ND: torch.Tensor, task_N: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [N, E] router logits (fp32, or fp64 for fp64 inputs), each token's own task's block for a task-aware
+        router."""
+        r = self.router(x_ND)
+        if self.task_router:
+            if task_N is None:
+                raise ValueError("a task-aware MoE router needs each token's task id")
+            N, E = r.shape[0], self.num_experts
+            r = r.view(N, -1, E).gather(1, task_N.view(N, 1, 1).expand(N, 1, E)).squeeze(1)
+        return r.to(torch.promote_types(r.dtype, torch.float32))  # at least fp32: top-k and softmax under bf16
+
+    def route(self, x_ND: torch.Tensor, task_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (chosen experts [N, k] long, their gate weights [N, k]) for N tokens."""
-        top = self.router(x_ND).float().topk(self.top_k, dim=-1)  # logits [N, E] -> best k
+        top = self.logits(x_ND, task_N).topk(self.top_k, dim=-1)
         return top.indices, (2.0 * torch.sigmoid(top.values)).to(x_ND.dtype)
+
+    def capacity(self, n_valid: int) -> int | None:
+        """Token-slots one expert may run in a call on `n_valid` non-padding tokens; None = no limit."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * self.top_k * n_valid / self.num_experts - 1e-9)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x_ND = x.reshape(-1, shape[-1])
-        experts_Nk, weights_Nk = self.route(x_ND)
-        out = torch.zeros_like(x_ND)
-        if self.top_k == self.num_experts:
-            # Every token uses every expert: no dispatch, one pass per expert over all tokens.
-            weight_NE = torch.zeros(x_ND.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
-            weight_NE.scatter_(1, experts_Nk, weights_Nk)
-            for e, expert in enumerate(self.experts):
-                out = out + weight_NE[:, e:e + 1] * expert(x_ND)
-            return out.reshape(shape)
+        y, _, _ = self.dispatch(x.reshape(-1, shape[-1]), task_N=None, apply_capacity=False)
+        return y.reshape(shape)
+
+    def dispatch(self, x_ND: torch.Tensor, task_N: torch.Tensor | None = None, valid_N: torch.Tensor | None = None,
+                 apply_capacity: bool = True, num_tasks: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_ND [N, D] (normed hidden states), task_N [N] long (None: task 0), valid_N [N] bool (None: all;
+        False = padding or an MoD placeholder: no slot, zero output, not in the loss or the statistics).
+        -> (y [N, D], weighted balance loss [] fp32, statistics [num_tasks, E, 2] float (`EXPERT_STATS`)).
+
+        One device->host copy per call (the per-expert slot counts that size the slices)."""
+        N, D = x_ND.shape
+        E, k = self.num_experts, self.top_k
+        T = num_tasks or self.num_tasks
+        if task_N is None:
+            task_N = torch.zeros(N, dtype=torch.long, device=x_ND.device)
+        logits_NE = self.logits(x_ND, task_N)
+        top = logits_NE.topk(k, dim=-1)
+        gate_S = (2.0 * torch.sigmoid(top.values)).reshape(-1)  # [S = N*k], token-major
+        expert_S = top.indices.reshape(-1)
+        token_S = torch.arange(N, device=x_ND.device).repeat_interleave(k)
+        if valid_N is not None:
+            # Invalid tokens' slots go to a bucket E after every expert: sorted last, never run.
+            expert_S = torch.where(valid_N.repeat_interleave(k), expert_S, E)
+        # Stable: within an expert, slots keep token order, so capacity is first come, first served.
+        order = expert_S.argsort(stable=True)
+        counts = torch.bincount(expert_S, minlength=E + 1)  # [E+1]
+        host = counts.tolist()
+        n_valid = (N * k - host[E]) // k
+        cap = self.capacity(n_valid) if apply_capacity else None
+        starts = [0]
+        for c in host[:E]:
+            starts.append(starts[-1] + c)
+        run = [host[e] if cap is None else min(host[e], cap) for e in range(E)]
+
+        pieces_idx, pieces_y = [], []
         for e, expert in enumerate(self.experts):
-            token, slot = (experts_Nk == e).nonzero(as_tuple=True)
-            if token.numel() == 0:
+            if run[e] == 0:
                 continue
-            y = expert(x_ND[token]) * weights_Nk[token, slot][:, None]
-            out = out.index_add(0, token, y)
-        return out.reshape(shape)
+            sel = order[starts[e]:starts[e] + run[e]]  # expert e's slots, token order
+            tok = token_S[sel]
+            pieces_idx.append(tok)
+            pieces_y.append(expert(x_ND[tok]) * gate_S[sel, None].to(x_ND.dtype))
+        y = x_ND.new_zeros(N, D)
+        if pieces_idx:
+            y = y.index_add(0, torch.cat(pieces_idx), torch.cat(pieces_y))
+
+        # Statistics: routed and dropped slots per (task, expert), over valid slots only.
+        valid_S = expert_S < E
+        key_S = task_N.repeat_interleave(k) * E + expert_S.clamp_max(E - 1)
+        routed = torch.zeros(T * E, device=x_ND.device).index_add_(0, key_S, valid_S.float())
+        dropped = torch.zeros(T * E, device=x_ND.device)
+        if cap is not None and any(host[e] > cap for e in range(E)):
+            rank_S = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x_ND.device))
+            start_S = torch.tensor(starts, device=x_ND.device)[expert_S.clamp_max(E - 1)]
+            over_S = valid_S & (rank_S - start_S >= cap)
+            dropped.index_add_(0, key_S, over_S.float())
+        stats = torch.stack([routed, dropped], dim=1).view(T, E, 2)
+        return y, self._balance_loss(logits_NE, expert_S, valid_N, n_valid), stats
+
+    def _balance_loss(self, logits_NE, expert_S, valid_N, n_valid) -> torch.Tensor:
+        """weight * E * sum_e f_e * P_e over valid tokens (Switch Transformer eq. 4, top-k slots for f)."""
+        zero = logits_NE.new_zeros(())
+        if self.balance_loss_weight == 0 or n_valid == 0:
+            return zero
+        E = self.num_experts
+        f_E = torch.bincount(expert_S, minlength=E + 1)[:E].float() / (n_valid * self.top_k)
+        prob_NE = logits_NE.softmax(dim=-1)
+        if valid_N is not None:
+            prob_NE = prob_NE * valid_N[:, None]
+        P_E = prob_NE.sum(0) / n_valid
+        return self.balance_loss_weight * E * (f_E * P_E).sum()
 
 
 def convert_mlps(net: nn.Module, importance: dict[int, torch.Tensor], num_experts: int, top_k: int,

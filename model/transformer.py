@@ -7,6 +7,7 @@ One decoder over one vocabulary of text and image VQ tokens (Emu3). Parameter na
     from model import ModelConfig, UnifiedTransformer
     net = UnifiedTransformer(ModelConfig.from_preset("debug", mod={"capacity": {"2-3": {"t2i": 0.25}}}))
     out = net(input_ids, task_ids=task_ids)   # out.logits [B,S,V], out.aux_loss [], out.routing [L,T,4] (model/mod.py ROUTING_STATS)
+                                              # out.experts [L,T,E,2] or None (MoE layers, model/moe.py EXPERT_STATS)
     out = net(input_ids, task_ids=task_ids, labels=labels)  # out.loss [] (mean next-token CE), out.logits None
     (out.loss + out.aux_loss).backward()
 
@@ -39,8 +40,8 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor | None
     # [B, S, V] next-token logits; None when the forward was given labels (it returns `loss` instead).
     aux_loss: torch.Tensor
-    # Scalar: the MoD router BCE loss summed over MoD layers, already times `mod.aux_loss_weight`. Add it to
-    # the language-model loss.
+    # Scalar: the MoD router BCE loss summed over MoD layers, already times `mod.aux_loss_weight`, plus the
+    # MoE load-balancing loss of MoE layers, times `moe.balance_loss_weight`. Add it to the language-model loss.
     routing: torch.Tensor
     # [num_layers, num_tasks, 4] float token counts per layer and task in this batch, columns
     # model.mod.ROUTING_STATS: routable, selected, router_on (logit > 0), agree (r > 0 == top-k). Dense
@@ -48,6 +49,10 @@ class ModelOutput(NamedTuple):
     loss: torch.Tensor | None = None
     # Scalar fp32: the mean next-token cross-entropy over supervised positions, when the forward was given
     # labels (aux loss not included); else None.
+    experts: torch.Tensor | None = None
+    # [num_layers, num_tasks, E, 2] float token-slot counts of the MoE layers (E: the most experts of any MoE
+    # layer), columns model.moe.EXPERT_STATS: routed, dropped (over capacity, not run); dense-MLP layers are 0.
+    # None when the model has no MoE layer. The MoE balance loss is inside aux_loss.
 
 
 def layer_context(cfg: ModelConfig, input_ids: torch.Tensor, task_ids: torch.Tensor | None,
@@ -75,6 +80,19 @@ def layer_context(cfg: ModelConfig, input_ids: torch.Tensor, task_ids: torch.Ten
     cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
     return LayerContext(cos=cos, sin=sin, task_ids=task_ids, layout=layout, cap_tbl=capacity_table(cfg, device),
                         routing=routing)
+
+
+def _stack_experts(per_layer: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Per-layer MoE counts [T, E_l, 2] (None for dense MLPs) -> [L, T, max E_l, 2], or None without MoE."""
+    present = [e for e in per_layer if e is not None]
+    if not present:
+        return None
+    T, E = present[0].shape[0], max(e.shape[1] for e in present)
+    out = present[0].new_zeros(len(per_layer), T, E, 2)
+    for i, e in enumerate(per_layer):
+        if e is not None:
+            out[i, :, :e.shape[1]] = e
+    return out
 
 
 class LMHead(Linear):
@@ -134,17 +152,20 @@ class UnifiedTransformer(nn.Module):
         capacities apply per sample (model/mod.py)."""
         h, ctx = self.prologue(input_ids, task_ids, position_ids, routing)
         aux = h.new_zeros((), dtype=torch.float32)
-        stats = []
+        stats, experts = [], []
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, layer_aux, layer_stats = torch.utils.checkpoint.checkpoint(layer, h, ctx, use_reentrant=False)
+                h, layer_aux, layer_stats, layer_experts = torch.utils.checkpoint.checkpoint(
+                    layer, h, ctx, return_experts=True, use_reentrant=False)
             else:
-                h, layer_aux, layer_stats = layer(h, ctx)
+                h, layer_aux, layer_stats, layer_experts = layer(h, ctx, return_experts=True)
             aux = aux + layer_aux
             stats.append(layer_stats)
+            experts.append(layer_experts)
+        out = dict(aux_loss=aux, routing=torch.stack(stats), experts=_stack_experts(experts))
         if labels is not None:
-            return ModelOutput(logits=None, aux_loss=aux, routing=torch.stack(stats), loss=self.head_loss(h, labels))
-        return ModelOutput(logits=self.head(h), aux_loss=aux, routing=torch.stack(stats))
+            return ModelOutput(logits=None, loss=self.head_loss(h, labels), **out)
+        return ModelOutput(logits=self.head(h), **out)
 
     def prologue(self, input_ids: torch.Tensor, task_ids: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, routing: str | None = None

@@ -27,6 +27,7 @@ from model.flops import (
     RowTokens,
     dense_flops,
     describe_microbatch,
+    expert_slots,
     flops_forward,
     flops_train,
     layer_tokens,
@@ -360,3 +361,62 @@ def test_peak_table_and_mfu():
         mfu(1e12, 1.0, 0, 989e12)
     with pytest.raises(ValueError, match="step_time_s"):
         tflops_per_device(1e12, 0.0, 1)
+
+
+# ----- MoE MLPs: routers plus the experts on the slots they ran -------------------------------------------------
+def _moe_net(moe: dict, **overrides) -> UnifiedTransformer:
+    net = _net(moe=moe, **overrides)
+    with torch.no_grad():  # routers that really choose, so experts get uneven loads (and capacity drops)
+        for layer in net.model.layers:
+            if layer.is_moe:
+                torch.nn.init.normal_(layer.mlp.router.weight, std=1.0)
+    return net
+
+
+@pytest.mark.parametrize("moe, mod, spec", [
+    ({"layers": [1, 3], "num_experts": 4, "top_k": 1, "router": "shared"}, None, WITH_LM),
+    ({"layers": ["0-3"], "num_experts": 8, "top_k": 2, "router": "task"}, None, PACKED_MIXED),
+    ({"layers": [0, 2], "num_experts": 4, "top_k": 2, "router": "task", "capacity_factor": 0.6}, None, MIXED),
+    ({"layers": ["1-3"], "num_experts": 4, "top_k": 2, "router": "task", "capacity_factor": 0.8}, MOD, PACKED_MIXED),
+])
+@pytest.mark.parametrize("train", [False, True])
+def test_moe_matches_flop_counter(moe, mod, spec, train):
+    net = _moe_net(moe, **({"mod": mod} if mod else {}))
+    cfg = net.config
+    ids, pos, tasks = _batch(cfg, spec)
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        with torch.set_grad_enabled(train):
+            out = net(ids, task_ids=tasks, position_ids=pos)
+            if train:
+                (out.logits.float().mean() + out.aux_loss).backward()
+    slots = expert_slots(out.experts, cfg)
+    rows = describe_microbatch(ids, pos, tasks, cfg)
+    analytic = microbatch_flops(cfg, rows, train=train, expert_slots=slots)
+    assert analytic.total == counter.get_total_flops()
+    dropped = int(out.experts[..., 1].sum())
+    assert (dropped > 0) is ("capacity_factor" in moe)  # the capacity cases really drop slots
+    nominal = microbatch_flops(cfg, rows, train=train)  # k slots per kept token
+    assert (nominal == analytic) is (dropped == 0)
+    assert nominal.mlp - analytic.mlp == (3 if train else 1) * 2 * dropped * 3 * cfg.hidden_size * (
+        cfg.intermediate_size // cfg.moe.num_experts)
+    # Routers: E (or E*T) columns on the positions each MoE layer runs, never on fewer.
+    E_cols = cfg.moe.num_experts * (cfg.num_tasks if cfg.moe.router == "task" else 1)
+    moe_router = sum(n for i, (n, _) in enumerate(layer_tokens(cfg, rows)) if i in cfg.moe.layers)
+    mod_router = microbatch_flops(cfg, rows, train=train, dense=True).router  # 0: dense twin has none
+    assert mod_router == 0
+    as_mod_only = microbatch_flops(ModelConfig.from_preset("debug", **({"mod": mod} if mod else {})), rows, train=train)
+    assert analytic.router - as_mod_only.router == (3 if train else 1) * 2 * len(rows) * moe_router * cfg.hidden_size * E_cols
+
+
+def test_moe_flops_arguments_are_checked():
+    cfg = ModelConfig.from_preset("debug", moe={"layers": [1], "num_experts": 4, "top_k": 2})
+    rows = _rows(UNIFORM)
+    with pytest.raises(ValueError, match="MoE layers"):
+        microbatch_flops(cfg, rows, expert_slots={2: [1, 1, 1, 1]})
+    with pytest.raises(ValueError, match=r"expert_slots\[1\]"):
+        microbatch_flops(cfg, rows, expert_slots={1: [1, 1]})
+    with pytest.raises(ValueError, match="micro-batches"):
+        step_flops(cfg, [rows], expert_slots=[])
+    # per micro-batch slot counts flow through step_flops
+    slots = {1: [10, 20, 30, 40]}
+    assert step_flops(cfg, [rows], expert_slots=[slots]).actual == microbatch_flops(cfg, rows, expert_slots=slots).total

@@ -109,3 +109,209 @@ def test_trainable_with_experts_frozen_or_not(frozen):
     assert "router.weight" in changed
     expert_changed = any(n.startswith("experts.") for n in changed)
     assert expert_changed is (not frozen)
+
+
+# ----- the trainable MoE MLP (model.moe section) ------------------------------------------------------------
+T2I, MMU, LM = 0, 1, 2
+MOE = {"layers": ["1-2"], "num_experts": 4, "top_k": 2, "router": "task", "balance_loss_weight": 0.01}
+
+
+def _trained_router_moe(router: str, capacity_factor=None, seed: int = 0) -> MoEMLP:
+    """A float64 MoE MLP of 4 fresh experts (3 tasks) whose router is random, so tokens pick differently."""
+    torch.manual_seed(seed)
+    moe = MoEMLP(16, [6, 6, 6, 6], top_k=2, num_tasks=3, router=router, balance_loss_weight=0.5,
+                 capacity_factor=capacity_factor, init_std=0.3).double()
+    torch.nn.init.normal_(moe.router.weight, std=1.0)
+    return moe
+
+
+def _naive(moe: MoEMLP, x, task, valid, capacity):
+    """Independent reference: one token at a time in token order, its own task's E logits from the raw
+    router weight, top-k, each expert counting its slots and refusing those over `capacity`."""
+    E, k = moe.num_experts, moe.top_k
+    W = moe.router.weight
+    used = [0] * E
+    out = torch.zeros_like(x)
+    routed, dropped = torch.zeros(3, E), torch.zeros(3, E)
+    for n in range(x.shape[0]):
+        if not valid[n]:
+            continue
+        t = int(task[n])
+        block = W[t * E:(t + 1) * E] if moe.task_router else W
+        logits = block @ x[n]
+        top = logits.topk(k)
+        for r, e in zip(top.values, top.indices.tolist()):
+            routed[t, e] += 1
+            if capacity is not None and used[e] >= capacity:
+                dropped[t, e] += 1
+                continue
+            used[e] += 1
+            out[n] += 2 * torch.sigmoid(r) * moe.experts[e](x[n])
+    return out, torch.stack([routed, dropped], -1)
+
+
+@pytest.mark.parametrize("router", ["task", "shared"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_sorted_dispatch_equals_a_per_token_reference(router, capacity_factor):
+    moe = _trained_router_moe(router, capacity_factor)
+    g = torch.Generator().manual_seed(3)
+    N = 40
+    x = torch.randn(N, 16, generator=g, dtype=torch.float64)
+    task = torch.randint(0, 3, (N,), generator=g)
+    valid = torch.rand(N, generator=g) > 0.2
+    y, _, stats = moe.dispatch(x, task, valid)
+    cap = moe.capacity(int(valid.sum()))
+    assert (cap is None) is (capacity_factor is None)
+    want_y, want_stats = _naive(moe, x, task, valid, cap)
+    torch.testing.assert_close(y, want_y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stats.float(), want_stats)
+    assert stats[..., 0].sum() == 2 * valid.sum()  # every valid token's k slots, padding none
+    assert bool(stats[..., 1].sum() > 0) is (capacity_factor is not None)  # the limit really drops slots
+    assert torch.all(y[~valid] == 0)
+    if capacity_factor is not None:  # without capacity, the same layer drops nothing
+        y_all, _, stats_all = moe.dispatch(x, task, valid, apply_capacity=False)
+        assert stats_all[..., 1].sum() == 0 and not torch.allclose(y_all, y)
+
+
+def test_task_router_reads_each_tokens_own_task_block():
+    moe = _trained_router_moe("task")
+    x = torch.randn(6, 16, dtype=torch.float64)
+    for t in range(3):
+        got = moe.logits(x, torch.full((6,), t))
+        torch.testing.assert_close(got, x @ moe.router.weight[4 * t:4 * (t + 1)].T)
+    with pytest.raises(ValueError, match="task id"):
+        moe.logits(x)
+
+
+def test_balance_loss_matches_switch_formula_gives_router_gradient_and_ignores_padding():
+    moe = _trained_router_moe("task")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 16, generator=g, dtype=torch.float64)
+    task = torch.randint(0, 3, (30,), generator=g)
+    valid = torch.ones(30, dtype=torch.bool)
+    valid[-7:] = False
+    _, loss, _ = moe.dispatch(x, task, valid)
+    # independent: softmax over each valid token's own task's logits, f from its top-2 choices
+    W = moe.router.weight.detach()
+    probs, choices = [], []
+    for n in range(23):
+        logits = W[4 * task[n]:4 * task[n] + 4] @ x[n]
+        probs.append(logits.softmax(-1))
+        choices += logits.topk(2).indices.tolist()
+    f = torch.bincount(torch.tensor(choices), minlength=4).double() / len(choices)
+    P = torch.stack(probs).mean(0)
+    torch.testing.assert_close(loss.double(), 0.5 * 4 * (f * P).sum(), rtol=1e-6, atol=0)
+    loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    # padding tokens change nothing: neither their hidden states nor their presence
+    x2 = x.clone()
+    x2[-7:] = 100 * torch.randn(7, 16, dtype=torch.float64)
+    _, loss2, _ = moe.dispatch(x2, task, valid)
+    _, loss3, _ = moe.dispatch(x[:23], task[:23])
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(loss3, loss)
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"num_experts": 0}, "moe.num_experts"),
+    ({"top_k": 5}, "moe.top_k"),
+    ({"router": "per_token"}, "moe.router"),
+    ({"balance_loss_weight": -1.0}, "moe.balance_loss_weight"),
+    ({"capacity_factor": -0.5}, "moe.capacity_factor"),
+    ({"overflow": "reroute"}, "moe.overflow"),
+    ({"layers": ["3-1"]}, "moe.layers"),
+    ({"layers": [7]}, "moe.layers"),
+    ({"num_experts": 3}, "moe.num_experts"),  # 176 neurons do not split into 3 experts
+    ({"expert_count": 3}, "model.moe.expert_count"),
+])
+def test_moe_config_validation_names_the_field(override, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        ModelConfig.from_preset("debug", moe={**MOE, **override})
+
+
+def test_moe_config_layer_keys_round_trip_and_capacity_zero_means_none():
+    cfg = ModelConfig.from_dict({"preset": "debug", "moe": {**MOE, "layers": ["0", "2-3"], "capacity_factor": 0}})
+    assert cfg.moe.layers == [0, 2, 3] and cfg.moe.capacity_factor is None
+    again = ModelConfig(**{k: v for k, v in cfg.to_dict().items()})
+    assert again.moe == cfg.moe
+    assert ModelConfig.from_preset("debug", moe={"layers": "1-2"}).moe.layers == [1, 2]
+    assert ModelConfig.from_preset("debug").moe.layers == []
+
+
+def test_a_model_without_moe_is_unchanged():
+    cfg = ModelConfig.from_preset("debug")
+    torch.manual_seed(0)
+    plain = UnifiedTransformer(cfg)
+    torch.manual_seed(0)
+    empty = UnifiedTransformer(ModelConfig.from_preset("debug", moe={"layers": [], "num_experts": 8}))
+    assert plain.state_dict().keys() == empty.state_dict().keys()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    a, b = plain(ids), empty(ids)
+    assert torch.equal(a.logits, b.logits) and a.experts is None and b.experts is None
+    assert not any(layer.is_moe for layer in plain.model.layers)
+
+
+def _moe_mod_model(moe=MOE, seed=0, **mod) -> UnifiedTransformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset("debug", moe=moe, mod={"capacity": {"2-3": {"t2i": 0.5, "lm": 0.5}}, **mod})
+    return UnifiedTransformer(cfg)
+
+
+def test_moe_layers_built_from_config_report_experts_and_balance_loss():
+    net = _moe_mod_model()
+    layers = net.model.layers
+    assert [layer.is_moe for layer in layers] == [False, True, True, False]
+    moe = layers[1].mlp
+    assert [e.gate_proj.weight.shape for e in moe.experts] == [torch.Size([44, 64])] * 4
+    assert moe.router.weight.shape == (4 * 3, 64) and torch.count_nonzero(moe.router.weight) == 0
+    std = torch.cat([e.up_proj.weight.flatten() for e in moe.experts]).std()
+    assert 0.015 < std < 0.025  # normal(0, initializer_range)
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in net.state_dict()
+    pad = net.config.vocab.pad_id
+    ids = torch.randint(0, pad, (3, 10))
+    ids[2, 7:] = pad
+    out = net(ids, task_ids=torch.tensor([T2I, MMU, LM]))
+    assert out.experts.shape == (4, 3, 4, 2)
+    assert out.experts[[0, 3]].abs().sum() == 0
+    # layer 1 is dense in depth: every non-padding token takes k = 2 slots; layer 2 (MoD, 50% for t2i and lm)
+    # routes only the tokens it keeps (these ids are text: only lm routes them)
+    torch.testing.assert_close(out.experts[1, :, :, 0].sum(-1), torch.tensor([20.0, 20.0, 14.0]))
+    assert out.experts[2, MMU, :, 0].sum() == 20 and out.experts[2, T2I, :, 0].sum() == 20  # t2i routes image tokens
+    assert out.experts[2, LM, :, 0].sum() == 2 * 4  # ceil(0.5 * 7) kept
+    # aux_loss = MoD BCE + the MoE balance loss (>= weight * 1 per layer: E * sum f P >= 1 at uniform f)
+    no_balance = _moe_mod_model(moe={**MOE, "balance_loss_weight": 0.0})
+    no_balance.load_state_dict(net.state_dict())
+    aux0 = no_balance(ids, task_ids=torch.tensor([T2I, MMU, LM])).aux_loss
+    assert 0.02 - 1e-6 <= out.aux_loss - aux0 < 0.1
+
+
+def test_full_activation_moe_layer_equals_the_dense_mlp_it_holds():
+    """k = E from the config: the zero router weights every expert by 1, so the layer is a dense MLP whose
+    neurons are the experts' neurons side by side (padding gets no MLP update in an MoE layer)."""
+    moe_cfg = {**MOE, "top_k": 4, "layers": [1]}
+    net = _moe_mod_model(moe=moe_cfg).double()
+    dense = UnifiedTransformer(ModelConfig.from_preset("debug", mod=net.config.mod.to_dict())).double()
+    sd = {k: v for k, v in net.state_dict().items() if ".mlp.experts." not in k and ".mlp.router." not in k}
+    experts = net.model.layers[1].mlp.experts
+    for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+        sd[f"model.layers.1.mlp.{name}.weight"] = torch.cat([getattr(e, name).weight for e in experts], dim)
+    dense.load_state_dict(sd)
+    ids = torch.randint(0, net.config.vocab.pad_id, (2, 12))
+    tasks = torch.tensor([T2I, LM])
+    torch.testing.assert_close(net(ids, task_ids=tasks).logits, dense(ids, task_ids=tasks).logits,
+                               rtol=0, atol=1e-10)
+
+
+def test_capacity_drops_in_training_routing_only():
+    net = _moe_mod_model(moe={**MOE, "capacity_factor": 0.5})
+    with torch.no_grad():
+        for layer in net.model.layers:
+            if layer.is_moe:
+                torch.nn.init.normal_(layer.mlp.router.weight, std=1.0)
+    ids = torch.randint(0, net.config.vocab.pad_id, (2, 16))
+    tasks = torch.tensor([MMU, MMU])
+    topk = net(ids, task_ids=tasks)
+    causal = net(ids, task_ids=tasks, routing="causal")
+    # capacity 0.5 * k * N / E = N / 4 slots per expert for 2N slots: at least half of them dropped
+    assert topk.experts[1, MMU, :, 1].sum() >= 16
+    assert causal.experts[..., 1].sum() == 0

@@ -221,6 +221,15 @@ def test_routing_a_kind_the_task_never_holds_exits_2(capsys, no_launch):
     cfg("model.mod.routable.lm=all", 'model.mod.capacity={"2-3": {lm: 0.5}}')  # routable text: accepted
 
 
+def test_moe_layers_are_refused_by_the_trainer_until_it_supports_them(capsys, no_launch):
+    """The model builds MoE MLPs (model/moe.py), but the trainer's export, pipeline and logs do not know them yet:
+    a run asking for them exits 2 before any work instead of writing an Emu3 checkpoint that loses the experts."""
+    rc, err = run_main(capsys, DS_SINGLE, 'model.moe={layers: "2-3", num_experts: 4, top_k: 2}')
+    assert rc == 2, err
+    assert "model.moe.layers=[2, 3]" in err and "not supported by the trainer yet" in err, err
+    cfg("model.moe={layers: []}")  # no MoE layers: accepted
+
+
 # ----- numbers such as 1e-4 are numbers (PyYAML's YAML 1.1 reads them as strings) --------------------------------
 @pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("2E-5", 2e-5), ("-3e+2", -300.0), ("1.5e3", 1500.0),
                                         (".5e1", 5.0), ("3.0e-3", 3e-3), ("1e4", 1e4)])
