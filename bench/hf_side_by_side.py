@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from bench.mod_speed import make_batch  # noqa: E402
-from bench.report import load_average, machine_info, publish  # noqa: E402
+from bench.report import bar_panels, load_average, machine_info, publish  # noqa: E402
 from model import PRESETS, ModelConfig, UnifiedTransformer  # noqa: E402
 from model.flops import describe_microbatch, mfu, microbatch_flops, peak_flops  # noqa: E402
 
@@ -446,25 +446,13 @@ def summarise(args, variants: dict[str, dict], flops: dict, batch_tokens: int, d
 
 
 def plot(result: dict, png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = {n: v for n, v in result["variants"].items() if v["status"] == "ok"}
     names = list(ok)
     colours = ["#777777" if n.startswith("hf_") else "#2ca02c" if n.startswith("ours_mod") else "#1f77b4" for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
     mem = [headline_memory(ok[n].get("memory")) or 0.0 for n in names]
-    for ax, vals, title in ((axes[0], [ok[n]["median_s"] for n in names], "median step time (s)"),
-                            (axes[1], mem, "peak memory of a step (MiB; CUDA: allocated)")):
-        ax.bar(names, vals, color=colours)
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    bar_panels(png, names, [("median step time (s)", [ok[n]["median_s"] for n in names]),
+                            ("peak memory of a step (MiB; CUDA: allocated)", mem)], colours, height=3.4,
+               label_rotation=20)
 
 
 def markdown(result: dict, png_name: str) -> str:

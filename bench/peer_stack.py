@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import machine_info, publish  # noqa: E402
+from bench.report import bar_panels, machine_info, publish  # noqa: E402
 
 # name -> bench/peer_step.py arguments
 VARIANTS = {
@@ -149,22 +149,10 @@ def ratios(s: dict[str, dict]) -> dict[str, float]:
 
 
 def plot(s: dict[str, dict], png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(s)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, (title, key) in zip(axes, [("median step time (s)", "median_step_s"), ("tokens/s", "tokens_per_s"),
-                                       ("peak RSS per rank (GiB)", "peak_rss_gib")]):
-        vals = [s[n][key] for n in names]
-        ax.bar(names, vals, color=["#777777", "#1f77b4", "#2ca02c"][: len(names)])
-        ax.set_title(title, fontsize=10)
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    panels = [(title, [s[n][key] for n in names]) for title, key in [
+        ("median step time (s)", "median_step_s"), ("tokens/s", "tokens_per_s"), ("peak RSS per rank (GiB)", "peak_rss_gib")]]
+    bar_panels(png, names, panels, ["#777777", "#1f77b4", "#2ca02c"][: len(names)], height=3.2)
 
 
 def markdown(result: dict, png_name: str) -> str:

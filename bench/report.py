@@ -77,3 +77,24 @@ def publish(out: str | Path, result: dict, draw, render) -> str:
     write_markdown(out.with_suffix(".md"), text)
     print(text)
     return text
+
+
+def bar_panels(png: str | Path, names: list[str], panels: list[tuple[str, list[float]]], colours: list[str],
+               height: float = 3.3, label_rotation: float = 0.0) -> None:
+    """One PNG of side-by-side bar charts over the same `names`, one per (title, values) panel, each bar labelled
+    with its value (the benches' comparison plots)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(12, height))
+    for ax, (title, vals) in zip(axes, panels):
+        ax.bar(names, vals, color=colours)
+        ax.set_title(title, fontsize=10)
+        if label_rotation:
+            ax.tick_params(axis="x", labelrotation=label_rotation, labelsize=8)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
