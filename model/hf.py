@@ -7,10 +7,24 @@ Our parameter names already are `Emu3ForCausalLM`'s, so reading is a key-prefix 
                                   text_model.model.* , text_model.lm_head.weight (as saved on disk)
 The vision tokenizer (`vqmodel.*`) is not part of the decoder and is skipped.
 
-What HF's config cannot express (the vocabulary layout beyond bos/eos/pad, the MoD plan) is written beside
-it as `unimod_config.json`, and MoD router banks as `mod_routers.safetensors`, so the HF directory stays a
-clean Emu3ForCausalLM checkpoint. Weights load with safetensors (or `torch.load(weights_only=True)`
-for legacy .bin files): nothing from a checkpoint is executed.
+What HF's config cannot express (the vocabulary layout beyond bos/eos/pad, the MoD plan, the MoE plan) is
+written beside it as `unimod_config.json`, MoD router banks as `mod_routers.safetensors` and the MoE side
+tensors as `moe.safetensors`, so the HF directory stays a clean Emu3ForCausalLM checkpoint. Weights load with
+safetensors (or `torch.load(weights_only=True)` for legacy .bin files): nothing from a checkpoint is executed.
+
+MoE layers (`model.moe.layers`, model/moe.py). An MoE layer has no dense MLP; the Emu3 side holds its dense
+equivalent, so `Emu3ForCausalLM.from_pretrained` loads the directory unchanged:
+  model.safetensors   model.layers.N.mlp.{gate,up,down}_proj.weight  [F,D] [F,D] [D,F]: the experts' neurons
+                      merged (`model.moe.merge_experts`): expert e's rows sit at dense neurons expert_neurons[e]
+  moe.safetensors     model.layers.N.mlp.router.weight    [E*T or E, D]  the trained router
+                      model.layers.N.mlp.expert_neurons   [E, F/E] int64 dense neuron index of each expert row
+  unimod_config.json  "moe": the MoEConfig (layers, num_experts, top_k, router, capacity_factor, ...)
+Experts cut from a dense MLP (`MoEMLP.from_dense`, or `load_hf(..., moe=...)`) go back to the dense order
+they came from, so the dense MLP is the original one; fresh experts sit side by side in expert order. Either
+way the dense SwiGLU MLP equals the sum of all E experts with gate 1: HF's model computes the MoE layer at
+k = E with a zero router (the dense equivalent), not the top-k MoE with its trained gates; padding tokens
+also get an MLP update there (an MoE layer gives them none). Our loader cuts the experts back out of the
+dense MLP by expert_neurons (copies: bit for bit), so the expert weights are stored once.
 """
 
 from __future__ import annotations
@@ -23,10 +37,13 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from model.config import ModelConfig, MoDConfig, VocabLayout
+from model.config import ModelConfig, MoDConfig, MoEConfig, VocabLayout
+from model.moe import cut_experts, expert_neuron_groups, merge_experts, snake_partition
 
 UNIMOD_CONFIG = "unimod_config.json"
 ROUTERS_FILE = "mod_routers.safetensors"
+MOE_FILE = "moe.safetensors"
+_MLP_PROJ = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))  # (name, the neurons' dim of its weight)
 
 # Emu3's token names for the structural ids (the tokenizer's vocabulary_map uses these strings).
 _EMU3_TOKEN_NAMES = {
@@ -104,6 +121,8 @@ def config_from_hf(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
         kwargs["vocab"] = ours["vocab"]
         if ours.get("mod"):
             kwargs["mod"] = ours["mod"]
+        if (ours.get("moe") or {}).get("layers"):
+            kwargs["moe"] = ours["moe"]
     elif raw.get("vocabulary_map"):
         kwargs["vocab"] = layout_from_vocabulary_map(raw["vocabulary_map"], vocab_size).to_dict()
     elif vocab_size == VocabLayout().vocab_size:
@@ -185,46 +204,129 @@ def iter_hf_routers(model_cfg: ModelConfig, path: str | os.PathLike):
             yield key, f.get_tensor(key)
 
 
+def moe_layout(cfg: ModelConfig, path: str | os.PathLike,
+               importance: Mapping[int, torch.Tensor] | None = None
+               ) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+    """Where the experts of each MoE layer of `cfg` come from -> ({layer: [E, F/E] dense neuron indices of each
+    expert}, {router parameter name: the checkpoint's trained router}).
+
+    A layer the checkpoint holds as an MoE layer with the same E is cut as it was saved (its expert_neurons),
+    and keeps its router when the router kind is the same and, for a task router, the task list too.
+    Every other MoE layer is converted from the checkpoint's dense MLP (a dense checkpoint, a dense layer
+    there, another E, or a layer named in `importance`): neurons dealt in snake order of `importance[layer]`
+    ([F] scores; the trainer supplies calibration importance), by default of equal importance, i.e. in
+    neuron index order; its router starts fresh (zero). Either way k = E reproduces the dense MLP."""
+    importance = dict(importance or {})
+    F_, E = cfg.intermediate_size, cfg.moe.num_experts
+    for layer, scores in importance.items():
+        if layer not in cfg.moe.layers:
+            raise ValueError(f"importance names layer {layer}, which is not an MoE layer (moe.layers={cfg.moe.layers})")
+        if tuple(scores.shape) != (F_,):
+            raise ValueError(f"importance[{layer}] has shape {tuple(scores.shape)}, expected ({F_},): one score "
+                             "per MLP neuron")
+    saved: dict[str, torch.Tensor] = {}
+    theirs, _ = config_from_hf(path)
+    file = Path(path) / MOE_FILE
+    if cfg.moe.layers and file.exists() and theirs.get("moe"):
+        from safetensors.torch import load_file
+
+        saved = load_file(str(file))
+    their_moe = MoEConfig(**theirs["moe"]) if theirs.get("moe") else MoEConfig()
+    same_router = their_moe.router == cfg.moe.router and (
+        cfg.moe.router == "shared" or (theirs.get("mod") or {}).get("tasks") == list(cfg.mod.tasks))
+    groups, routers = {}, {}
+    for layer in cfg.moe.layers:
+        prefix = f"model.layers.{layer}.mlp."
+        neurons = saved.get(prefix + "expert_neurons")
+        if layer not in importance and neurons is not None and neurons.shape[0] == E:
+            if tuple(neurons.shape) != (E, F_ // E) or not torch.equal(neurons.flatten().sort().values,
+                                                                       torch.arange(F_)):
+                raise ValueError(f"{path}/{MOE_FILE}: {prefix}expert_neurons is not a partition of the {F_} "
+                                 f"neurons into {E} experts of {F_ // E}")
+            groups[layer] = neurons.long()
+            router = saved.get(prefix + "router.weight")
+            if same_router and router is not None:
+                routers[prefix + "router.weight"] = router
+        else:
+            scores = importance.get(layer, torch.zeros(F_))
+            groups[layer] = torch.stack(snake_partition(scores, E))
+    return groups, routers
+
+
 def parameter_shapes(net: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """{name: full shape} of a model's parameters (a ZeRO-3 partitioned parameter's full shape is `ds_shape`)."""
     return {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in net.named_parameters()}
 
 
-def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike,
-                    expected: Mapping[str, tuple[int, ...]]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike, expected: Mapping[str, tuple[int, ...]],
+                    importance: Mapping[int, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (parameter name, tensor) for every weight of a model shaped by `cfg` from an HF Emu3 directory,
     streaming (a ZeRO-3 or pipeline loader copies tensor by tensor). The one reader of HF weights: training
     (ZeRO, pipeline stages) and `load_hf` (`UnifiedTransformer.from_hf`) all load through it.
 
     Router policy: a MoD layer's router bank comes from the directory's mod_routers.safetensors when its task
     list is cfg's and the bank's shape matches (the same tasks, a MoD layer there too), else it is not
-    yielded and keeps its fresh init; banks of layers that are not MoD layers in cfg are left out. Raises
+    yielded and keeps its fresh init; banks of layers that are not MoD layers in cfg are left out.
+
+    MoE policy (`moe_layout`): an MoE layer of cfg gets its experts cut from the checkpoint's dense MLP of that
+    layer (as saved, or converted by `importance` / equal importance), and its router from moe.safetensors
+    when it fits, else a zero router (the fresh init, yielded, so every loader fills it). A checkpoint's MoE
+    layer that is dense in cfg loads as its dense equivalent (k = E) and its router is left out, as MoD banks
+    are. Raises
     ValueError for a config that differs from cfg, a tensor of the wrong shape or with no place in the model,
     or (after the last tensor) a missing one. `expected`: the whole model's `parameter_shapes` (given by the
     caller, who holds the model: this module builds none, so the model can import it)."""
     check_hf_matches(cfg, path)
     seen = set()
-    routers = ((k, t) for k, t in iter_hf_routers(cfg, path) if expected.get(k) == tuple(t.shape))
-    for key, tensor in itertools.chain(iter_hf_tensors(path), routers):
-        if key not in expected:
-            raise ValueError(f"{path}: tensor {key} has no place in the model")
-        if tuple(tensor.shape) != expected[key]:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {expected[key]}")
+    groups, moe_routers = moe_layout(cfg, path, importance)
+    F_, D = cfg.intermediate_size, cfg.hidden_size
+    # an MoE layer's dense MLP tensor -> (layer, projection, the neurons' dim)
+    dense_of_moe = {f"model.layers.{i}.mlp.{name}.weight": (i, name, dim) for i in groups for name, dim in _MLP_PROJ}
+
+    def pieces(key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if key not in dense_of_moe:
+            yield key, tensor
+            return
+        i, name, dim = dense_of_moe[key]
+        want = (F_, D) if dim == 0 else (D, F_)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {want}")
         seen.add(key)
-        yield key, tensor
-    missing = sorted(k for k in expected if k not in seen and ".mod_router." not in k)
+        for e, w in enumerate(cut_experts(tensor, groups[i], dim)):
+            yield f"model.layers.{i}.mlp.experts.{e}.{name}.weight", w
+
+    mod_routers = ((k, t) for k, t in iter_hf_routers(cfg, path) if expected.get(k) == tuple(t.shape))
+    # Every MoE router is yielded: the checkpoint's, or zeros (MoEMLP's init) when it starts fresh.
+    routers = ((k, moe_routers.get(k, torch.zeros(expected.get(k, ()))))
+               for k in (f"model.layers.{i}.mlp.router.weight" for i in groups))
+    for hf_key, hf_tensor in itertools.chain(iter_hf_tensors(path), mod_routers, routers):
+        for key, tensor in pieces(hf_key, hf_tensor):
+            if key not in expected:
+                raise ValueError(f"{path}: tensor {key} has no place in the model")
+            if tuple(tensor.shape) != expected[key]:
+                raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {expected[key]}")
+            seen.add(key)
+            yield key, tensor
+    missing = sorted(k for k in itertools.chain(expected, dense_of_moe) if k not in seen and ".mod_router." not in k)
     if missing:
         raise ValueError(f"{path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
 
 
-def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None, dtype: torch.dtype | None = None,
-            **overrides: Any):
+def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None,
+            moe: Mapping[str, Any] | MoEConfig | None = None, importance: Mapping[int, torch.Tensor] | None = None,
+            dtype: torch.dtype | None = None, **overrides: Any):
     """Build `cls` (UnifiedTransformer) from an HF Emu3 directory, through `iter_hf_weights` (its router
-    policy included).
+    and MoE policies included).
 
     `mod` adds (or replaces) the MoD plan: a dense checkpoint gets freshly initialised router banks
     (UniMoD's fine-tuning setting); a UniMoD checkpoint keeps its trained banks for the plan's MoD layers
-    that were MoD layers there with the same tasks, and the plan's other MoD layers start fresh. `dtype`
+    that were MoD layers there with the same tasks, and the plan's other MoD layers start fresh.
+
+    `moe` adds (or replaces) the MoE plan the same way: a dense checkpoint's MLPs of `moe["layers"]` are cut
+    into experts (snake partition of `importance[layer]`, [F] neuron scores, default equal importance: index
+    order; calibration importance from the training split is the trainer's to supply) with a zero router, so
+    the converted model at k = E computes the dense checkpoint; an MoE checkpoint keeps its experts and trained
+    routers where `moe_layout` says they fit; `moe={"layers": []}` loads its dense equivalent. `dtype`
     casts everything (default: the checkpoint's dtype). Other keyword overrides go to ModelConfig (e.g.
     `vocab=` for a checkpoint whose layout is unknown).
     """
@@ -233,6 +335,8 @@ def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None, dtype: 
     vocab_size = kwargs.pop("_vocab_size")
     if mod is not None:
         kwargs["mod"] = mod.to_dict() if isinstance(mod, MoDConfig) else dict(mod)
+    if moe is not None:
+        kwargs["moe"] = moe.to_dict() if isinstance(moe, MoEConfig) else dict(moe)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     if "vocab" not in kwargs:
         raise ValueError(f"{path}: cannot tell the vocabulary layout (vocab_size {vocab_size} is not Emu3's and "
@@ -243,14 +347,17 @@ def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None, dtype: 
 
     with torch.device("meta"):
         net = cls(cfg)
-    state = dict(iter_hf_weights(cfg, path, parameter_shapes(net)))
+    state = dict(iter_hf_weights(cfg, path, parameter_shapes(net), importance))
     dtype = dtype or state["model.embed_tokens.weight"].dtype
-    # Routers the checkpoint does not provide are initialised on CPU exactly as a fresh model would.
+    # MoD routers the checkpoint does not provide are initialised on CPU exactly as a fresh model would.
     std = cfg.mod.router_init_std
     for key, p in net.named_parameters():
         if key not in state:
             state[key] = torch.empty(p.shape).normal_(0.0, std)
     net.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    groups, _ = moe_layout(cfg, path, importance)
+    for i, g in groups.items():  # a later save_hf writes the dense MLP in this neuron order again
+        net.model.layers[i].mlp.neuron_groups = g.tolist()
     return net
 
 
@@ -275,7 +382,10 @@ def save_hf(net, path, state_dict: Mapping[str, torch.Tensor] | None = None, dty
     """Write an Emu3ForCausalLM directory (safetensors, sharded above `max_shard_size`).
 
     `state_dict` lets the trainer pass consolidated ZeRO-3 weights instead of `net`'s own (which may be
-    partitioned). Writes to a temporary sibling and renames, so a crash never leaves a half directory.
+    partitioned). MoE layers are written as their dense equivalent plus moe.safetensors (module docstring);
+    the neuron order comes from `net`'s MoE modules (`expert_neuron_groups`: fresh modules, as a config-only
+    shell has, give expert order, which is as valid a dense MLP). Writes to a temporary sibling and renames,
+    so a crash never leaves a half directory.
     """
     import shutil
 
@@ -287,6 +397,20 @@ def save_hf(net, path, state_dict: Mapping[str, torch.Tensor] | None = None, dty
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     routers = {k: state.pop(k).contiguous() for k in list(state) if ".mod_router." in k}
+    moe_side = {}
+    for i in cfg.moe.layers:
+        prefix = f"model.layers.{i}.mlp."
+        groups = expert_neuron_groups(net.model.layers[i].mlp)
+        for name, dim in _MLP_PROJ:
+            experts = [state.pop(f"{prefix}experts.{e}.{name}.weight") for e in range(len(groups))]
+            state[f"{prefix}{name}.weight"] = merge_experts(experts, groups, dim)
+        moe_side[prefix + "router.weight"] = state.pop(prefix + "router.weight").contiguous()
+        moe_side[prefix + "expert_neurons"] = groups
+    stray = [k for k in state if ".mlp.experts." in k or ".mlp.router." in k]
+    if stray:
+        raise ValueError(f"{stray[0]}: an MoE layer outside model.moe.layers={cfg.moe.layers} (converted in place "
+                         "by convert_mlps?) has no HF layout; convert through the config: "
+                         "UnifiedTransformer.from_hf(path, moe={...}, importance={...})")
     state = {k: v.contiguous() for k, v in state.items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -296,9 +420,11 @@ def save_hf(net, path, state_dict: Mapping[str, torch.Tensor] | None = None, dty
     save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
     hf_text_config(cfg, next(iter(state.values())).dtype).save_pretrained(tmp)
     with open(tmp / UNIMOD_CONFIG, "w") as f:
-        json.dump({"vocab": cfg.vocab.to_dict(), "mod": cfg.mod.to_dict()}, f, indent=2)
+        json.dump({"vocab": cfg.vocab.to_dict(), "mod": cfg.mod.to_dict(), "moe": cfg.moe.to_dict()}, f, indent=2)
     if routers:
         save_file(routers, str(tmp / ROUTERS_FILE))
+    if moe_side:
+        save_file(moe_side, str(tmp / MOE_FILE))
     if path.exists():
         old = path.with_name(path.name + ".old")
         if old.exists():

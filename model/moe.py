@@ -25,7 +25,9 @@ normal(0, initializer_range), router zero); the conversion below fills the same 
     moe.freeze_experts(True)               # train the router only
 
 The converted layer's parameter names (`mlp.router.weight`, `mlp.experts.N.gate_proj.weight`) are not
-Emu3's, so an HF export of a converted model is not an Emu3ForCausalLM checkpoint.
+Emu3's. The HF export (model/hf.py) writes the MoE layers of `model.moe.layers` as their dense equivalent
+(`merge_experts`) plus side tensors; to convert a dense checkpoint through the config, use
+`UnifiedTransformer.from_hf(path, moe={...}, importance={...})` rather than `convert_mlps` in place.
 
 Dispatch (`MoEMLP.dispatch`): the N*k token-slots are sorted by expert (one argsort), each expert runs once
 on its contiguous slice, and the weighted outputs are scattered back with one index_add. torch has no
@@ -41,6 +43,7 @@ Fedus et al. 2021 (Switch Transformer: capacity, load-balancing loss); Jiang et 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -66,6 +69,37 @@ def snake_partition(importance_F: torch.Tensor, num_experts: int) -> list[torch.
     tier, slot = rank // num_experts, rank % num_experts
     expert_of_rank = torch.where(tier % 2 == 0, slot, num_experts - 1 - slot)
     return [order[expert_of_rank == e].sort().values for e in range(num_experts)]
+
+
+def expert_neuron_groups(moe: "MoEMLP") -> torch.Tensor:
+    """[E, F/E] long: the dense neuron indices of each expert's rows, in the expert's row order. An MoE cut
+    from a dense MLP (`from_dense`) recorded them (`neuron_groups`); fresh experts sit side by side in expert
+    order (expert e holds neurons [e*w, (e+1)*w)). Experts must be equally wide (the config's MoE layers are)."""
+    widths = [e.gate_proj.weight.shape[0] for e in moe.experts]
+    groups = getattr(moe, "neuron_groups", None)
+    if groups is None:
+        starts = [0] + list(itertools.accumulate(widths))
+        groups = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
+    if len(set(len(g) for g in groups)) != 1 or [len(g) for g in groups] != widths:
+        raise ValueError(f"experts of widths {widths} (groups {[len(g) for g in groups]}) are not equally wide")
+    return torch.tensor(groups, dtype=torch.long)
+
+
+def merge_experts(pieces: list[torch.Tensor], groups_EW: torch.Tensor, dim: int) -> torch.Tensor:
+    """The dense weight whose neurons `groups_EW[e]` are expert e's: pieces [w, D] (gate/up, dim 0) or
+    [D, w] (down, dim 1) per expert. The dense SwiGLU MLP of this weight equals the sum of all experts with
+    gate 1 (the MoE layer at k = E with a zero router). Inverse of `cut_experts`; values are copied, not
+    computed, so a merge and a cut give the experts back bit for bit."""
+    cat = torch.cat(pieces, dim)
+    dense = torch.empty_like(cat)
+    index = groups_EW.reshape(-1).to(cat.device)
+    return dense.index_copy_(dim, index, cat)
+
+
+def cut_experts(dense: torch.Tensor, groups_EW: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """Expert e's slice of a dense weight: neurons `groups_EW[e]` along `dim` (0 for gate/up [F, D], 1 for
+    down [D, F]), contiguous copies."""
+    return [dense.index_select(dim, g.to(dense.device)).contiguous() for g in groups_EW]
 
 
 # Columns of an MoE layer's statistics (`MoEMLP.dispatch`, `ModelOutput.experts` [L, T, E, 2]), token-slot

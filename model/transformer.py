@@ -188,10 +188,12 @@ class UnifiedTransformer(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if not (exclude_routers and "mod_router" in n))
 
     @classmethod
-    def from_hf(cls, path, mod=None, **overrides) -> "UnifiedTransformer":
+    def from_hf(cls, path, mod=None, moe=None, importance=None, **overrides) -> "UnifiedTransformer":
+        """model/hf.py `load_hf`: `mod` / `moe` add or replace the MoD / MoE plan (a dense checkpoint's MLPs
+        are cut into experts by `importance`, {layer: [F] neuron scores}, default equal importance)."""
         from model.hf import load_hf
 
-        return load_hf(cls, path, mod=mod, **overrides)
+        return load_hf(cls, path, mod=mod, moe=moe, importance=importance, **overrides)
 
     def save_hf(self, path, **kwargs) -> None:
         from model.hf import save_hf

@@ -315,3 +315,164 @@ def test_capacity_drops_in_training_routing_only():
     # capacity 0.5 * k * N / E = N / 4 slots per expert for 2N slots: at least half of them dropped
     assert topk.experts[1, MMU, :, 1].sum() >= 16
     assert causal.experts[..., 1].sum() == 0
+
+
+# ----- HF checkpoint round trip (model/hf.py: dense equivalent + moe.safetensors) ---------------------------
+def _randomise_routers(net: UnifiedTransformer, seed: int = 5) -> None:
+    """Trained-looking MoE and MoD routers: far from their init, so a fresh router would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("router.weight"):
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+def _assert_same_model(a: UnifiedTransformer, b: UnifiedTransformer, ids, tasks) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert a.config.moe == b.config.moe and a.config.mod == b.config.mod
+    out_a, out_b = a(ids, task_ids=tasks), b(ids, task_ids=tasks)
+    assert torch.equal(out_a.logits, out_b.logits) and torch.equal(out_a.experts, out_b.experts)
+
+
+def test_moe_checkpoint_round_trips_bit_for_bit_and_loads_in_transformers(tmp_path):
+    from safetensors import safe_open
+    from transformers import Emu3ForCausalLM
+
+    moe = {**MOE, "capacity_factor": 1.25}  # fresh experts, task router
+    torch.manual_seed(0)
+    net = UnifiedTransformer(ModelConfig.from_preset("debug", moe=moe)).eval()
+    _randomise_routers(net)
+    net.save_hf(tmp_path / "hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        dense_up = f.get_tensor("model.layers.1.mlp.up_proj.weight")
+    assert not [k for k in keys if ".mlp.experts." in k or ".mlp.router." in k]
+    F_ = net.config.intermediate_size
+    assert dense_up.shape == (F_, 64)
+    # fresh experts sit side by side in expert order
+    assert torch.equal(dense_up[44:88], net.model.layers[1].mlp.experts[1].up_proj.weight)
+    with safe_open(str(tmp_path / "hf" / "moe.safetensors"), "pt") as f:
+        names = ("expert_neurons", "router.weight")
+        assert sorted(f.keys()) == [f"model.layers.{i}.mlp.{n}" for i in (1, 2) for n in names]
+
+    back = UnifiedTransformer.from_hf(tmp_path / "hf").eval()
+    assert back.config.moe.capacity_factor == 1.25 and back.config.moe.router == "task"
+    ids = torch.randint(0, net.config.vocab.pad_id, (3, 16))
+    with torch.no_grad():
+        _assert_same_model(net, back, ids, torch.tensor([T2I, MMU, LM]))  # training routing: capacity applies
+    # transformers loads it (the dense equivalent: a different function at k < E, but a valid Emu3 model)
+    hf = Emu3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.isfinite(hf(ids).logits).all()
+
+
+def test_transformers_computes_the_k_equals_e_moe_model(tmp_path):
+    from transformers import Emu3ForCausalLM
+
+    torch.manual_seed(0)
+    net = UnifiedTransformer(ModelConfig.from_preset("debug", moe={**MOE, "top_k": 4, "router": "shared"})).eval()
+    net.save_hf(tmp_path / "hf")
+    hf = Emu3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, net.config.vocab.pad_id, (2, 16))  # no padding: an MoE layer gives padding no MLP update
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, net(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_mod_and_moe_model_round_trips(tmp_path):
+    net = _moe_mod_model().eval()
+    _randomise_routers(net)
+    net.save_hf(tmp_path / "hf")
+    back = UnifiedTransformer.from_hf(tmp_path / "hf").eval()
+    assert back.config.mod.capacity == net.config.mod.capacity
+    ids = torch.randint(0, net.config.vocab.pad_id, (3, 16))
+    with torch.no_grad():
+        _assert_same_model(net, back, ids, torch.tensor([T2I, MMU, LM]))
+
+
+def test_converting_a_dense_checkpoint_is_exact_at_k_equals_e_and_exports_the_dense_mlp_again(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    UnifiedTransformer(ModelConfig.from_preset("debug")).save_hf(tmp_path / "dense")
+    dense = UnifiedTransformer.from_hf(tmp_path / "dense", dtype=torch.float64).eval()
+    F_ = dense.config.intermediate_size
+    importance = {1: torch.rand(F_, generator=torch.Generator().manual_seed(1))}
+    full = {"layers": [1, 3], "num_experts": 4, "top_k": 4, "router": "task"}
+    conv = UnifiedTransformer.from_hf(tmp_path / "dense", moe=full, importance=importance, dtype=torch.float64).eval()
+    assert [layer.is_moe for layer in conv.model.layers] == [False, True, False, True]
+    # layer 1 by the given importance, layer 3 by equal importance (index order dealt in snake order)
+    for i, scores in ((1, importance[1]), (3, torch.zeros(F_))):
+        groups = snake_partition(scores, 4)
+        assert conv.model.layers[i].mlp.neuron_groups == [g.tolist() for g in groups]
+        assert torch.equal(conv.model.layers[i].mlp.experts[2].down_proj.weight,
+                           dense.model.layers[i].mlp.down_proj.weight[:, groups[2]])
+        assert torch.count_nonzero(conv.model.layers[i].mlp.router.weight) == 0
+    ids = torch.randint(0, dense.config.vocab.pad_id, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(conv(ids).logits, dense(ids).logits, rtol=0, atol=1e-10)
+        sparse = UnifiedTransformer.from_hf(tmp_path / "dense", moe={**full, "top_k": 1}, dtype=torch.float64)
+        assert not torch.allclose(sparse(ids).logits, dense(ids).logits)
+    # The export puts every neuron back where it came from: the Emu3 side is the dense checkpoint again.
+    conv.save_hf(tmp_path / "conv", dtype=torch.float32)
+    before = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    after = load_file(str(tmp_path / "conv" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    again = UnifiedTransformer.from_hf(tmp_path / "conv", dtype=torch.float64)
+    assert again.model.layers[1].mlp.neuron_groups == conv.model.layers[1].mlp.neuron_groups
+    assert all(torch.equal(v, conv.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+def test_moe_checkpoint_policy_follows_the_mod_routers(tmp_path):
+    """A config without the checkpoint's MoE layers loads their dense equivalent (routers left out, as MoD
+    banks are); another E re-cuts the dense MLP with a fresh router; another task list drops a task router."""
+    torch.manual_seed(0)
+    net = UnifiedTransformer(ModelConfig.from_preset("debug", moe={**MOE, "top_k": 4})).double().eval()
+    net.save_hf(tmp_path / "hf")
+    ids = torch.randint(0, net.config.vocab.pad_id, (2, 12))
+    dense = UnifiedTransformer.from_hf(tmp_path / "hf", moe={"layers": []}).double().eval()
+    assert not any(layer.is_moe for layer in dense.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, net(ids).logits, rtol=0, atol=1e-10)
+
+    _randomise_routers(net)
+    net.save_hf(tmp_path / "trained")
+    router = net.model.layers[1].mlp.router.weight.float()
+    kept = UnifiedTransformer.from_hf(tmp_path / "trained", moe={**MOE, "layers": [1]})
+    assert torch.equal(kept.model.layers[1].mlp.router.weight, router) and not kept.model.layers[2].is_moe
+    other_e = UnifiedTransformer.from_hf(tmp_path / "trained", moe={**MOE, "num_experts": 2, "top_k": 2})
+    assert torch.count_nonzero(other_e.model.layers[1].mlp.router.weight) == 0
+    other_tasks = UnifiedTransformer.from_hf(tmp_path / "trained", mod={"tasks": ["mmu", "t2i", "lm"]})
+    assert torch.count_nonzero(other_tasks.model.layers[1].mlp.router.weight) == 0
+    with pytest.raises(ValueError, match="importance names layer 0"):
+        UnifiedTransformer.from_hf(tmp_path / "trained", importance={0: torch.rand(176)})
+    with pytest.raises(ValueError, match=r"importance\[1\] has shape \(5,\)"):
+        UnifiedTransformer.from_hf(tmp_path / "trained", importance={1: torch.rand(5)})
+    # an MoE made in place (convert_mlps) is not in model.moe.layers: no HF layout, a clear error
+    plain = UnifiedTransformer(ModelConfig.from_preset("debug"))
+    convert_mlps(plain, {0: torch.rand(176)}, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match="outside model.moe.layers"):
+        plain.save_hf(tmp_path / "inplace")
+
+
+def test_trainer_loader_fills_moe_layers_through_iter_hf_weights(tmp_path):
+    """train/zero.py `load_hf_weights` (not partitioned here) reads an MoE checkpoint and converts a dense one
+    (every expert and router filled, the fresh routers with zeros) through the one reader."""
+    from train.zero import load_hf_weights
+
+    net = _moe_mod_model().eval()
+    _randomise_routers(net)
+    net.save_hf(tmp_path / "hf")
+    target = _moe_mod_model(seed=1)
+    load_hf_weights(target, str(tmp_path / "hf"), zero3=False)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in target.state_dict().items())
+
+    torch.manual_seed(0)
+    UnifiedTransformer(ModelConfig.from_preset("debug")).save_hf(tmp_path / "dense")
+    target = _moe_mod_model(moe={**MOE, "top_k": 4}, seed=1)
+    load_hf_weights(target, str(tmp_path / "dense"), zero3=False)
+    ref = UnifiedTransformer.from_hf(tmp_path / "dense", moe={**MOE, "top_k": 4}, mod=target.config.mod.to_dict())
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in target.state_dict().items() if "mod_router" not in k)
+    assert all(torch.count_nonzero(target.model.layers[i].mlp.router.weight) == 0 for i in (1, 2))
