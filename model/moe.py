@@ -14,8 +14,8 @@ model/mod.py). Why this gate: at zero init every weight is exactly 1.0 (sigmoid(
 float), so with k = E the layer reproduces the dense MLP up to float summation order, and with k < E it
 starts as the plain sum of the chosen experts; each gate depends on its own logit, so the router gets a
 gradient even for k = 1 (a softmax over the chosen experts alone would be constant at k = 1, and
-`E * softmax` is not exactly 1 at init for every E). With all logits equal at init, top-k picks experts
-by index; training the router breaks the tie.
+`E * softmax` is not exactly 1 at init for every E). With all logits equal at init, `torch.topk` breaks
+the tie its own way (not necessarily the lowest indices); training the router breaks it.
 
 A model config with a `moe` section (`MoEConfig`) builds these layers fresh (`MoEMLP.from_config`, experts
 normal(0, initializer_range), router zero); the conversion below fills the same kind of module from a dense MLP:
