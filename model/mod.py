@@ -223,17 +223,18 @@ class DecoderLayer(Block):
 
     def forward(self, x: torch.Tensor, ctx: LayerContext, return_experts: bool = False):
         """x [B,S,D] -> (x_out [B,S,D], weighted aux loss [], stats [num_tasks, 4] (`ROUTING_STATS` counts));
-        with `return_experts` a fourth item: the MoE layer's slot counts [num_tasks, E, 2] (`EXPERT_STATS`), or
-        None for a dense MLP. The aux loss includes the MoE balance loss.
+        with `return_experts` a fourth and fifth item: the MoE layer's slot counts [num_tasks, E, 2]
+        (`EXPERT_STATS`) and its weighted balance loss [] (both None for a dense MLP). The aux loss includes the
+        MoE balance loss.
 
         `ctx` (`LayerContext`) is built once per forward and shared by every layer."""
         moe = [] if self.is_moe else None  # the MoE MLP's (balance loss, stats), appended by `_run_block`
         x_out, aux, stats = self._forward(x, ctx, moe)
-        experts = None
+        experts = balance = None
         if moe:
-            aux = aux + moe[0][0]
-            experts = moe[0][1]
-        return (x_out, aux, stats, experts) if return_experts else (x_out, aux, stats)
+            balance, experts = moe[0]
+            aux = aux + balance
+        return (x_out, aux, stats, experts, balance) if return_experts else (x_out, aux, stats)
 
     def _run_block(self, moe: list | None, x, cos, sin, attn_mask, task_ids, valid, apply_capacity):
         """`Block.block` (compiled when `model.compile` installed it), or for an MoE MLP the same math with the

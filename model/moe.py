@@ -262,14 +262,19 @@ class MoEMLP(nn.Module):
         run = [host[e] if cap is None else min(host[e], cap) for e in range(E)]
 
         pieces_idx, pieces_y = [], []
+        idle = x_ND.new_zeros(())
         for e, expert in enumerate(self.experts):
             if run[e] == 0:
+                # An expert without slots here still runs, on zero rows: its parameters get a (zero) gradient on
+                # every rank, which ZeRO-3's gradient reduction expects (the MoD routers' `0 * sum` for the same
+                # reason); it costs no FLOPs and adds exactly 0 to the output.
+                idle = idle + expert(x_ND[:0]).sum()
                 continue
             sel = order[starts[e]:starts[e] + run[e]]  # expert e's slots, token order
             tok = token_S[sel]
             pieces_idx.append(tok)
             pieces_y.append(expert(x_ND[tok]) * gate_S[sel, None].to(x_ND.dtype))
-        y = x_ND.new_zeros(N, D)
+        y = x_ND.new_zeros(N, D) + idle
         if pieces_idx:
             y = y.index_add(0, torch.cat(pieces_idx), torch.cat(pieces_y))
 

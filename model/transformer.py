@@ -53,6 +53,9 @@ class ModelOutput(NamedTuple):
     # [num_layers, num_tasks, E, 2] float token-slot counts of the MoE layers (E: the most experts of any MoE
     # layer), columns model.moe.EXPERT_STATS: routed, dropped (over capacity, not run); dense-MLP layers are 0.
     # None when the model has no MoE layer. The MoE balance loss is inside aux_loss.
+    balance_loss: torch.Tensor | None = None
+    # Scalar fp32: the part of aux_loss that is the MoE load-balancing loss (summed over MoE layers, already
+    # times `moe.balance_loss_weight`), for logging it apart; None when the model has no MoE layer.
 
 
 def layer_context(cfg: ModelConfig, input_ids: torch.Tensor, task_ids: torch.Tensor | None,
@@ -152,17 +155,20 @@ class UnifiedTransformer(nn.Module):
         capacities apply per sample (model/mod.py)."""
         h, ctx = self.prologue(input_ids, task_ids, position_ids, routing)
         aux = h.new_zeros((), dtype=torch.float32)
-        stats, experts = [], []
+        stats, experts, balance = [], [], []
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, layer_aux, layer_stats, layer_experts = torch.utils.checkpoint.checkpoint(
+                h, layer_aux, layer_stats, layer_experts, layer_balance = torch.utils.checkpoint.checkpoint(
                     layer, h, ctx, return_experts=True, use_reentrant=False)
             else:
-                h, layer_aux, layer_stats, layer_experts = layer(h, ctx, return_experts=True)
+                h, layer_aux, layer_stats, layer_experts, layer_balance = layer(h, ctx, return_experts=True)
             aux = aux + layer_aux
             stats.append(layer_stats)
             experts.append(layer_experts)
-        out = dict(aux_loss=aux, routing=torch.stack(stats), experts=_stack_experts(experts))
+            if layer_balance is not None:
+                balance.append(layer_balance.float())
+        out = dict(aux_loss=aux, routing=torch.stack(stats), experts=_stack_experts(experts),
+                   balance_loss=torch.stack(balance).sum() if balance else None)
         if labels is not None:
             return ModelOutput(logits=None, loss=self.head_loss(h, labels), **out)
         return ModelOutput(logits=self.head(h), **out)

@@ -476,3 +476,23 @@ def test_trainer_loader_fills_moe_layers_through_iter_hf_weights(tmp_path):
     ref = UnifiedTransformer.from_hf(tmp_path / "dense", moe={**MOE, "top_k": 4}, mod=target.config.mod.to_dict())
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in target.state_dict().items() if "mod_router" not in k)
     assert all(torch.count_nonzero(target.model.layers[i].mlp.router.weight) == 0 for i in (1, 2))
+
+
+def test_an_expert_without_slots_still_gets_a_gradient():
+    """ZeRO-3 reduces every parameter's gradient on every rank: an expert no token chose must still get one
+    (zero), not None, and the output must be unchanged by it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("debug", moe={"layers": "1", "num_experts": 4, "top_k": 1, "router": "shared"})
+    net = UnifiedTransformer(cfg)
+    moe = net.model.layers[1].mlp
+    fixed = torch.tensor([10.0, 0.0, -10.0, -10.0])  # every token's first choice is expert 0
+    moe.router.register_forward_hook(lambda module, args, logits: logits * 0 + fixed)
+    ids = torch.randint(0, 256, (2, 16))
+    out = net(ids, labels=ids)
+    (out.loss + out.aux_loss).backward()
+    slots = out.experts[1, :, :, 0].sum(0)
+    assert slots[0] == 2 * 16 and slots[1:].sum() == 0, slots
+    for e in (1, 2, 3):
+        for name, p in moe.experts[e].named_parameters():
+            assert p.grad is not None and torch.count_nonzero(p.grad) == 0, (e, name)
+    assert torch.count_nonzero(moe.experts[0].up_proj.weight.grad) > 0

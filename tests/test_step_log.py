@@ -3,6 +3,7 @@ its routers even when the logged step itself held another task."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from train.config import RunConfig
@@ -48,3 +49,33 @@ def test_router_scalars_cover_the_steps_since_the_last_line():
     log.add(_record(0, 10, 3, 5, 9))
     log.write(4, steps[0], lr=1e-3, grad_norm=1.0, samples=4, data_counters=None)
     assert sink.lines[-1][1]["mod/causal_keep/t2i/layer_2"] == 5 / 10 and "mod/causal_keep/lm/layer_2" not in sink.lines[-1][1]
+
+
+def _moe_record(task: int, routed: list[float], dropped: list[float], balance: float) -> StepRecord:
+    rec = _record(task, 10, 10, 10, 10)
+    rec.experts = torch.zeros(4, 3, 4, 2)
+    rec.experts[2:4, task, :, 0], rec.experts[2:4, task, :, 1] = torch.tensor(routed), torch.tensor(dropped)
+    rec.balance_sum = torch.tensor(balance)
+    return rec
+
+
+def test_moe_scalars_cover_the_steps_since_the_last_line():
+    cfg = RunConfig.from_dict({"model": {"preset": "debug", "moe": {"layers": "2-3", "num_experts": 4, "top_k": 2}},
+                               "data": {"dataset_dir": "unused", "seq_len": 64}, "logging": {"log_every": 2}})
+    sink = _Capture()
+    log = StepLog(sink, cfg, world_size=1, device=torch.device("cpu"))
+    steps = [_moe_record(0, [6, 2, 2, 0], [1, 0, 0, 0], 0.02), _moe_record(2, [1, 1, 1, 1], [0, 0, 0, 0], 0.04)]
+    for step, rec in enumerate(steps, 1):
+        log.add(rec)
+        if log.due(step):
+            log.write(step, rec, lr=1e-3, grad_norm=1.0, samples=4, data_counters=None)
+    (step, s), = sink.lines
+    # t2i appeared at step 1 only, yet is reported at step 2
+    assert [s[f"moe/load/t2i/layer_3/expert_{e}"] for e in range(4)] == [0.6, 0.2, 0.2, 0.0]
+    assert s["moe/max_load/t2i/layer_2"] == 0.6 * 4 and s["moe/dropped/t2i/layer_2"] == 0.1
+    assert s["moe/max_load/lm/layer_3"] == 1.0 and s["moe/dropped/lm/layer_3"] == 0.0
+    assert s["moe/balance_loss"] == pytest.approx(0.03)  # mean over the window's micro-batches
+    assert not any(k.startswith(("moe/load/mmu", "moe/max_load/t2i/layer_1")) for k in s)
+    log.add(steps[1])
+    log.write(3, steps[1], lr=1e-3, grad_norm=1.0, samples=4, data_counters=None)
+    assert "moe/max_load/t2i/layer_2" not in sink.lines[-1][1]  # the window starts again after a line

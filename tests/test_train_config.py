@@ -221,13 +221,16 @@ def test_routing_a_kind_the_task_never_holds_exits_2(capsys, no_launch):
     cfg("model.mod.routable.lm=all", 'model.mod.capacity={"2-3": {lm: 0.5}}')  # routable text: accepted
 
 
-def test_moe_layers_are_refused_by_the_trainer_until_it_supports_them(capsys, no_launch):
-    """The model builds MoE MLPs (model/moe.py), but the trainer's export, pipeline and logs do not know them yet:
-    a run asking for them exits 2 before any work instead of writing an Emu3 checkpoint that loses the experts."""
-    rc, err = run_main(capsys, DS_SINGLE, 'model.moe={layers: "2-3", num_experts: 4, top_k: 2}')
+def test_moe_layers_train_under_zero_and_are_refused_by_the_pipeline(capsys, no_launch):
+    """ZeRO runs carry the expert counts (TensorBoard moe/ tags, exact FLOPs); the pipeline's stages do not yet,
+    so a pipeline run asking for MoE layers exits 2 before any work, naming the reason."""
+    moe = 'model.moe={layers: "2-3", num_experts: 4, top_k: 2}'
+    c = cfg(moe)
+    assert c.model.moe.layers == [2, 3] and c.parallel.mode == "zero"
+    rc, err = run_main(capsys, DS_PIPELINE, moe, "parallel.mode=pipeline", "parallel.pipeline_stages=2")
     assert rc == 2, err
-    assert "model.moe.layers=[2, 3]" in err and "not supported by the trainer yet" in err, err
-    cfg("model.moe={layers: []}")  # no MoE layers: accepted
+    assert "model.moe.layers=[2, 3]" in err and "pipeline does not carry the expert counts" in err, err
+    cfg("model.moe={layers: []}", "parallel.mode=pipeline", "parallel.pipeline_stages=2")  # no MoE layers: accepted
 
 
 # ----- numbers such as 1e-4 are numbers (PyYAML's YAML 1.1 reads them as strings) --------------------------------

@@ -295,13 +295,11 @@ class RunConfig:
             raise ValueError(f"{where}: {e}") from None
         _check_routable_exists(kwargs["model"], where)
         model, data, parallel = kwargs["model"], kwargs["data"], kwargs["parallel"]
-        if model.moe.layers:
-            # The model side exists (model/moe.py, tests/test_moe.py); the run side does not yet: the HF export
-            # would write a checkpoint Emu3 cannot load, the pipeline drops the expert counts, TensorBoard has no
-            # expert tags and the FLOPs would assume k experts per token. Refuse rather than train on that.
-            raise ValueError(f"{where}: model.moe.layers={model.moe.layers}: MoE MLPs are not supported by the "
-                             f"trainer yet (issue 16: HF export, pipeline, TensorBoard and FLOPs wiring are open); "
-                             f"remove model.moe to train")
+        if model.moe.layers and parallel.mode == "pipeline":
+            # The pipeline's stages pass hidden states, aux losses and routing counts on, but not the expert counts:
+            # its FLOPs would assume k slots per token and TensorBoard would have no moe/ tags.
+            raise ValueError(f"{where}: model.moe.layers={model.moe.layers} with parallel.mode=pipeline: the pipeline "
+                             f"does not carry the expert counts yet (issue 16); train MoE with parallel.mode=zero")
         if data.seq_len > model.max_position_embeddings:
             raise ValueError(f"{where}: data.seq_len={data.seq_len} is longer than model.max_position_embeddings="
                              f"{model.max_position_embeddings}: rows would hold positions the model is not built "

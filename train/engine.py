@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from model.flops import RowTokens, StepFlops
 from model.mod import ROUTING_STATS
+from model.moe import EXPERT_STATS
 from train.config import OptimConfig, RunConfig
 from train.launch import distributed
 
@@ -44,8 +45,14 @@ class StepRecord:
 
     loss_sum: torch.Tensor    # [T] summed micro-batch cross-entropies per task (the aux loss is not in them)
     loss_count: torch.Tensor  # [T] micro-batches per task
-    aux_sum: torch.Tensor     # [] summed MoD aux losses
+    aux_sum: torch.Tensor     # [] summed aux losses (MoD router losses plus MoE balance losses)
     routing: torch.Tensor     # [L, T, 4] token counts, columns model.mod.ROUTING_STATS
+    experts: torch.Tensor | None = None
+    """[L, T, E, 2] token-slot counts of the MoE layers, columns model.moe.EXPERT_STATS (None: no MoE layers)."""
+    balance_sum: torch.Tensor | None = None
+    """[] summed MoE balance losses (part of aux_sum; None: no MoE layers)."""
+    expert_slots: list[dict[int, list[int]]] = dataclasses.field(default_factory=list)
+    """Each trained micro-batch's slots per expert of each MoE layer (model.flops `expert_slots`, for its FLOPs)."""
     samples: int = 0
     """Samples this data-parallel replica trained on."""
     skipped_nonfinite: int = 0
@@ -120,7 +127,10 @@ class Engine(abc.ABC):
     def new_record(self) -> StepRecord:
         T, L = self.cfg.model.num_tasks, self.cfg.model.num_hidden_layers
         zeros = lambda *shape: torch.zeros(shape, device=self.device)  # noqa: E731
-        return StepRecord(zeros(T), zeros(T), zeros(), zeros(L, T, len(ROUTING_STATS)))
+        rec = StepRecord(zeros(T), zeros(T), zeros(), zeros(L, T, len(ROUTING_STATS)))
+        if self.cfg.model.moe.layers:  # every rank holds the same shapes, so `reduce` packs the same length
+            rec.experts, rec.balance_sum = zeros(L, T, self.cfg.model.moe.num_experts, len(EXPERT_STATS)), zeros()
+        return rec
 
     @abc.abstractmethod
     def train_step(self, batches: Batches, nonfinite: NonfiniteRun, step: int) -> StepRecord:
@@ -137,14 +147,19 @@ class Engine(abc.ABC):
         return None
 
     def reduce(self, rec: StepRecord) -> StepRecord:
-        """`rec` with its losses, aux loss and routing summed over the loss owners (as it is elsewhere)."""
+        """`rec` with its losses, aux loss, routing and expert counts summed over the loss owners (as it is
+        elsewhere). `expert_slots` stays this rank's: the FLOPs are counted per rank and summed (`sum_counted`)."""
         if not (self.owns_loss and distributed() and dist.get_world_size(self.loss_group) > 1):
             return rec
-        packed = torch.cat([rec.loss_sum, rec.loss_count, rec.aux_sum.reshape(1), rec.routing.flatten()])
+        parts = [rec.loss_sum, rec.loss_count, rec.aux_sum.reshape(1), rec.routing]
+        if rec.experts is not None:
+            parts += [rec.balance_sum.reshape(1), rec.experts]
+        packed = torch.cat([p.flatten() for p in parts])
         dist.all_reduce(packed, group=self.loss_group)
-        T = self.cfg.model.num_tasks
-        return dataclasses.replace(rec, loss_sum=packed[:T], loss_count=packed[T:2 * T], aux_sum=packed[2 * T],
-                                   routing=packed[2 * T + 1:].view_as(rec.routing))
+        summed = [p.view_as(old) for p, old in zip(packed.split([p.numel() for p in parts]), parts)]
+        moe = dict(balance_sum=summed[4].reshape(()), experts=summed[5]) if rec.experts is not None else {}
+        return dataclasses.replace(rec, loss_sum=summed[0], loss_count=summed[1], aux_sum=summed[2].reshape(()),
+                                   routing=summed[3], **moe)
 
     def sum_counted(self, values: list[int]) -> list[int]:
         """Sum non-negative Python ints exactly over the counting ranks (a collective over them; call it on

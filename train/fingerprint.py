@@ -7,9 +7,10 @@ override. `compare` sorts the differences into three kinds:
     layout    world size, data-parallel size, mode, pipeline stages, ZeRO stage, precision: how the engine
               state is sharded on disk. A plain DeepSpeed load cannot re-shard it; elastic resume (DeepSpeed's
               universal checkpoint) can, and train/elastic.py judges these.
-    shape     model shapes, vocabulary layout, MoD task order and MoD layer set: the saved tensors would not
-              fit (or, for a task reorder, would fit and mean the wrong task). Never acceptable.
-    other     optimizer, schedule, MoD capacities, seed, data: acceptable one by one with
+    shape     model shapes, vocabulary layout, MoD task order and MoD layer set, MoE layers, experts and router
+              kind: the saved tensors would not fit (or, for a task reorder, would fit and mean the wrong
+              task). Never acceptable.
+    other     optimizer, schedule, MoD capacities, MoE top-k, capacity and balance loss, seed, data: acceptable one by one with
               `--set checkpoint.accept_changes=[optim.lr,run.max_steps]`; accepted schedule changes take
               effect from the resumed step on (train/engine.py `apply_optim_config`).
 
@@ -36,7 +37,8 @@ LAYOUT_FIELDS = ("parallel.world_size", "parallel.data_parallel_size", "parallel
                  "parallel.zero_stage", "parallel.precision")
 SHAPE_FIELDS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers",
                 "model.num_attention_heads", "model.num_key_value_heads", "model.vocab", "model.mod.tasks",
-                "model.mod.mod_layers", "model.mod.shared_router")
+                "model.mod.mod_layers", "model.mod.shared_router", "model.moe.layers", "model.moe.num_experts",
+                "model.moe.router")
 # Acceptable in principle, but the data loader's own check refuses them (its position counts micro-batches).
 _LOADER_BOUND = {"data.micro_batch_size": "the loader's saved position counts micro-batches of the old size"}
 
@@ -76,6 +78,13 @@ def fingerprint(cfg: RunConfig, *, world_size: int, zero_stage: int, precision: 
         "model.mod.routable": dict(mod.routable),
         "model.mod.routing": mod.routing,
         "model.mod.aux_loss_weight": mod.aux_loss_weight,
+        "model.moe.layers": list(m.moe.layers),
+        "model.moe.num_experts": m.moe.num_experts,
+        "model.moe.router": m.moe.router,
+        "model.moe.top_k": m.moe.top_k,
+        "model.moe.capacity_factor": m.moe.capacity_factor,
+        "model.moe.overflow": m.moe.overflow,
+        "model.moe.balance_loss_weight": m.moe.balance_loss_weight,
         "data.tokenizer_sha256": tokenizer_sha,
         "data.manifest_sha256": manifest_sha,
         "data.micro_batch_size": cfg.data.micro_batch_size,

@@ -227,7 +227,9 @@ class Trainer:
             return None, None
         counted = []
         for recompute in (self.cfg.parallel.activation_checkpointing, False):
-            local = step_flops(self.cfg.model, rec.microbatches, recompute=recompute) if rec.microbatches else None
+            # MoE layers: the slots each expert ran in each micro-batch (its forward's counts), not k per token.
+            local = (step_flops(self.cfg.model, rec.microbatches, recompute=recompute,
+                                expert_slots=rec.expert_slots or None) if rec.microbatches else None)
             counted.append(local or StepFlops(actual=0, dense=0, tokens=0, real_tokens=0))
         with_rc, without = counted
         actual, actual_model, dense, dense_model, tokens, real = self.engine.sum_counted(

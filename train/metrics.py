@@ -161,6 +161,8 @@ class StepLog:
     def __init__(self, logger: MetricsLogger, cfg, world_size: int, device: torch.device) -> None:
         self.logger, self.cfg, self.world_size, self.device = logger, cfg, world_size, device
         self.routing: torch.Tensor | None = None  # routing counts of the steps since the last line
+        self.experts: torch.Tensor | None = None  # MoE slot counts [L, T, E, 2] of the steps since the last line
+        self.balance = [0.0, 0.0]  # summed MoE balance losses and micro-batches of the steps since the last line
 
     def due(self, step: int) -> bool:
         return step % self.cfg.logging.log_every == 0 or step == self.cfg.run.max_steps
@@ -169,6 +171,10 @@ class StepLog:
         """Every applied step: its routing counts join the window the next line reports, so a task that is rare
         in the mix still shows its routers (a logged step holds one task's micro-batches, often)."""
         self.routing = rec.routing.clone() if self.routing is None else self.routing + rec.routing
+        if rec.experts is not None:
+            self.experts = rec.experts.clone() if self.experts is None else self.experts + rec.experts
+            self.balance[0] += float(rec.balance_sum)
+            self.balance[1] += float(rec.loss_count.sum())
 
     def write(self, step: int, rec, lr: float, grad_norm: float | None, samples: int,
               data_counters: Mapping[str, int] | None) -> None:
@@ -198,6 +204,7 @@ class StepLog:
                         # (The evaluator logs the same two on validation data as router/...)
                         scalars[f"mod/causal_keep/{task}/layer_{layer}"] = n_on / n_routable
                         scalars[f"mod/agreement/{task}/layer_{layer}"] = n_agree / n_routable
+        scalars.update(self._moe_scalars(rec))
         scalars.update(memory_scalars(self.device))
         # Cumulative over the run. captions_dropped shows that classifier-free-guidance dropout
         # (data.caption_dropout) is live; the skip and loss counters make data dropped under data.bad_input: skip
@@ -206,6 +213,31 @@ class StepLog:
             if key in DATA_TOTALS or value:
                 scalars[f"data/{key}"] = float(value)
         self.logger.log(step, scalars)
+
+    def _moe_scalars(self, rec) -> dict[str, float]:
+        """moe/*: slot counts and the balance loss over every step since the previous line (`add`), per MoE layer
+        and task present: each expert's share of the task's run-or-dropped slots (`load`), the dropped share
+        (over capacity), and the busiest expert's share times E (`max_load`: 1.0 is a perfect balance)."""
+        experts, (balance, n) = self.experts, self.balance
+        if experts is None and rec.experts is not None:  # `add` not called (a step not yet counted)
+            experts, balance, n = rec.experts, float(rec.balance_sum), rec.microbatch_count
+        self.experts, self.balance = None, [0.0, 0.0]
+        if experts is None:
+            return {}
+        moe = self.cfg.model.moe
+        E = moe.num_experts
+        out = {"moe/balance_loss": balance / max(n, 1.0)}
+        for layer in moe.layers:
+            for t, task in enumerate(self.cfg.model.mod.tasks):
+                routed, dropped = experts[layer, t, :E, 0].tolist(), experts[layer, t, :E, 1].tolist()
+                total = sum(routed)  # every slot a token asked for: run or dropped
+                if total <= 0:
+                    continue
+                for e, n_e in enumerate(routed):
+                    out[f"moe/load/{task}/layer_{layer}/expert_{e}"] = n_e / total
+                out[f"moe/dropped/{task}/layer_{layer}"] = sum(dropped) / total
+                out[f"moe/max_load/{task}/layer_{layer}"] = max(routed) / total * E
+        return out
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from model import UnifiedTransformer
+from model.flops import expert_slots
 from model.hf import iter_hf_weights, parameter_shapes
 from train.config import RunConfig
 from train.engine import Batches, Engine, NonfiniteRun, StepRecord, guard_nonfinite_steps, make_optimizer
@@ -67,6 +68,10 @@ class ZeroEngine(Engine):
             rec.loss_count[t] += 1
             rec.aux_sum += out.aux_loss.detach()
             rec.routing += out.routing.detach()
+            if out.experts is not None:
+                rec.experts += out.experts.detach()
+                rec.balance_sum += out.balance_loss.detach()
+                rec.expert_slots.append(expert_slots(out.experts, self.cfg.model))  # this micro-batch's FLOPs
             rec.samples += batch["input_ids"].shape[0]
             rec.microbatches.append(rows)  # a skipped micro-batch's forward is not counted
         # The last ds.step() was the accumulation boundary: the engine applied the update or skipped it.

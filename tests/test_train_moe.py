@@ -1,0 +1,124 @@
+"""MoE MLPs through the ZeRO trainer end to end (train/main.py in this process): the expert counts reach
+TensorBoard (moe/*), the step's FLOPs count the slots each expert ran, the HF export keeps the experts, and a
+resume with another `model.moe` is refused like another MoD plan."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.train_helpers import DS_SINGLE, SMOKE, free_port, read_metrics, release_process_group, settings
+
+MOE = '{layers: "2-3", num_experts: 4, top_k: 2, router: task, capacity_factor: 1.25}'
+
+
+@pytest.fixture()
+def in_process():
+    """`train.main.main` in this process with a free MASTER_PORT; its environment and group undone after."""
+    saved = dict(os.environ)
+    os.environ["MASTER_PORT"] = str(free_port())
+    yield
+    release_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _main(dataset, out, **kw) -> int:
+    from train.main import main
+
+    argv = ["--config", str(SMOKE), "--deepspeed_config", str(DS_SINGLE)]
+    for item in settings(dataset, out, **kw):
+        argv += ["--set", item]
+    return main(argv)
+
+
+def _spy_forward(monkeypatch) -> list[dict]:
+    """Every training forward's inputs and expert counts, as the model returned them."""
+    from model.transformer import UnifiedTransformer
+
+    real, seen = UnifiedTransformer.forward, []
+
+    def spy(self, input_ids, task_ids=None, position_ids=None, routing=None, labels=None):
+        out = real(self, input_ids, task_ids=task_ids, position_ids=position_ids, routing=routing, labels=labels)
+        if labels is not None:
+            seen.append(dict(input_ids=input_ids.detach().cpu(), task_ids=task_ids.detach().cpu(),
+                             position_ids=position_ids.detach().cpu(), experts=out.experts.detach().cpu()))
+        return out
+
+    monkeypatch.setattr(UnifiedTransformer, "forward", spy)
+    return seen
+
+
+def test_moe_zero0_run_logs_experts_counts_exact_flops_exports_and_refuses_another_top_k(
+        in_process, demo_dataset, tmp_path, monkeypatch):
+    from model import UnifiedTransformer
+    from model.flops import describe_microbatch, microbatch_flops, step_flops
+    from model.moe import MoEMLP
+    from train.config import RunConfig
+
+    seen = _spy_forward(monkeypatch)
+    out = tmp_path / "run"
+    accum, steps = 2, 4
+    assert _main(demo_dataset, out, model__moe=MOE, run__max_steps=steps, optim__grad_accum=accum,
+                 logging__log_every=1, logging__eval_at_end="false", checkpoint__export_hf="true",
+                 checkpoint__save_every=steps) == 0
+    cfg = RunConfig.load(out / "config.yaml")
+    E, layers = cfg.model.moe.num_experts, cfg.model.moe.layers
+    records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    assert sorted(records) == list(range(1, steps + 1)) and len(seen) == steps * accum  # no skipped micro-batch
+    any_dropped = False
+    for step, r in records.items():
+        mbs = seen[(step - 1) * accum:step * accum]
+        counts = sum(m["experts"].double() for m in mbs)  # [L, T, E, 2]
+        tasks = {cfg.model.mod.tasks[int(m["task_ids"][0])] for m in mbs}
+        # moe/*: each expert's share of the task's slots, the dropped share, the busiest expert's share x E.
+        for task in cfg.model.mod.tasks:
+            t = cfg.model.mod.tasks.index(task)
+            for layer in layers:
+                tag = f"moe/max_load/{task}/layer_{layer}"
+                if task not in tasks:
+                    assert tag not in r, (step, tag)
+                    continue
+                routed, dropped = counts[layer, t, :, 0], counts[layer, t, :, 1]
+                shares = [r[f"moe/load/{task}/layer_{layer}/expert_{e}"] for e in range(E)]
+                assert shares == pytest.approx((routed / routed.sum()).tolist(), rel=1e-9), (step, task, layer)
+                assert sum(shares) == pytest.approx(1.0)
+                assert r[tag] == pytest.approx(max(shares) * E, rel=1e-9) and 1.0 <= r[tag] <= E
+                assert r[f"moe/dropped/{task}/layer_{layer}"] == pytest.approx(float(dropped.sum() / routed.sum()))
+                any_dropped |= bool(dropped.sum() > 0)
+        assert r["moe/balance_loss"] > 0 and r["moe/balance_loss"] < r["mod/aux_loss"] + 1e-12, step
+        # flops/actual_per_step: recounted from the forward's own counts, slots = routed - dropped per expert.
+        rows = [describe_microbatch(m["input_ids"], m["position_ids"], m["task_ids"], cfg.model) for m in mbs]
+        want = 0
+        for m, rows_m in zip(mbs, rows):
+            run_LE = (m["experts"][..., 0] - m["experts"][..., 1]).sum(1)
+            slots = {layer: [int(v) for v in run_LE[layer, :E].round()] for layer in layers}
+            want += microbatch_flops(cfg.model, rows_m, train=True, recompute=cfg.parallel.activation_checkpointing,
+                                     expert_slots=slots).total
+        assert r["flops/actual_per_step"] == want, step
+        assert r["flops/dense_per_step"] == step_flops(cfg.model, rows).dense, step  # experts counted as dense MLPs
+    assert any_dropped, "capacity_factor 1.25 with a zero-init router drops slots: the test would not see them"
+    nominal = step_flops(cfg.model, [describe_microbatch(m["input_ids"], m["position_ids"], m["task_ids"],
+                                                         cfg.model) for m in seen[-accum:]]).actual
+    assert records[steps]["flops/actual_per_step"] < nominal  # k slots per token would overcount dropped slots
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tb = set(acc.Tags()["scalars"])
+    assert "moe/balance_loss" in tb and any(t.startswith("moe/load/") for t in tb)
+    assert {k for k in records[steps] if k.startswith("moe/")} <= tb
+
+    net = UnifiedTransformer.from_hf(out / "hf")
+    assert net.config.moe.layers == layers and net.config.moe.top_k == 2
+    for layer in range(cfg.model.num_hidden_layers):
+        assert isinstance(net.model.layers[layer].mlp, MoEMLP) == (layer in layers), layer
+
+    # A resume must not change how tokens are routed to experts unless accepted (train/fingerprint.py).
+    release_process_group()
+    rc = _main(demo_dataset, out, model__moe=MOE.replace("top_k: 2", "top_k: 1"), run__max_steps=steps + 2,
+               optim__grad_accum=accum, logging__eval_at_end="false")
+    assert rc == 2
+    assert len(seen) == steps * accum  # refused before any training forward
