@@ -5,33 +5,23 @@ resume with another `model.moe` is refused like another MoD plan."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
-from tests.train_helpers import DS_SINGLE, SMOKE, free_port, read_metrics, release_process_group, settings
+from tests.train_helpers import main_here, main_in_this_process, read_metrics, release_process_group
 
 MOE = '{layers: "2-3", num_experts: 4, top_k: 2, router: task, capacity_factor: 1.25}'
 
 
 @pytest.fixture()
 def in_process():
-    """`train.main.main` in this process with a free MASTER_PORT; its environment and group undone after."""
-    saved = dict(os.environ)
-    os.environ["MASTER_PORT"] = str(free_port())
-    yield
-    release_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+    """`train.main.main` in this process (train_helpers.main_in_this_process)."""
+    with main_in_this_process():
+        yield
 
 
 def _main(dataset, out, **kw) -> int:
-    from train.main import main
-
-    argv = ["--config", str(SMOKE), "--deepspeed_config", str(DS_SINGLE)]
-    for item in settings(dataset, out, **kw):
-        argv += ["--set", item]
-    return main(argv)
+    return main_here(dataset, out, **kw)
 
 
 def _spy_forward(monkeypatch) -> list[dict]:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import (DS_SINGLE, MAIN, SMOKE, assert_hf_export_loads, child_env, complete_checkpoints,
-                                 finish, free_port, kill_group, latest, losses, read_metrics, release_process_group, run,
-                                 settings, single_cmd, start, summary, wait_for_step)
+from tests.train_helpers import (MAIN, assert_hf_export_loads, child_env, complete_checkpoints, finish, kill_group,
+                                 latest, losses, main_here, main_in_this_process, read_metrics, run, settings,
+                                 single_cmd, start, summary, wait_for_step)
 
 SMOKE_LIMIT_S = 120  # the issue: the first run a user makes finishes in under 2 minutes on 2 CPU cores
 
@@ -307,15 +307,9 @@ def test_latest_naming_an_incomplete_checkpoint_is_not_used(tmp_path):
 # ----- non-finite losses (in-process, loss function patched) ---------------------------------------------------
 @pytest.fixture(scope="module")
 def in_process():
-    """`train.main.main` in this process: a free MASTER_PORT for its world-of-1 gloo group; the environment
-    it exports (RANK, WORLD_SIZE, ...) and the process group are undone afterwards for later tests."""
-
-    saved = dict(os.environ)
-    os.environ["MASTER_PORT"] = str(free_port())
-    yield
-    release_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+    """`train.main.main` in this process (train_helpers.main_in_this_process)."""
+    with main_in_this_process():
+        yield
 
 
 def _patch_loss(monkeypatch, bad_calls):
@@ -340,13 +334,8 @@ def _console(capsys) -> str:
     return cap.out + cap.err
 
 
-def _main(dataset, out, **kw):
-    from train.main import main
-
-    argv = ["--config", str(SMOKE), "--deepspeed_config", str(DS_SINGLE)]
-    for item in settings(dataset, out, **kw):
-        argv += ["--set", item]
-    return main(argv)
+def _main(dataset, out, **kw) -> int:
+    return main_here(dataset, out, **kw)
 
 
 def test_task_loss_is_the_cross_entropy_without_the_aux_loss(in_process, demo_dataset, tmp_path, monkeypatch):

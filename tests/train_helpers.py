@@ -7,6 +7,7 @@ dir. Each subprocess gets its own free MASTER_PORT, so tests never collide with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -250,3 +251,28 @@ def release_process_group() -> None:
     from train.launch import shutdown_distributed
 
     shutdown_distributed()
+
+
+@contextlib.contextmanager
+def main_in_this_process():
+    """Around in-process `train.main.main` calls: a free MASTER_PORT for their world-of-1 gloo group; the
+    environment a run exports (RANK, WORLD_SIZE, ...) and the process group are undone afterwards for later
+    tests, also after a run that raised."""
+    saved = dict(os.environ)
+    os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        yield
+    finally:
+        release_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def main_here(dataset: Path, out: Path, **fields) -> int:
+    """`train.main.main` in this process on the smoke config with `settings(dataset, out, **fields)`."""
+    from train.main import main
+
+    argv = ["--config", str(SMOKE), "--deepspeed_config", str(DS_SINGLE)]
+    for item in settings(dataset, out, **fields):
+        argv += ["--set", item]
+    return main(argv)
