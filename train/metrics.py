@@ -158,23 +158,30 @@ class StepTimer:
 class StepLog:
     """The scalars of a step, every logging.log_every steps and at the last one, written by the logging rank."""
 
+    # Record fields the mod/ and moe/ scalars read, summed over every step since the previous line: MoD routing
+    # counts, MoE slot counts, MoE balance losses and the micro-batches they are summed over.
+    WINDOW = ("routing", "experts", "balance_sum", "loss_count")
+
     def __init__(self, logger: MetricsLogger, cfg, world_size: int, device: torch.device) -> None:
         self.logger, self.cfg, self.world_size, self.device = logger, cfg, world_size, device
-        self.routing: torch.Tensor | None = None  # routing counts of the steps since the last line
-        self.experts: torch.Tensor | None = None  # MoE slot counts [L, T, E, 2] of the steps since the last line
-        self.balance = [0.0, 0.0]  # summed MoE balance losses and micro-batches of the steps since the last line
+        self.window: dict[str, torch.Tensor] = {}  # WINDOW fields summed over the steps since the last line
 
     def due(self, step: int) -> bool:
         return step % self.cfg.logging.log_every == 0 or step == self.cfg.run.max_steps
 
     def add(self, rec) -> None:
-        """Every applied step: its routing counts join the window the next line reports, so a task that is rare
-        in the mix still shows its routers (a logged step holds one task's micro-batches, often)."""
-        self.routing = rec.routing.clone() if self.routing is None else self.routing + rec.routing
-        if rec.experts is not None:
-            self.experts = rec.experts.clone() if self.experts is None else self.experts + rec.experts
-            self.balance[0] += float(rec.balance_sum)
-            self.balance[1] += float(rec.loss_count.sum())
+        """Every applied step joins the window the next line reports, so a task that is rare in the mix still
+        shows its routers and experts (a logged step holds one task's micro-batches, often)."""
+        for name in self.WINDOW:
+            value = getattr(rec, name)
+            if value is not None:
+                self.window[name] = value.clone() if name not in self.window else self.window[name] + value
+
+    def _take_window(self, rec) -> dict[str, torch.Tensor]:
+        """The window's sums (this step's own record if no step was added since the last line); a new window."""
+        window = self.window or {name: getattr(rec, name) for name in self.WINDOW if getattr(rec, name) is not None}
+        self.window = {}
+        return window
 
     def write(self, step: int, rec, lr: float, grad_norm: float | None, samples: int,
               data_counters: Mapping[str, int] | None) -> None:
@@ -190,9 +197,9 @@ class StepLog:
         if rec.flops is not None:
             scalars.update(throughput_scalars(rec.flops, rec.flops_model, rec.step_s, self.world_size, samples,
                                               self.device, cfg.logging.peak_tflops))
-        # mod/*: token counts over every step since the previous line (`add`), not only this one.
-        routing = self.routing if self.routing is not None else rec.routing
-        self.routing = None
+        # mod/* and moe/*: counts over every step since the previous line (`add`), not only this one.
+        window = self._take_window(rec)
+        routing = window["routing"]
         for layer in cfg.model.mod.mod_layers():
             for t, task in enumerate(cfg.model.mod.tasks):
                 n_routable, n_selected, n_on, n_agree = routing[layer, t].tolist()
@@ -204,7 +211,7 @@ class StepLog:
                         # (The evaluator logs the same two on validation data as router/...)
                         scalars[f"mod/causal_keep/{task}/layer_{layer}"] = n_on / n_routable
                         scalars[f"mod/agreement/{task}/layer_{layer}"] = n_agree / n_routable
-        scalars.update(self._moe_scalars(rec))
+        scalars.update(self._moe_scalars(window))
         scalars.update(memory_scalars(self.device))
         # Cumulative over the run. captions_dropped shows that classifier-free-guidance dropout
         # (data.caption_dropout) is live; the skip and loss counters make data dropped under data.bad_input: skip
@@ -214,16 +221,14 @@ class StepLog:
                 scalars[f"data/{key}"] = float(value)
         self.logger.log(step, scalars)
 
-    def _moe_scalars(self, rec) -> dict[str, float]:
-        """moe/*: slot counts and the balance loss over every step since the previous line (`add`), per MoE layer
-        and task present: each expert's share of the task's run-or-dropped slots (`load`), the dropped share
-        (over capacity), and the busiest expert's share times E (`max_load`: 1.0 is a perfect balance)."""
-        experts, (balance, n) = self.experts, self.balance
-        if experts is None and rec.experts is not None:  # `add` not called (a step not yet counted)
-            experts, balance, n = rec.experts, float(rec.balance_sum), rec.microbatch_count
-        self.experts, self.balance = None, [0.0, 0.0]
+    def _moe_scalars(self, window: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """moe/*: slot counts and the balance loss over the window (`_take_window`), per MoE layer and task
+        present: each expert's share of the task's run-or-dropped slots (`load`), the dropped share (over
+        capacity), and the busiest expert's share times E (`max_load`: 1.0 is a perfect balance)."""
+        experts = window.get("experts")
         if experts is None:
             return {}
+        balance, n = float(window["balance_sum"]), float(window["loss_count"].sum())
         moe = self.cfg.model.moe
         E = moe.num_experts
         out = {"moe/balance_loss": balance / max(n, 1.0)}
