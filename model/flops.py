@@ -211,8 +211,7 @@ def _layer(cfg: ModelConfig, n: int, causal: bool, passes: _Passes, mlp: bool = 
 
 
 def _moe_router(cfg: ModelConfig, n: int, passes: _Passes) -> FlopsBreakdown:
-    columns = cfg.moe.num_experts * (cfg.num_tasks if cfg.moe.router == "task" else 1)
-    return FlopsBreakdown(router=passes.layer_linear * 2 * n * cfg.hidden_size * columns)
+    return _router(cfg, n, passes, cfg.moe.num_experts * (cfg.num_tasks if cfg.moe.router == "task" else 1))
 
 
 def _moe_experts(cfg: ModelConfig, slots: int, passes: _Passes) -> FlopsBreakdown:
@@ -250,8 +249,10 @@ def _check_expert_slots(cfg: ModelConfig, slots: Mapping[int, Sequence[int]]) ->
                              f"expert), got {counts!r}")
 
 
-def _router(cfg: ModelConfig, n: int, passes: _Passes) -> FlopsBreakdown:
-    columns = 1 if cfg.mod.shared_router else cfg.num_tasks
+def _router(cfg: ModelConfig, n: int, passes: _Passes, columns: int | None = None) -> FlopsBreakdown:
+    """A router Linear(D, columns) on n positions; by default a MoD router bank (one column per task, or one)."""
+    if columns is None:
+        columns = 1 if cfg.mod.shared_router else cfg.num_tasks
     return FlopsBreakdown(router=passes.layer_linear * 2 * n * cfg.hidden_size * columns)
 
 

@@ -215,8 +215,13 @@ class MoEMLP(nn.Module):
 
     def route(self, x_ND: torch.Tensor, task_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (chosen experts [N, k] long, their gate weights [N, k]) for N tokens."""
-        top = self.logits(x_ND, task_N).topk(self.top_k, dim=-1)
-        return top.indices, (2.0 * torch.sigmoid(top.values)).to(x_ND.dtype)
+        chosen, gate = self._choose(self.logits(x_ND, task_N))
+        return chosen, gate.to(x_ND.dtype)
+
+    def _choose(self, logits_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [N, E] -> (the k best experts [N, k], their bounded gates 2 * sigmoid(r) [N, k])."""
+        top = logits_NE.topk(self.top_k, dim=-1)
+        return top.indices, 2.0 * torch.sigmoid(top.values)
 
     def capacity(self, n_valid: int) -> int | None:
         """Token-slots one expert may run in a call on `n_valid` non-padding tokens; None = no limit."""
@@ -243,9 +248,8 @@ class MoEMLP(nn.Module):
         if task_N is None:
             task_N = torch.zeros(N, dtype=torch.long, device=x_ND.device)
         logits_NE = self.logits(x_ND, task_N)
-        top = logits_NE.topk(k, dim=-1)
-        gate_S = (2.0 * torch.sigmoid(top.values)).reshape(-1)  # [S = N*k], token-major
-        expert_S = top.indices.reshape(-1)
+        chosen_Nk, gate_Nk = self._choose(logits_NE)
+        gate_S, expert_S = gate_Nk.reshape(-1), chosen_Nk.reshape(-1)  # [S = N*k], token-major
         token_S = torch.arange(N, device=x_ND.device).repeat_interleave(k)
         if valid_N is not None:
             # Invalid tokens' slots go to a bucket E after every expert: sorted last, never run.
@@ -256,9 +260,7 @@ class MoEMLP(nn.Module):
         host = counts.tolist()
         n_valid = (N * k - host[E]) // k
         cap = self.capacity(n_valid) if apply_capacity else None
-        starts = [0]
-        for c in host[:E]:
-            starts.append(starts[-1] + c)
+        starts = [0, *itertools.accumulate(host[:E])]  # expert e's slots sit at order[starts[e]:...]
         run = [host[e] if cap is None else min(host[e], cap) for e in range(E)]
 
         pieces_idx, pieces_y = [], []
