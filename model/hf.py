@@ -259,7 +259,9 @@ def parameter_shapes(net: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike, expected: Mapping[str, tuple[int, ...]],
-                    importance: Mapping[int, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                    importance: Mapping[int, torch.Tensor] | None = None,
+                    layout: tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (parameter name, tensor) for every weight of a model shaped by `cfg` from an HF Emu3 directory,
     streaming (a ZeRO-3 or pipeline loader copies tensor by tensor). The one reader of HF weights: training
     (ZeRO, pipeline stages) and `load_hf` (`UnifiedTransformer.from_hf`) all load through it.
@@ -278,7 +280,8 @@ def iter_hf_weights(cfg: ModelConfig, path: str | os.PathLike, expected: Mapping
     caller, who holds the model: this module builds none, so the model can import it)."""
     check_hf_matches(cfg, path)
     seen = set()
-    groups, moe_routers = moe_layout(cfg, path, importance)
+    # `layout`: `moe_layout(cfg, path, importance)` when the caller has it already (load_hf keeps the groups).
+    groups, moe_routers = layout if layout is not None else moe_layout(cfg, path, importance)
     F_, D = cfg.intermediate_size, cfg.hidden_size
     # an MoE layer's dense MLP tensor -> (layer, projection, the neurons' dim)
     dense_of_moe = {f"model.layers.{i}.mlp.{name}.weight": (i, name, dim) for i in groups for name, dim in _MLP_PROJ}
@@ -347,7 +350,8 @@ def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None,
 
     with torch.device("meta"):
         net = cls(cfg)
-    state = dict(iter_hf_weights(cfg, path, parameter_shapes(net), importance))
+    layout = moe_layout(cfg, path, importance)
+    state = dict(iter_hf_weights(cfg, path, parameter_shapes(net), layout=layout))
     dtype = dtype or state["model.embed_tokens.weight"].dtype
     # MoD routers the checkpoint does not provide are initialised on CPU exactly as a fresh model would.
     std = cfg.mod.router_init_std
@@ -355,8 +359,7 @@ def load_hf(cls, path, mod: Mapping[str, Any] | MoDConfig | None = None,
         if key not in state:
             state[key] = torch.empty(p.shape).normal_(0.0, std)
     net.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    groups, _ = moe_layout(cfg, path, importance)
-    for i, g in groups.items():  # a later save_hf writes the dense MLP in this neuron order again
+    for i, g in layout[0].items():  # a later save_hf writes the dense MLP in this neuron order again
         net.model.layers[i].mlp.neuron_groups = g.tolist()
     return net
 
