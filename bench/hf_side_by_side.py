@@ -60,7 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from bench.mod_speed import make_batch  # noqa: E402
-from bench.report import bar_panels, load_average, machine_info, publish  # noqa: E402
+from bench.report import (bar_panels, load_average, machine_info, publish, release_free_heap,  # noqa: E402
+                          reset_peak_rss, rss_kib, status_kib)
 from model import PRESETS, ModelConfig, UnifiedTransformer  # noqa: E402
 from model.flops import describe_microbatch, mfu, microbatch_flops, peak_flops  # noqa: E402
 
@@ -286,41 +287,6 @@ def time_variants(args, dense: ModelConfig, mod: ModelConfig, batch: Batch, devi
 
 
 # ----- memory: one variant per fresh process ------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def _rss_kib() -> int:
-    """The resident set now (Linux), else the process's peak so far (all getrusage can tell)."""
-    try:
-        return _status_kib("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc malloc_trim), so the RSS is the memory in use."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def memory_probe(args: argparse.Namespace) -> dict:
     """Peak memory of one training step of one variant above the memory in use just before it (model, batch,
     compiled code and caches, after the warm-up; gradients freed, as the step's zero_grad frees them): what the
@@ -334,21 +300,21 @@ def memory_probe(args: argparse.Namespace) -> dict:
     step = Step(build_module(name, dense, mod, None, device, dtype),
                 hf_loss if name.startswith("hf_") else ours_loss, batch, args.sdpa)
     cuda = device.type == "cuda"
-    _release_free_heap()
-    build_kib = _rss_kib()
-    resettable = _reset_peak_rss()
-    peak_kib = lambda: _status_kib("VmHWM") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
+    release_free_heap()
+    build_kib = rss_kib()
+    resettable = reset_peak_rss()
+    peak_kib = lambda: status_kib("VmHWM") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
     for _ in range(args.warmup):
         step()
     warm_kib = peak_kib()
     step.module.zero_grad(set_to_none=True)
-    _release_free_heap()
+    release_free_heap()
     if cuda:
         torch.cuda.synchronize(device)
         before_alloc = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    before_kib = _rss_kib()
-    _reset_peak_rss()
+    before_kib = rss_kib()
+    reset_peak_rss()
     step()
     step_kib = peak_kib()
     result = {

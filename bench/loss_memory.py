@@ -50,25 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _vm_hwm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _vm_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def measure(args: argparse.Namespace) -> dict:
     """One step of `args.variant` in this process -> its peak memory above the built model and batch."""
     import torch
 
     from bench.mod_speed import make_batch
+    from bench.report import reset_peak_rss, status_kib
     from model import ModelConfig, UnifiedTransformer
     from model.loss import causal_lm_loss
 
@@ -87,8 +74,9 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    base = _vm_rss_bytes()
+    if not reset_peak_rss():  # the peak RSS back to the current RSS
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): this measurement needs Linux")
+    base = status_kib("VmRSS") * 1024
     t0 = time.perf_counter()
     if args.variant == "full":
         out = net(ids, task_ids=tasks)
@@ -101,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     result = {"variant": args.variant, "loss": float(loss.detach()), "seconds": seconds,
-              "peak_rss_above_model_bytes": _vm_hwm_bytes() - base, "rss_before_step_bytes": base,
+              "peak_rss_above_model_bytes": status_kib("VmHWM") * 1024 - base, "rss_before_step_bytes": base,
               "grad_bytes": sum(p.grad.numel() * p.grad.element_size() for p in net.parameters()
                                 if p.grad is not None)}
     if device.type == "cuda":

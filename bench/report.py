@@ -3,9 +3,11 @@ writing Markdown reports (every result file says where it came from)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
+import resource
 import subprocess
 from pathlib import Path
 
@@ -98,3 +100,40 @@ def bar_panels(png: str | Path, names: list[str], panels: list[tuple[str, list[f
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+# ----- memory of this process (the benches' peak-memory probes run one measurement per fresh process) -----
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (Linux: VmRSS, VmHWM, ...); OSError elsewhere."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def rss_kib() -> int:
+    """The resident set now (Linux), else the process's peak so far (all getrusage can tell)."""
+    try:
+        return status_kib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim), so the RSS is the memory in use."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -138,10 +138,10 @@ def test_gpu_pack_runs_on_cpu_in_smoke_mode(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="the peak-RSS reset is Linux's /proc/self/clear_refs")
 def test_peak_rss_reset_works_here():
     """The probe's method: after writing 5 to /proc/self/clear_refs, VmHWM falls back to the current RSS."""
-    from bench.hf_side_by_side import _reset_peak_rss, _status_kib
+    from bench.report import reset_peak_rss, status_kib
 
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
     del x
-    assert _status_kib("VmHWM") - _status_kib("VmRSS") > 32 * 1024
-    assert _reset_peak_rss()
-    assert _status_kib("VmHWM") - _status_kib("VmRSS") < 8 * 1024
+    assert status_kib("VmHWM") - status_kib("VmRSS") > 32 * 1024
+    assert reset_peak_rss()
+    assert status_kib("VmHWM") - status_kib("VmRSS") < 8 * 1024
