@@ -127,11 +127,45 @@ def measure_task(net: UnifiedTransformer, batches: list[Batch], max_tokens: int 
     if acc.samples == 0:
         raise ValueError("measure_task needs at least one calibration sample")
     n, tok = acc.samples, acc.tokens
-    down_norm = torch.stack([layer.mlp.down_proj.weight.float().norm(dim=0).cpu() for layer in net.model.layers])
     return TaskMeasurements(
         arank=(acc.rank_sum / n).tolist(), arank_ratio=(acc.ratio_sum / n).tolist(), arank_tokens=acc.m_sum / n,
         cos_block=(acc.cos_sum[0] / tok).tolist(), cos_attn=(acc.cos_sum[1] / tok).tolist(),
         cos_mlp=(acc.cos_sum[2] / tok).tolist(),
-        neuron_score=(acc.act_sum / tok).float() * down_norm,
+        neuron_score=_neuron_score(acc.act_sum, tok, net),
         samples=n, tokens=tok, mean_len=tok / n,
     )
+
+
+def _neuron_score(act_sum_LF: torch.Tensor, tokens: int, net: UnifiedTransformer) -> torch.Tensor:
+    """[L, F] mean|h_j| * ||W_down[:, j]||_2 from the summed |h_j| over `tokens` real tokens."""
+    down_norm = torch.stack([layer.mlp.down_proj.weight.float().norm(dim=0).cpu() for layer in net.model.layers])
+    return (act_sum_LF / max(tokens, 1)).float() * down_norm
+
+
+def neuron_scores(net: UnifiedTransformer, batches: list[Batch]) -> torch.Tensor:
+    """[L, F] MLP neuron scores (mean|h_j| * ||W_down[:, j]||_2 over the batches' real tokens) of a dense model,
+    without the rest of `measure_task` (ARank and cosines cost far more than one forward)."""
+    L, Fn = net.config.num_hidden_layers, net.config.intermediate_size
+    act_sum, tokens = torch.zeros(L, Fn, dtype=torch.float64), 0
+
+    def observe(t: LayerTrace) -> None:
+        valid = torch.arange(t.x_in.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        act_sum[t.layer] += t.act[valid].float().abs().sum(0).double().cpu()
+
+    with torch.inference_mode():
+        for batch in batches:
+            lengths = batch.lengths
+            run_hidden(net, batch.input_ids, observer=observe, want_act=True)
+            tokens += int(lengths.sum())
+    if tokens == 0:
+        raise ValueError("neuron_scores needs at least one calibration token")
+    return _neuron_score(act_sum, tokens, net)
+
+
+def combine_task_scores(scores: list[torch.Tensor]) -> torch.Tensor:
+    """One [L, F] importance from per-task [L, F] neuron scores: each normalised to sum 1 per layer, then
+    averaged over tasks, so no task dominates by the scale of its activations (the order that splits a dense
+    MLP into experts serving every task)."""
+    if not scores:
+        raise ValueError("combine_task_scores needs the scores of at least one task")
+    return torch.stack([s / s.sum(1, keepdim=True).clamp_min(1e-30) for s in scores]).mean(0)

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from analysis.metrics import TaskMeasurements
+from analysis.metrics import TaskMeasurements, combine_task_scores
 from analysis.runner import SKIP_KINDS, Edits, mean_nll, run_hidden, sequence_nll
 from analysis.samples import Batch
 from model.flops import flops_forward
@@ -164,8 +164,7 @@ def moe_probe(net: UnifiedTransformer, measures: Mapping[str, TaskMeasurements],
     Fn = net.config.intermediate_size
     if num_experts > Fn:
         raise ValueError(f"analysis.moe_experts = {num_experts} exceeds the MLP width {Fn}")
-    scores = torch.stack([m.neuron_score / m.neuron_score.sum(1, keepdim=True).clamp_min(1e-30)
-                          for m in measures.values()]).mean(0)  # [L, F]
+    scores = combine_task_scores([m.neuron_score for m in measures.values()])  # [L, F]
     originals = {i: net.model.layers[i].mlp for i in layers}
     out: dict[str, Any] = {"num_experts": num_experts, "layers": layers, "results": {t: [] for t in evals}}
     try:

@@ -204,6 +204,16 @@ def iter_hf_routers(model_cfg: ModelConfig, path: str | os.PathLike):
             yield key, f.get_tensor(key)
 
 
+def moe_layers_to_convert(cfg: ModelConfig, path: str | os.PathLike) -> list[int]:
+    """The MoE layers of `cfg` that `moe_layout` converts from the checkpoint's dense MLP when given no importance:
+    every one the checkpoint does not hold as an MoE layer with the same number of experts."""
+    theirs, _ = config_from_hf(path)
+    their_moe = MoEConfig(**theirs["moe"]) if theirs.get("moe") else MoEConfig()
+    held = set(their_moe.layers) if (Path(path) / MOE_FILE).exists() and their_moe.num_experts == cfg.moe.num_experts \
+        else set()
+    return [layer for layer in cfg.moe.layers if layer not in held]
+
+
 def moe_layout(cfg: ModelConfig, path: str | os.PathLike,
                importance: Mapping[int, torch.Tensor] | None = None
                ) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:

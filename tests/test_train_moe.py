@@ -116,18 +116,29 @@ def test_moe_zero0_run_logs_experts_counts_exact_flops_exports_and_refuses_anoth
 
 
 def test_moe_zero3_two_processes_train_and_export(demo_dataset, tmp_path):
-    """ZeRO-3 over 2 ranks with MoE layers: every rank reduces every expert's gradient even when its tokens
-    chose only some experts (idle experts run on zero rows, model/moe.py), the loss stays finite and the HF
-    export gathered from the shards rebuilds the MoE layers."""
+    """ZeRO-3 over 2 ranks with MoE layers converted from a dense checkpoint at the start: rank 0 computes the
+    calibration importance and rank 1 reads it (train/moe_init.py), every rank reduces every expert's gradient
+    even when its tokens chose only some experts (idle experts run on zero rows, model/moe.py), the loss stays
+    finite and the HF export gathered from the shards rebuilds the MoE layers, cut by that importance."""
+    import torch
+    from safetensors.torch import load_file
+
     from model import UnifiedTransformer
-    from model.moe import MoEMLP
-    from tests.train_helpers import child_env, deepspeed_cmd, overrides, run, summary
+    from model.hf import MOE_FILE
+    from model.moe import MoEMLP, snake_partition
+    from tests.train_helpers import SMOKE, child_env, deepspeed_cmd, overrides, run, settings, summary
+    from train.config import RunConfig
+    from train.moe_init import IMPORTANCE_FILE
 
     out = tmp_path / "run"
+    torch.manual_seed(7)
+    UnifiedTransformer(RunConfig.load(SMOKE, settings(demo_dataset, out)).model).save_hf(tmp_path / "dense_hf")
     # top_k 1 of 8 experts on 2-row micro-batches: some expert gets no slot on some rank in most steps.
     moe = '{layers: "1-2", num_experts: 8, top_k: 1, router: task, capacity_factor: 1.0}'
     done = run(lambda port: deepspeed_cmd(overrides(demo_dataset, out, model__moe=moe, run__max_steps=6,
-                                                    checkpoint__export_hf="true"), port=port),
+                                                    checkpoint__export_hf="true",
+                                                    checkpoint__init_from_hf=tmp_path / "dense_hf",
+                                                    checkpoint__moe_calibration_samples=4), port=port),
                child_env(), tmp_path / "zero3_moe.log")
     assert done.rc == 0, done.explain()
     assert "ZeRO stage 3" in done.output, done.explain()
@@ -138,3 +149,8 @@ def test_moe_zero3_two_processes_train_and_export(demo_dataset, tmp_path):
     assert any(k.startswith("moe/load/") for r in records for k in r), records[-1].keys()
     net = UnifiedTransformer.from_hf(out / "hf")
     assert [i for i, layer in enumerate(net.model.layers) if isinstance(layer.mlp, MoEMLP)] == [1, 2]
+    importance = load_file(str(out / IMPORTANCE_FILE))["importance"]
+    saved = load_file(str(out / "hf" / MOE_FILE))
+    for i in (1, 2):
+        assert not torch.equal(saved[f"model.layers.{i}.mlp.expert_neurons"], torch.arange(176).view(8, 22))
+        assert torch.equal(saved[f"model.layers.{i}.mlp.expert_neurons"], torch.stack(snake_partition(importance[i], 8)))

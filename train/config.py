@@ -177,6 +177,11 @@ class CheckpointConfig:
     init_from_hf: str | None = None
     """Start from an HF Emu3 checkpoint directory (UniMoD fine-tuning). Routers start fresh, unless the
     directory carries them for the same tasks (mod_routers.safetensors of a UniMoD export)."""
+    moe_calibration_samples: int = 64
+    """When `init_from_hf` is a dense checkpoint (or holds an MLP as another number of experts) and `model.moe`
+    makes that MLP experts: calibration samples per training task, from data.dataset_dir's training split
+    (data.split), that rank the MLP's neurons; the ranking deals them to the experts (train/moe_init.py). 0:
+    deal them in index order."""
     max_consecutive_nonfinite: int = 5
     """A NaN/inf loss skips its micro-batch, a NaN/inf global gradient norm skips its optimizer step; this many
     of either in a row stops the run (exit 3), saving first only if the weights are finite."""
@@ -196,6 +201,7 @@ class CheckpointConfig:
         check_int("checkpoint.save_every", self.save_every, 0)
         check_int("checkpoint.keep_last", self.keep_last, 1)
         check_int("checkpoint.max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
+        check_int("checkpoint.moe_calibration_samples", self.moe_calibration_samples, 0)
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"checkpoint.resume must be 'auto', 'none' or a path, got {self.resume!r}")
 
@@ -300,6 +306,12 @@ class RunConfig:
             # its FLOPs would assume k slots per token and TensorBoard would have no moe/ tags.
             raise ValueError(f"{where}: model.moe.layers={model.moe.layers} with parallel.mode=pipeline: the pipeline "
                              f"does not carry the expert counts yet (issue 16); train MoE with parallel.mode=zero")
+        ckpt = kwargs["checkpoint"]
+        if ckpt.init_from_hf and model.moe.layers and ckpt.moe_calibration_samples and data.dataset_dir is None:
+            raise ValueError(f"{where}: checkpoint.moe_calibration_samples={ckpt.moe_calibration_samples} ranks the "
+                             "neurons of the MLPs that model.moe converts from checkpoint.init_from_hf on calibration "
+                             "samples of the training split, which needs data.dataset_dir (a manifest); data.shards "
+                             "has none. Set checkpoint.moe_calibration_samples=0 to deal the neurons in index order")
         if data.seq_len > model.max_position_embeddings:
             raise ValueError(f"{where}: data.seq_len={data.seq_len} is longer than model.max_position_embeddings="
                              f"{model.max_position_embeddings}: rows would hold positions the model is not built "

@@ -104,7 +104,11 @@ def export_hf(cfg: RunConfig, path: Path, state: dict[str, torch.Tensor], rank: 
         from model import UnifiedTransformer
 
         with torch.device("meta"):
-            shell = UnifiedTransformer(cfg.model)  # only its config is used by save_hf
+            shell = UnifiedTransformer(cfg.model)  # only its config (and the neuron order below) is used by save_hf
+        from train.moe_init import start_neuron_groups
+
+        for layer, groups in start_neuron_groups(cfg).items():  # the dense MLP in the source checkpoint's order
+            shell.model.layers[layer].mlp.neuron_groups = groups.tolist()
         shell.save_hf(path, state_dict=state)
         log.info(f"[train] exported HF Emu3 weights to {path}")
     barrier()

@@ -116,6 +116,9 @@ class _StageInputs:
 
 def build_pipeline_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str, device: torch.device):
     """-> (DeepSpeed engine, PipelineModule). Stages are split by DeepSpeed's partition method (logged)."""
+    from train.moe_init import conversion_importance
+
+    importance = conversion_importance(cfg, device)  # before the stages exist (rank 0 runs the dense checkpoint)
     torch.manual_seed(cfg.run.seed)  # same init of a layer whichever stage builds it
     ckpt_interval = cfg.parallel.activation_checkpoint_interval if cfg.parallel.activation_checkpointing else 0
     module = PipelineModule(layers=stage_specs(cfg.model), loss_fn=PipelineLoss(),
@@ -128,7 +131,7 @@ def build_pipeline_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: 
     if heads:  # the last stage: its loss function runs this head (PipelineLoss)
         module.loss_fn.head = heads[0]
     if cfg.checkpoint.init_from_hf:
-        load_hf_into_stages(module, cfg.model, cfg.checkpoint.init_from_hf)
+        load_hf_into_stages(module, cfg.model, cfg.checkpoint.init_from_hf, importance)
     compile_on, why = cfg.run.compile_on(device.type)
     if compile_on:
         from torch._functorch import config as functorch_config

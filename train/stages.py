@@ -152,16 +152,18 @@ def checkpoint_fn(function, *args):
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
 
-def load_hf_into_stages(module: PipelineModule, model_cfg: ModelConfig, path: str) -> None:
+def load_hf_into_stages(module: PipelineModule, model_cfg: ModelConfig, path: str,
+                        importance: dict[int, torch.Tensor] | None = None) -> None:
     """Copy an HF Emu3 checkpoint into this process's stages, through `iter_hf_weights` (the one reader and
-    router policy of the single-device and ZeRO-3 loads). A stage parameter left unfilled is an error, except
-    a router bank the policy leaves at its fresh init (a checkpoint without this run's routers)."""
+    router policy of the single-device and ZeRO-3 loads; converted MoE layers cut by `importance`). A stage
+    parameter left unfilled is an error, except a router bank the policy leaves at its fresh init (a checkpoint
+    without this run's routers)."""
     L = model_cfg.num_hidden_layers
     params = dict(module.named_parameters())
     filled = set()
     with torch.device("meta"):
         whole = parameter_shapes(UnifiedTransformer(model_cfg))
-    for key, tensor in iter_hf_weights(model_cfg, path, whole):
+    for key, tensor in iter_hf_weights(model_cfg, path, whole, importance=importance):
         pk = hf_key_to_stage(key, L)
         if pk not in params:
             continue  # another stage's tensor

@@ -22,6 +22,7 @@ from train.config import RunConfig
 from train.engine import Batches, Engine, NonfiniteRun, StepRecord, guard_nonfinite_steps, make_optimizer
 from train.launch import distributed
 from train.log import log
+from train.moe_init import conversion_importance
 
 
 class ZeroEngine(Engine):
@@ -98,6 +99,8 @@ def _finite_everywhere(loss: torch.Tensor) -> bool:
 def build_zero_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str, device: torch.device):
     """-> (engine, model). Model built under zero.Init when the JSON asks for ZeRO-3."""
     stage = ds_config["zero_optimization"].get("stage", 0)
+    # Before the model exists: rank 0 runs the dense checkpoint on calibration samples (train/moe_init.py).
+    importance = conversion_importance(cfg, device)
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (zero.Init also broadcasts rank 0's)
     # No dtype= here: zero.Init derives it from the config's bf16/fp16 flags (reconcile_ds_config set them
     # from the precision). An explicit dtype is dropped on accelerators without fp16, a precedence slip in
@@ -108,7 +111,7 @@ def build_zero_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str,
         model.to(device)
     model.gradient_checkpointing = cfg.parallel.activation_checkpointing
     if cfg.checkpoint.init_from_hf:
-        load_hf_weights(model, cfg.checkpoint.init_from_hf, zero3=stage == 3)
+        load_hf_weights(model, cfg.checkpoint.init_from_hf, zero3=stage == 3, importance=importance)
     compile_on, why = cfg.run.compile_on(device.type)
     if compile_on:
         from model.compile import compile_blocks
@@ -134,12 +137,14 @@ def build_zero_engine(cfg: RunConfig, ds_config: dict[str, Any], precision: str,
     return engine, model
 
 
-def load_hf_weights(model: torch.nn.Module, path: str, zero3: bool) -> None:
+def load_hf_weights(model: torch.nn.Module, path: str, zero3: bool,
+                    importance: dict[int, torch.Tensor] | None = None) -> None:
     """Copy an HF Emu3 checkpoint into `model` (model/hf.py `iter_hf_weights` decides which tensors, routers
-    included); under ZeRO-3 tensor by tensor inside GatheredParameters, rank 0 writing."""
+    included, and cuts converted MoE layers by `importance`); under ZeRO-3 tensor by tensor inside
+    GatheredParameters, rank 0 writing."""
     params = dict(model.named_parameters())
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    for key, tensor in iter_hf_weights(model.config, path, parameter_shapes(model)):
+    for key, tensor in iter_hf_weights(model.config, path, parameter_shapes(model), importance=importance):
         p = params[key]
         if zero3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):

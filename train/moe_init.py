@@ -1,0 +1,130 @@
+"""The start of an MoE adaptation run: which dense neurons each expert gets, from calibration on the training split.
+
+`checkpoint.init_from_hf` names a dense checkpoint and `model.moe` makes some of its MLPs experts. The loaders
+(train/zero.py, train/stages.py, through model/hf.py `moe_layout`) cut each such MLP into E experts by the
+snake partition of a per-neuron importance, so that every expert gets one neuron of every importance tier and
+the experts start equally strong (the sparsity study's MoE-fication). This module computes that importance:
+
+  - the dense checkpoint (its MoE layers, if any, as their dense equivalent) runs `checkpoint.
+    moe_calibration_samples` samples of each training task (data.tasks) from the TRAINING split of
+    data.dataset_dir, truncated to data.seq_len as training truncates them; never validation samples, which
+    the evaluator scores;
+  - a neuron's score per task is mean|h_j| * ||W_down[:, j]|| (analysis/metrics.py `neuron_scores`), each
+    task's scores normalised per layer and averaged over tasks (`combine_task_scores`), the analysis probes'
+    MoE conversion order.
+
+Rank 0 computes it once and writes `<output_dir>/moe_importance.safetensors` (with what it was computed from
+in its metadata); the other ranks read that file, and a resumed run reuses it, so every rank and every
+restart cuts the same experts. The file is the record of the partition the run started from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from train.log import log
+
+IMPORTANCE_FILE = "moe_importance.safetensors"
+CALIBRATION_BATCH = 8
+
+
+def calibration_key(cfg) -> dict[str, str]:
+    """What the importance depends on (the file's metadata; a file made from anything else is recomputed)."""
+    return {"init_from_hf": str(Path(cfg.checkpoint.init_from_hf).resolve()),
+            "dataset_dir": str(Path(cfg.data.dataset_dir).resolve()), "split": cfg.data.split,
+            "tasks": json.dumps(sorted(t for t, w in cfg.data.tasks.items() if w > 0)),
+            "samples_per_task": str(cfg.checkpoint.moe_calibration_samples), "seq_len": str(cfg.data.seq_len)}
+
+
+def conversion_importance(cfg, device: torch.device) -> dict[int, torch.Tensor] | None:
+    """{layer: [F] neuron importance} for the MoE layers of the run (cfg: train.config.RunConfig) that start as a
+    dense MLP of `checkpoint.init_from_hf`; None when none does or `moe_calibration_samples` is 0 (the loaders
+    then deal the neurons in index order). Collective: every rank calls it, rank 0 computes."""
+    from model.hf import moe_layers_to_convert
+
+    path = cfg.checkpoint.init_from_hf
+    if not (path and cfg.model.moe.layers and cfg.checkpoint.moe_calibration_samples):
+        return None
+    layers = moe_layers_to_convert(cfg.model, path)
+    if not layers:
+        return None
+    file = Path(cfg.run.output_dir) / IMPORTANCE_FILE
+    key = calibration_key(cfg)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    if rank == 0 and _read(file, key) is None:
+        scores = calibrate(cfg, device)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        tmp = file.with_name(file.name + ".tmp")
+        save_file({"importance": scores.contiguous()}, str(tmp), metadata=key)
+        os.replace(tmp, file)  # a crash mid-write leaves no half file that a restart would trust
+        log.info(f"[train] MoE conversion: neuron importance from {cfg.checkpoint.moe_calibration_samples} training "
+                 f"samples per task written to {file}")
+    if distributed:
+        torch.distributed.barrier()
+    importance = read_importance(cfg)
+    if importance is None:
+        raise RuntimeError(f"{file}: rank {rank} cannot read the MoE neuron importance rank 0 wrote (is "
+                           "run.output_dir on a filesystem every rank shares?)")
+    return importance
+
+
+def read_importance(cfg) -> dict[int, torch.Tensor] | None:
+    """The importance `conversion_importance` wrote for this run's converted layers, or None (no such file, or
+    one computed from other calibration)."""
+    from model.hf import moe_layers_to_convert
+
+    scores = _read(Path(cfg.run.output_dir) / IMPORTANCE_FILE, calibration_key(cfg))
+    if scores is None:
+        return None
+    return {layer: scores[layer] for layer in moe_layers_to_convert(cfg.model, cfg.checkpoint.init_from_hf)}
+
+
+def start_neuron_groups(cfg) -> dict[int, torch.Tensor]:
+    """{layer: [E, F/E]} the dense neurons each expert was cut from at the start of the run (what the loaders cut
+    with the same importance), for the HF export: it then writes each MoE layer's dense equivalent in the source
+    checkpoint's neuron order. Empty when the run did not start from an HF checkpoint that still exists."""
+    from model.hf import moe_layout
+
+    path = cfg.checkpoint.init_from_hf
+    if not (path and cfg.model.moe.layers and Path(path).exists()):
+        return {}
+    importance = read_importance(cfg) if cfg.checkpoint.moe_calibration_samples else None
+    return moe_layout(cfg.model, path, importance)[0]
+
+
+def _read(file: Path, key: dict[str, str]) -> torch.Tensor | None:
+    """The [L, F] importance in `file` if it was computed from `key`, else None."""
+    from safetensors import safe_open
+
+    if not file.exists():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        if f.metadata() != key:
+            return None
+        return f.get_tensor("importance")
+
+
+def calibrate(cfg, device: torch.device) -> torch.Tensor:
+    """[L, F] importance of the dense checkpoint's MLP neurons on the training split's calibration samples."""
+    from analysis.metrics import combine_task_scores, neuron_scores
+    from analysis.samples import load_task_samples, make_batches, open_dataset
+    from model.transformer import UnifiedTransformer
+
+    layout = cfg.model.vocab
+    net = UnifiedTransformer.from_hf(cfg.checkpoint.init_from_hf, moe={"layers": []}, vocab=layout).to(device).eval()
+    manifest = open_dataset(cfg.data.dataset_dir, layout)
+    per_task = []
+    for task in (t for t, w in cfg.data.tasks.items() if w > 0):
+        samples = load_task_samples(manifest, cfg.data.split, task, cfg.checkpoint.moe_calibration_samples)
+        for s in samples:
+            s.ids, s.labels = s.ids[:cfg.data.seq_len], s.labels[:cfg.data.seq_len]
+        per_task.append(neuron_scores(net, make_batches(samples, CALIBRATION_BATCH, layout.pad_id, device)))
+    del net  # before the training model is built
+    return combine_task_scores(per_task)
