@@ -112,19 +112,29 @@ def _read(file: Path, key: dict[str, str]) -> torch.Tensor | None:
 
 
 def calibrate(cfg, device: torch.device) -> torch.Tensor:
-    """[L, F] importance of the dense checkpoint's MLP neurons on the training split's calibration samples."""
+    """[L, F] importance of the run's `init_from_hf` MLP neurons on its training split's calibration samples."""
+    return calibration_importance(cfg.checkpoint.init_from_hf, cfg.data.dataset_dir, split=cfg.data.split,
+                                  tasks=[t for t, w in cfg.data.tasks.items() if w > 0],
+                                  samples_per_task=cfg.checkpoint.moe_calibration_samples, seq_len=cfg.data.seq_len,
+                                  layout=cfg.model.vocab, device=device)
+
+
+def calibration_importance(path, dataset_dir, *, split: str, tasks: list[str], samples_per_task: int, seq_len: int,
+                           layout, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[L, F] importance of the MLP neurons of the HF checkpoint at `path` (its MoE layers as their dense
+    equivalent): `samples_per_task` samples of each of `tasks` from `split` of `dataset_dir`, cut to `seq_len`,
+    scored per task and combined (module docstring). Also what bench/moe_adaptation.py prunes by."""
     from analysis.metrics import combine_task_scores, neuron_scores
     from analysis.samples import load_task_samples, make_batches, open_dataset
     from model.transformer import UnifiedTransformer
 
-    layout = cfg.model.vocab
-    net = UnifiedTransformer.from_hf(cfg.checkpoint.init_from_hf, moe={"layers": []}, vocab=layout).to(device).eval()
-    manifest = open_dataset(cfg.data.dataset_dir, layout)
+    net = UnifiedTransformer.from_hf(path, moe={"layers": []}, vocab=layout).to(device).eval()
+    manifest = open_dataset(str(dataset_dir), layout)
     per_task = []
-    for task in (t for t, w in cfg.data.tasks.items() if w > 0):
-        samples = load_task_samples(manifest, cfg.data.split, task, cfg.checkpoint.moe_calibration_samples)
+    for task in tasks:
+        samples = load_task_samples(manifest, split, task, samples_per_task)
         for s in samples:
-            s.ids, s.labels = s.ids[:cfg.data.seq_len], s.labels[:cfg.data.seq_len]
+            s.ids, s.labels = s.ids[:seq_len], s.labels[:seq_len]
         per_task.append(neuron_scores(net, make_batches(samples, CALIBRATION_BATCH, layout.pad_id, device)))
     del net  # before the training model is built
     return combine_task_scores(per_task)
