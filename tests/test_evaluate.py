@@ -118,3 +118,45 @@ def test_evaluate_cli(demo_dataset, tmp_path):
         assert key in metrics
     assert grid.is_file()
     assert evaluate.main(["--data", str(demo_dataset), "--out", str(out)]) == 2  # model images need a model
+
+
+def test_expert_use_counts_each_tasks_top_k_choices(evaluator, demo_dataset):
+    """`experts/max_load` and `experts/overlap` recomputed from hooks on the MoE routers' inputs: each real
+    token's own task block of the router logits, its top-k, counted per task (padding left out by length)."""
+    vocab = json.loads((demo_dataset / "manifest.json").read_text())["vocab"]
+    torch.manual_seed(5)
+    E, k = 4, 2
+    cfg = ModelConfig.from_preset("debug", vocab=vocab,
+                                  moe={"layers": [1, 3], "num_experts": E, "top_k": k, "router": "task"})
+    model = UnifiedTransformer(cfg).eval()
+    with torch.no_grad():
+        for i in (1, 3):
+            model.model.layers[i].mlp.router.weight.normal_(0.0, 0.5)  # tasks and tokens route apart
+    m = evaluator.expert_use(model)
+
+    seen = {}
+    hooks = [model.model.layers[i].mlp.router.register_forward_hook(
+        lambda mod, args, out, i=i: seen.__setitem__(i, out.detach().clone())) for i in (1, 3)]
+    counts = torch.zeros(4, 3, E)
+    try:
+        with torch.no_grad():
+            for t, task in enumerate(cfg.mod.tasks):
+                for ids, batch in evaluator._batches(task):
+                    model(ids, task_ids=torch.full((len(batch),), t), routing="topk")
+                    lengths = torch.tensor([len(x) for _, x, _, _ in batch])
+                    valid = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).reshape(-1)
+                    for i, logits in seen.items():  # [B*S, E*T]: task t's block is columns t*E..(t+1)*E
+                        top = logits.reshape(-1, 3, E)[valid, t].topk(k, dim=-1).indices
+                        counts[i, t] += torch.bincount(top.reshape(-1), minlength=E).float()
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in (1, 3):
+        shares = counts[i] / counts[i].sum(-1, keepdim=True)
+        for t, task in enumerate(cfg.mod.tasks):
+            assert m[f"experts/max_load/{task}/layer_{i}"] == pytest.approx(float(shares[t].max() * E), rel=1e-6)
+        overlap = float(torch.minimum(shares[0], shares[1]).sum())
+        assert m[f"experts/overlap/t2i_mmu/layer_{i}"] == pytest.approx(overlap, rel=1e-6)
+        assert 0.0 < overlap < 1.0
+    assert not any(key.startswith("experts/") and "layer_0" in key for key in m)
+    assert evaluator.expert_use(demo_model(demo_dataset)) == {}  # no MoE layer, no metric

@@ -1,5 +1,5 @@
 """Evaluate a model on a dataset's validation split: understanding accuracy, generation accuracy, text
-perplexity, and agreement of causal router decisions with top-k routing.
+perplexity, agreement of causal router decisions with top-k routing, and MoE expert use.
 
     python -m tools.evaluate --checkpoint runs/smoke --data demo_data --out eval.json
     python -m tools.evaluate --data demo_data --images real --out real.json    # the metric's ceiling, no model
@@ -18,6 +18,8 @@ Metrics (keys of the JSON / TensorBoard scalars):
 - `router/agreement/<task>/layer_<i>` and `router/agreement/layer_<i>`: over routable tokens, how often
   "router logit > 0" (the causal decision) equals top-k membership, in the top-k forward; plus
   `router/causal_keep/<task>/layer_<i>`, the fraction the causal rule keeps (compare with the capacity).
+- `experts/max_load/<task>/layer_<i>` and `experts/overlap/<a>_<b>/layer_<i>` for MoE layers: how evenly a
+  task spreads its slots over the experts, and how much two tasks share experts (`Evaluator.expert_use`).
 
 Training calls `Evaluator(dataset_dir, EvalConfig(...)).run(model)` every N steps (the classifier and the
 validation samples are loaded once) and logs `result.metrics` and `result.grid()` to TensorBoard.
@@ -165,7 +167,9 @@ class Evaluator:
                 gen_metrics, generated = self.generation(images, sampler)
                 metrics.update(gen_metrics)
             metrics.update(self.perplexity(model))
-            metrics.update(self.router_agreement(model))
+            counts = self.routing_counts(model)  # one top-k pass for the MoD and the MoE metrics
+            metrics.update(self.router_agreement(model, counts))
+            metrics.update(self.expert_use(model, counts))
         finally:
             model.train(was_training)
         return EvalResult(metrics, generated, self.cfg.images_per_digit)
@@ -277,26 +281,42 @@ class Evaluator:
             out[name] = float(np.exp(nll / max(count, 1)))
         return out
 
-    # ----- router agreement ----------------------------------------------------------------------------
+    # ----- routing: MoD router agreement, MoE expert use ------------------------------------------------
     @torch.no_grad()
-    def router_agreement(self, model) -> dict[str, float]:
-        """Per MoD layer and routed task, on the validation samples in the top-k forward: the fraction of
-        routable tokens whose causal decision (logit > 0) equals top-k membership (`agreement`), and the
-        fraction a causal decision keeps (`causal_keep`). The forward counts both (model/mod.py
-        ROUTING_STATS); training logs the same on its micro-batches as mod/agreement and mod/causal_keep."""
+    def routing_counts(self, model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One top-k (training routing) forward over every task's validation samples -> (MoD routing counts
+        [L, T, len(ROUTING_STATS)], MoE expert counts [L, T, E, 2] or None without MoE layers), float64; None
+        when the model has neither MoD nor MoE layers."""
         cfg = model.config
-        mod_layers = cfg.mod.mod_layers()
-        if not mod_layers:
-            return {}
+        if not cfg.mod.mod_layers() and not cfg.moe.layers:
+            return None
         device = next(model.parameters()).device
-        stats = torch.zeros(cfg.num_hidden_layers, cfg.num_tasks, len(ROUTING_STATS), dtype=torch.float64)
+        routing = torch.zeros(cfg.num_hidden_layers, cfg.num_tasks, len(ROUTING_STATS), dtype=torch.float64)
+        experts = None
         for task in ("t2i", "mmu", "lm"):
             if task not in cfg.mod.tasks:
                 continue
             t = cfg.mod.tasks.index(task)
             for ids, batch in self._batches(task):
                 task_ids = torch.full((len(batch),), t, dtype=torch.long, device=device)
-                stats += model(ids.to(device), task_ids=task_ids, routing="topk").routing.double().cpu()
+                out = model(ids.to(device), task_ids=task_ids, routing="topk")
+                routing += out.routing.double().cpu()
+                if out.experts is not None:
+                    experts = out.experts.double().cpu() + (0 if experts is None else experts)
+        return routing, experts
+
+    def router_agreement(self, model, counts: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                         ) -> dict[str, float]:
+        """Per MoD layer and routed task, on the validation samples in the top-k forward: the fraction of
+        routable tokens whose causal decision (logit > 0) equals top-k membership (`agreement`), and the
+        fraction a causal decision keeps (`causal_keep`). The forward counts both (model/mod.py
+        ROUTING_STATS); training logs the same on its micro-batches as mod/agreement and mod/causal_keep.
+        `counts`: `routing_counts(model)` when the caller has it already."""
+        cfg = model.config
+        mod_layers = cfg.mod.mod_layers()
+        if not mod_layers:
+            return {}
+        stats = (counts or self.routing_counts(model))[0]
         col = {name: i for i, name in enumerate(ROUTING_STATS)}
         out = {}
         for layer in mod_layers:
@@ -310,6 +330,33 @@ class Evaluator:
                     agree, total = agree + a, total + n
             if total > 0:
                 out[f"router/agreement/layer_{layer}"] = agree / total
+        return out
+
+    def expert_use(self, model, counts: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, float]:
+        """Per MoE layer, on the validation samples in the top-k forward (the slots the router chose, before any
+        capacity drop):
+          - `experts/max_load/<task>/layer_<i>`: the busiest expert's share of the task's slots x E (1 =
+            balanced, E = one expert takes every slot), as training logs moe/max_load;
+          - `experts/overlap/<a>_<b>/layer_<i>`: sum over experts of min(share under task a, share under task b),
+            how much two tasks use the same experts (1 = identical use, 0 = disjoint experts): what a task-aware
+            router can separate and a shared one separates only through the tokens themselves."""
+        cfg = model.config
+        if not cfg.moe.layers:
+            return {}
+        experts = (counts or self.routing_counts(model))[1]
+        E = cfg.moe.num_experts
+        out = {}
+        for layer in cfg.moe.layers:
+            shares = {}
+            for t, task in enumerate(cfg.mod.tasks):
+                routed = experts[layer, t, :, 0]
+                if routed.sum() > 0:
+                    shares[task] = routed / routed.sum()
+                    out[f"experts/max_load/{task}/layer_{layer}"] = float(shares[task].max() * E)
+            names = list(shares)
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    out[f"experts/overlap/{a}_{b}/layer_{layer}"] = float(torch.minimum(shares[a], shares[b]).sum())
         return out
 
 
