@@ -22,7 +22,8 @@ B needs, so those layers should be A-only MoD layers rather than shared ones.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -34,6 +35,50 @@ from model.moe import convert_mlps
 from model.transformer import UnifiedTransformer
 
 Batches = Mapping[str, list[Batch]]
+Accuracy = Callable[[str], dict[str, float]]
+"""task -> the evaluator's accuracy of the model as it is now (tools/evaluate.py `Evaluator.task_accuracy`)."""
+
+
+@contextmanager
+def weight_edits(net: UnifiedTransformer, skip: Mapping[int, str] = {},
+                 mlp_keep: Mapping[int, torch.Tensor] = {}) -> Iterator[None]:
+    """The model's own weights edited in place to compute what `Edits(skip, mlp_keep)` makes analysis/runner.py
+    compute, so that every forward path (the evaluator's cached sampling too) runs the pruned model: a skipped
+    attention gets a zero o_proj and a skipped MLP a zero down_proj (the sublayer then adds exactly 0 to the
+    residual stream; a skipped block is both), a pruned neuron a zero down_proj column (its activation then
+    adds exactly 0). The weights are restored on exit."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def zero(w: torch.Tensor, cols: torch.Tensor | None = None) -> None:
+        saved.append((w, w.detach().clone()))
+        with torch.no_grad():
+            if cols is None:
+                w.zero_()
+            else:
+                w[:, cols] = 0
+    try:
+        for i, kind in skip.items():
+            layer = net.model.layers[i]
+            if kind in ("block", "attn"):
+                zero(layer.self_attn.o_proj.weight)
+            if kind in ("block", "mlp"):
+                zero(layer.mlp.down_proj.weight)
+        for i, keep in mlp_keep.items():
+            zero(net.model.layers[i].mlp.down_proj.weight, ~keep.to(torch.bool))
+        yield
+    finally:
+        with torch.no_grad():
+            for w, original in reversed(saved):
+                w.copy_(original)
+
+
+def _scored(net: UnifiedTransformer, accuracy: Accuracy | None, task: str, skip: Mapping[int, str] = {},
+            mlp_keep: Mapping[int, torch.Tensor] = {}) -> dict[str, float]:
+    """The evaluator's accuracy of `task` on the model pruned by the edits ({} without an evaluator)."""
+    if accuracy is None:
+        return {}
+    with weight_edits(net, skip, mlp_keep):
+        return accuracy(task)
 
 
 def _quality(loss: float, base: float) -> dict[str, float]:
@@ -102,8 +147,10 @@ def skip_deltas(net: UnifiedTransformer, calib: Batches, base: Mapping[str, floa
 
 
 def depth_pruning(net: UnifiedTransformer, measures: Mapping[str, TaskMeasurements], evals: Batches,
-                  base: Mapping[str, float], compute: ComputeModel, max_layers: int) -> dict[str, Any]:
-    """Per task and granularity: drop its n most redundant parts, n = 1..max_layers."""
+                  base: Mapping[str, float], compute: ComputeModel, max_layers: int,
+                  accuracy: Accuracy | None = None) -> dict[str, Any]:
+    """Per task and granularity: drop its n most redundant parts, n = 1..max_layers. With `accuracy`, each row
+    also holds the evaluator's accuracy of that task on the pruned model."""
     out: dict[str, Any] = {}
     for task, batches in evals.items():
         out[task] = {}
@@ -114,14 +161,16 @@ def depth_pruning(net: UnifiedTransformer, measures: Mapping[str, TaskMeasuremen
                 skip = {i: kind for i in order[:n]}
                 loss = mean_nll(net, batches, Edits(skip=skip))
                 rows.append({"n": n, "layers": sorted(skip), "removed_compute": compute.removed(task, skip),
-                             **_quality(loss, base[task])})
+                             **_quality(loss, base[task]), **_scored(net, accuracy, task, skip=skip)})
             out[task][kind] = rows
     return out
 
 
 def width_pruning(net: UnifiedTransformer, measures: Mapping[str, TaskMeasurements], evals: Batches,
-                  base: Mapping[str, float], compute: ComputeModel, fractions: list[float]) -> dict[str, Any]:
-    """Per task: prune each fraction of every MLP's neurons by that task's scores."""
+                  base: Mapping[str, float], compute: ComputeModel, fractions: list[float],
+                  accuracy: Accuracy | None = None) -> dict[str, Any]:
+    """Per task: prune each fraction of every MLP's neurons by that task's scores (with `accuracy`, also the
+    evaluator's accuracy of the task on the pruned model)."""
     device = net.lm_head.weight.device
     out: dict[str, Any] = {}
     for task, batches in evals.items():
@@ -131,7 +180,7 @@ def width_pruning(net: UnifiedTransformer, measures: Mapping[str, TaskMeasuremen
             loss = mean_nll(net, batches, Edits(mlp_keep=masks))
             kept = float(torch.stack(list(masks.values())).float().mean())
             rows.append({"fraction": frac, "removed_compute": compute.removed(task, mlp_fraction=1 - kept),
-                         **_quality(loss, base[task])})
+                         **_quality(loss, base[task]), **_scored(net, accuracy, task, mlp_keep=masks)})
         out[task] = rows
     return out
 
@@ -154,13 +203,15 @@ def interaction(net: UnifiedTransformer, measures: Mapping[str, TaskMeasurements
 
 
 def moe_probe(net: UnifiedTransformer, measures: Mapping[str, TaskMeasurements], evals: Batches,
-              base: Mapping[str, float], num_experts: int, top_ks: list[int], layers: list[int]) -> dict[str, Any]:
+              base: Mapping[str, float], num_experts: int, top_ks: list[int], layers: list[int],
+              accuracy: Accuracy | None = None) -> dict[str, Any]:
     """Convert the chosen MLPs to MoE (snake partition by neuron score, zero router) and measure each
     task's loss at each top-k, without training. The dense MLPs are put back afterwards.
 
     Importance for the partition: each task's neuron scores normalised to sum 1 per layer, averaged
     over tasks, so no task dominates by scale. With the router at zero every token picks the same
-    experts, so top-k < E here is a fixed-subset baseline that router training improves on."""
+    experts, so top-k < E here is a fixed-subset baseline that router training improves on (bench/moe_adaptation.py
+    trains it). With `accuracy`, each row also holds the evaluator's accuracy of the task on the converted model."""
     Fn = net.config.intermediate_size
     if num_experts > Fn:
         raise ValueError(f"analysis.moe_experts = {num_experts} exceeds the MLP width {Fn}")
@@ -175,7 +226,7 @@ def moe_probe(net: UnifiedTransformer, measures: Mapping[str, TaskMeasurements],
             for task, batches in evals.items():
                 loss = mean_nll(net, batches)
                 out["results"][task].append({"top_k": k, "active_mlp_fraction": k / num_experts,
-                                             **_quality(loss, base[task])})
+                                             **_quality(loss, base[task]), **_scored(net, accuracy, task)})
     finally:
         for i, mlp in originals.items():
             net.model.layers[i].mlp = mlp

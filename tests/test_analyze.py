@@ -434,9 +434,10 @@ def test_cli_end_to_end_on_the_demo_data(demo_dataset, tmp_path):
     proc = run_module("tools.analyze", "--checkpoint", str(hf), "--data", str(demo_dataset), "--out", str(out),
                       "--device", "cpu", "--calib-samples", "4", "--eval-samples", "3", "--batch-size", "4",
                       "--arank-max-tokens", "48", "--moe-experts", "2", "--width-fractions", "0.5",
-                      "--prune-max-layers", "1", "--threads", "1", timeout=240)
+                      "--prune-max-layers", "1", "--accuracy-images-per-digit", "1", "--threads", "1", timeout=240)
     assert proc.returncode == 0, proc.stderr
-    for name in ("mod_plan.yaml", "set_mod.txt", "measurements.json", "heatmaps.png", "interaction.png", "probes.png"):
+    for name in ("mod_plan.yaml", "set_mod.txt", "measurements.json", "heatmaps.png", "interaction.png", "probes.png",
+                 "probes.md"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "heatmaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "measurements.json").read_text())
@@ -451,6 +452,18 @@ def test_cli_end_to_end_on_the_demo_data(demo_dataset, tmp_path):
         assert all(math.isfinite(v) for v in lay["cos_block"])
     assert set(report["interaction"]["blocks"]) == set(tasks)
     assert set(report["probes"]["depth_pruning"]["mmu"]) == {"block", "attn", "mlp"}
+    # The probes' rows carry the evaluator's accuracy of their own task beside the loss (lm: loss only).
+    own = {"mmu": "understanding/accuracy", "t2i": "generation/accuracy"}
+    pr = report["probes"]
+    for t in tasks:
+        rows = [*(r for rs in pr["depth_pruning"][t].values() for r in rs), *pr["width_pruning"][t],
+                *pr["moe"]["results"][t]]
+        for r in [report["evaluation"][t], *rows]:
+            assert {k for k in r if k.endswith("/accuracy")} == ({own[t]} if t in own else set()), (t, r)
+            assert all(0.0 <= r[k] <= 1.0 for k in r if k.endswith("/accuracy"))
+    table = (out / "probes.md").read_text()
+    assert "| understanding % | generation % |" in table and "| mmu | none (dense) |" in table
+    assert len([line for line in table.splitlines() if line.startswith("| t2i |")]) == 1 + 3 + 1 + 2
     mod = read_mod_plan(out / "mod_plan.yaml")
     assert mod == report["plan"]["mod"]
     built = ModelConfig.from_dict({**{k: v for k, v in net.config.to_dict().items() if k != "mod"}, "mod": mod})
@@ -480,3 +493,49 @@ def test_arank_plans_record_their_tolerance_and_stability(demo_dataset, tmp_path
         assert len(record["stability"][t]["half_a"]) == len(record["stability"][t]["half_b"]) == 2
         # the plan file's numbers are the measurements' (rounded to 6 significant digits for YAML)
         assert record["per_layer"][t]["arank_ratio"] == pytest.approx(report["layers"][t]["arank_ratio"], rel=1e-5)
+
+
+def test_probe_edits_run_the_pruned_model_on_every_path(demo_dataset, tmp_path):
+    """`weight_edits` makes the model's own forward compute analysis/runner.py's Edits (skips and masked neurons),
+    the width probe's accuracy is the evaluator's accuracy of a model physically cut to the kept neurons, and
+    every weight is restored afterwards."""
+    from tools.evaluate import EvalConfig, Evaluator
+
+    _demo_model(demo_dataset, tmp_path)
+    net = load_dense(tmp_path / "hf").net
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ids = torch.randint(0, net.config.vocab.text_size, (2, 20))
+    keep = probes.width_masks(torch.rand(4, net.config.intermediate_size), 0.5, "cpu")
+    for skip, mlp_keep in (({1: "block", 2: "attn", 3: "mlp"}, {}), ({}, keep)):
+        with torch.no_grad():
+            with probes.weight_edits(net, skip, mlp_keep):
+                got = net(ids).logits
+            want = net.lm_head(net.model.norm(run_hidden(net, ids, Edits(skip=skip, mlp_keep=mlp_keep))))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(net(ids).logits, want, atol=1e-3)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+    evaluator = Evaluator(demo_dataset, EvalConfig(max_samples=6, images_per_digit=1, batch_size=16))
+    manifest = open_dataset(str(demo_dataset), net.config.vocab)
+    measures, evals, base = {}, {}, {}
+    for task in ("mmu", "t2i"):
+        calib = make_batches(load_task_samples(manifest, "train", task, 4), 4, net.config.vocab.pad_id, "cpu")
+        measures[task] = measure_task(net, calib, max_tokens=16)
+        evals[task] = make_batches(load_task_samples(manifest, "validation", task, 3), 4, net.config.vocab.pad_id, "cpu")
+        base[task] = mean_nll(net, evals[task])
+    compute = probes.ComputeModel(net, {"mmu": 60.0, "t2i": 80.0})
+    rows = probes.width_pruning(net, measures, evals, base, compute, [0.5],
+                                accuracy=lambda task: evaluator.task_accuracy(net, task))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    F_ = net.config.intermediate_size
+    for task, metric in (("mmu", "understanding/accuracy"), ("t2i", "generation/accuracy")):
+        masks = probes.width_masks(measures[task].neuron_score, 0.5, "cpu")
+        cut = UnifiedTransformer(net.config.replace(intermediate_size=F_ // 2))
+        state = dict(net.state_dict())
+        for i, m in masks.items():
+            pre = f"model.layers.{i}.mlp."
+            state[pre + "gate_proj.weight"] = state[pre + "gate_proj.weight"][m]
+            state[pre + "up_proj.weight"] = state[pre + "up_proj.weight"][m]
+            state[pre + "down_proj.weight"] = state[pre + "down_proj.weight"][:, m]
+        cut.load_state_dict(state)
+        assert rows[task][0][metric] == evaluator.task_accuracy(cut, task)[metric], task

@@ -14,6 +14,8 @@ pruning probes are evaluated on `--eval-samples` VALIDATION samples. Writes to `
                        accepts it) and its record: measure, parameters, per-layer numbers, stability
     set_mod.txt        the same plan as one `--set model.mod={...}` override for train/main.py
     measurements.json  every measurement, its definition, and the plan's FLOPs per task
+    probes.md          the pruning probes' table: per task and edit, removed compute, loss and (demo data) the
+                       evaluator's understanding / generation accuracy of the edited model
     heatmaps.png, interaction.png, probes.png
 
 `--checkpoint` is an HF directory (e.g. a run's hf/), a run directory, a checkpoints/ root or a
@@ -128,11 +130,16 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
     if cfg.probes:
         compute = probes.ComputeModel(net, eval_len)
         max_layers = min(L, cfg.prune_max_layers or max(1, L // 2))
+        accuracy = probe_accuracy(net, data, cfg)
+        if accuracy is not None:
+            for t in tasks:
+                report["evaluation"][t].update(accuracy(t))
         report["probes"] = {
-            "depth_pruning": probes.depth_pruning(net, measures, evals, eval_loss, compute, max_layers),
-            "width_pruning": probes.width_pruning(net, measures, evals, eval_loss, compute, cfg.width_fractions),
+            "depth_pruning": probes.depth_pruning(net, measures, evals, eval_loss, compute, max_layers, accuracy),
+            "width_pruning": probes.width_pruning(net, measures, evals, eval_loss, compute, cfg.width_fractions,
+                                                  accuracy),
             "moe": probes.moe_probe(net, measures, evals, eval_loss, cfg.moe_experts, cfg.moe_top_k,
-                                    cfg.moe_layers if cfg.moe_layers is not None else list(range(L))),
+                                    cfg.moe_layers if cfg.moe_layers is not None else list(range(L)), accuracy),
         }
         log(f"analyze: probes done ({time.perf_counter() - t0:.1f}s)")
 
@@ -149,6 +156,8 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
               f"use: python train/main.py --config X.yaml --set \"$(cat {out_dir / 'set_mod.txt'})\"")
     plan_path, set_path = write_plan(out_dir, mod, header, record)
     atomic_write(out_dir / "measurements.json", json.dumps(report, indent=1))
+    if cfg.probes:
+        atomic_write(out_dir / "probes.md", probe_tables(report))
     panels = {"ARank / length": {t: m.arank_ratio for t, m in measures.items()},
               "cosine block": {t: m.cos_block for t, m in measures.items()},
               "cosine attention": {t: m.cos_attn for t, m in measures.items()},
@@ -169,6 +178,54 @@ def run_analysis(checkpoint: str, data: str, out: str, cfg: AnalysisConfig, devi
             f"{plan_details.get(t, {}).get('capacity', {})}; planned forward FLOPs -{flops[t]['saved_fraction']:.1%}; "
             f"halves agree on layers (Jaccard) {record['stability'].get(t, {}).get('jaccard', 1.0):.2f}")
     return report
+
+
+def probe_accuracy(net, data: str, cfg: AnalysisConfig):
+    """task -> the evaluator's accuracy of `net` as it is at the call (None: off, or data without the demo's
+    labels, where only the loss measures a probe)."""
+    if not cfg.probe_accuracy:
+        return None
+    from tools.evaluate import EvalConfig, Evaluator
+
+    evaluator = Evaluator(data, EvalConfig(max_samples=cfg.eval_samples, images_per_digit=cfg.accuracy_images_per_digit,
+                                           batch_size=max(cfg.batch_size, 16)))
+    if not evaluator.demo:
+        return None
+    return lambda task: evaluator.task_accuracy(net, task)
+
+
+_ACCURACY = {"understanding/accuracy": "understanding %", "generation/accuracy": "generation %"}
+
+
+def probe_tables(report: dict[str, Any]) -> str:
+    """The pruning probes as Markdown: per task, each edit's removed compute, loss increase and (where measured)
+    the evaluator's accuracy, against the unedited model's first."""
+    pr, ev = report["probes"], report["evaluation"]
+    acc_keys = [k for k in _ACCURACY if any(k in ev[t] for t in ev)]
+    head = ["task", "edit", "removed compute", "loss", "loss +", *(_ACCURACY[k] for k in acc_keys)]
+    counts = ", ".join(f"{t} {ev[t]['samples']}" for t in ev)
+    lines = [f"# Pruning probes of {report['checkpoint']}", "",
+             f"Loss on {counts} validation samples; accuracy "
+             "(where shown) by tools/evaluate.py on the validation split, each row on the edited model.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(task: str, edit: str, r: dict[str, Any]) -> None:
+        accs = [f"{100 * r[k]:.1f}" if k in r else "-" for k in acc_keys]
+        removed = f"{100 * r['removed_compute']:.1f}%" if "removed_compute" in r else "-"
+        lines.append(f"| {task} | {edit} | {removed} | {r['loss']:.4f} | {r.get('delta_loss', 0.0):+.4f} | "
+                     + " | ".join(accs) + (" |" if accs else "|"))
+
+    for task in ev:
+        row(task, "none (dense)", ev[task])
+        for kind, rows in pr["depth_pruning"].get(task, {}).items():
+            for r in rows:
+                row(task, f"{kind} skipped in layers {r['layers']}", r)
+        for r in pr["width_pruning"].get(task, []):
+            row(task, f"{100 * r['fraction']:.1f}% of MLP neurons pruned", r)
+        moe = pr["moe"]
+        for r in moe["results"].get(task, []):
+            row(task, f"MoE top-{r['top_k']} of {moe['num_experts']} (zero router, untrained)", r)
+    return "\n".join(lines) + "\n"
 
 
 def make_plan(net, cfg: AnalysisConfig, tasks: list[str], measures: dict, halves: dict,
@@ -254,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moe-top-k", type=_ints, default=None, help="e.g. 1,2,4")
     p.add_argument("--moe-layers", type=_ints, default=None, help="e.g. 4,5,6 (default: all)")
     p.add_argument("--no-probes", action="store_true", help="skip the depth/width/MoE pruning probes")
+    p.add_argument("--no-probe-accuracy", action="store_true", help="score the probes by loss only, not also by "
+                   "the evaluator's understanding / generation accuracy")
+    p.add_argument("--accuracy-images-per-digit", type=int, default=AnalysisConfig.accuracy_images_per_digit)
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -269,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             plan_tasks=args.plan_tasks, prune_max_layers=args.prune_max_layers,
             interaction_layers=args.interaction_layers, interaction_width=args.interaction_width,
             moe_experts=args.moe_experts, moe_layers=args.moe_layers, probes=not args.no_probes,
+            probe_accuracy=not args.no_probe_accuracy, accuracy_images_per_digit=args.accuracy_images_per_digit,
             **({"width_fractions": args.width_fractions} if args.width_fractions else {}),
             **({"moe_top_k": args.moe_top_k} if args.moe_top_k else {}),
         )

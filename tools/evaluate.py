@@ -174,6 +174,22 @@ class Evaluator:
             model.train(was_training)
         return EvalResult(metrics, generated, self.cfg.images_per_digit)
 
+    @torch.no_grad()
+    def task_accuracy(self, model, task: str) -> dict[str, float]:
+        """The accuracy that measures `task` (demo data): understanding for mmu, generation for t2i; {} for
+        other tasks or data without the demo's labels. The analysis probes score their edited models by it."""
+        if not self.demo or task not in ("mmu", "t2i"):
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            sampler = Sampler(model, self.vocab, self.image_tokenizer)
+            if task == "mmu":
+                return self.understanding(sampler)
+            return {"generation/accuracy": self.generation("model", sampler)[0]["generation/accuracy"]}
+        finally:
+            model.train(was_training)
+
     # ----- understanding -------------------------------------------------------------------------------
     def understanding(self, sampler: Sampler) -> dict[str, float]:
         samples = self.samples["mmu"]
