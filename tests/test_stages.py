@@ -271,3 +271,30 @@ def test_load_hf_into_stages_fills_every_stage_parameter(world_of_one, tmp_path,
                         lambda key, L: "elsewhere" if key == "model.norm.weight" else real(key, L))
     with pytest.raises(ValueError, match=r"no checkpoint tensor for stage parameters \['5.norm.weight'\]"):
         load_hf_into_stages(module, cfg, str(tmp_path / "hf"))
+
+
+def test_load_hf_into_stages_cuts_a_dense_checkpoint_by_importance(world_of_one, tmp_path):
+    """A pipeline run that converts a dense checkpoint (checkpoint.init_from_hf + model.moe) cuts the same
+    experts into its stages as `from_hf(path, moe=..., importance=...)` does for one device."""
+    from deepspeed.pipe import PipelineModule
+
+    from model.moe import snake_partition
+    from train.stages import load_hf_into_stages, stage_specs
+
+    dense = make_net()
+    dense.save_hf(tmp_path / "hf")
+    moe = {"layers": [1, 3], "num_experts": 4, "top_k": 2, "router": "task"}
+    cfg = dense.config.replace(moe=moe)
+    F_ = cfg.intermediate_size
+    importance = {1: torch.rand(F_), 3: torch.rand(F_)}
+    want = UnifiedTransformer.from_hf(tmp_path / "hf", moe=moe, importance=importance).state_dict()
+    torch.manual_seed(1)
+    module = PipelineModule(layers=stage_specs(cfg), num_stages=1, partition_method="uniform")
+    load_hf_into_stages(module, cfg, str(tmp_path / "hf"), importance)
+    got = {stage_key_to_hf(k, cfg.num_hidden_layers): v for k, v in module.state_dict().items()}
+    assert got.keys() == want.keys()
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
+    groups = snake_partition(importance[3], 4)
+    dense_gate = dense.model.layers[3].mlp.gate_proj.weight
+    assert torch.equal(got["model.layers.3.mlp.experts.2.gate_proj.weight"], dense_gate[groups[2]])

@@ -221,16 +221,16 @@ def test_routing_a_kind_the_task_never_holds_exits_2(capsys, no_launch):
     cfg("model.mod.routable.lm=all", 'model.mod.capacity={"2-3": {lm: 0.5}}')  # routable text: accepted
 
 
-def test_moe_layers_train_under_zero_and_are_refused_by_the_pipeline(capsys, no_launch):
-    """ZeRO runs carry the expert counts (TensorBoard moe/ tags, exact FLOPs); the pipeline's stages do not yet,
-    so a pipeline run asking for MoE layers exits 2 before any work, naming the reason."""
+def test_moe_layers_are_accepted_under_zero_and_the_pipeline():
+    """Both engines carry the expert counts (TensorBoard moe/ tags, exact FLOPs; the pipeline's stages in their
+    tuple, tests/test_pipeline_moe.py), so `model.moe` goes with either mode."""
     moe = 'model.moe={layers: "2-3", num_experts: 4, top_k: 2}'
     c = cfg(moe)
     assert c.model.moe.layers == [2, 3] and c.parallel.mode == "zero"
-    rc, err = run_main(capsys, DS_PIPELINE, moe, "parallel.mode=pipeline", "parallel.pipeline_stages=2")
-    assert rc == 2, err
-    assert "model.moe.layers=[2, 3]" in err and "pipeline does not carry the expert counts" in err, err
-    cfg("model.moe={layers: []}", "parallel.mode=pipeline", "parallel.pipeline_stages=2")  # no MoE layers: accepted
+    c = cfg(moe, "parallel.mode=pipeline", "parallel.pipeline_stages=2")
+    assert c.model.moe.layers == [2, 3] and c.parallel.mode == "pipeline" and c.parallel.pipeline_stages == 2
+    c = cfg("model.moe={layers: []}", "parallel.mode=pipeline", "parallel.pipeline_stages=2")
+    assert c.model.moe.layers == []
 
 
 # ----- numbers such as 1e-4 are numbers (PyYAML's YAML 1.1 reads them as strings) --------------------------------

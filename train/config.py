@@ -301,11 +301,6 @@ class RunConfig:
             raise ValueError(f"{where}: {e}") from None
         _check_routable_exists(kwargs["model"], where)
         model, data, parallel = kwargs["model"], kwargs["data"], kwargs["parallel"]
-        if model.moe.layers and parallel.mode == "pipeline":
-            # The pipeline's stages pass hidden states, aux losses and routing counts on, but not the expert counts:
-            # its FLOPs would assume k slots per token and TensorBoard would have no moe/ tags.
-            raise ValueError(f"{where}: model.moe.layers={model.moe.layers} with parallel.mode=pipeline: the pipeline "
-                             f"does not carry the expert counts yet (issue 16); train MoE with parallel.mode=zero")
         ckpt = kwargs["checkpoint"]
         if ckpt.init_from_hf and model.moe.layers and ckpt.moe_calibration_samples and data.dataset_dir is None:
             raise ValueError(f"{where}: checkpoint.moe_calibration_samples={ckpt.moe_calibration_samples} ranks the "

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 
 from model.config import ModelConfig
-from model.flops import RowTokens
+from model.flops import RowTokens, expert_slots
 from model.transformer import stage_key_to_hf
 from train.config import RunConfig
 from train.engine import (Batches, Engine, NonfiniteRun, StepRecord, guard_nonfinite_steps,
@@ -28,20 +28,26 @@ from train.stages import HeadPipe, checkpoint_fn, load_hf_into_stages, stage_spe
 
 
 class PipelineLoss:
-    """The last stage's loss: next-token CE + MoD aux. The CE runs the last stage's LM head on the hidden states
-    in chunks (`HeadPipe.loss`; `head` is set on the last stage when the engine is built), so the [B,S,V] logits
-    never exist. While a step runs (`record` set by the engine) it also records each micro-batch's CE under its
-    task (without the aux loss), the aux loss and the routing counts."""
+    """The last stage's loss: next-token CE + aux (MoD router losses and MoE balance losses, train/stages.py). The
+    CE runs the last stage's LM head on the hidden states in chunks (`HeadPipe.loss`; `head` is set on the last
+    stage when the engine is built), so the [B,S,V] logits never exist. While a step runs (`record` set by the
+    engine) it also records each micro-batch's CE under its task (without the aux loss), the aux loss, the routing
+    counts and, in a model with MoE layers, the balance loss, the expert slot counts and the slots each expert ran
+    (their FLOPs; `model_cfg` set by the engine), as the ZeRO engine records them from the model's output."""
 
     def __init__(self) -> None:
         self.record: StepRecord | None = None
         self.head: HeadPipe | None = None
+        self.model_cfg: ModelConfig | None = None
 
     def __call__(self, outputs, labels):
-        h, aux, routing, task_ids = outputs
+        h, aux, routing, task_ids, *experts = outputs  # experts: [counts [L,T,E,2]] in a model with MoE layers
         ce = self.head.loss(h, labels)
-        loss = ce + aux.sum()
+        loss = ce + aux[0]  # aux[0] is the whole aux loss; aux[1], in an MoE model, its balance part
         rec = self.record
+        if rec is not None and experts:
+            # Every micro-batch fed counts its FLOPs (`rec.microbatches`), a skipped one too: one entry each.
+            rec.expert_slots.append(expert_slots(experts[0], self.model_cfg))
         if not torch.isfinite(loss.detach()):
             # The pipeline engine steps inside train_batch; the best we can do is a zero contribution.
             if rec is not None:
@@ -51,8 +57,11 @@ class PipelineLoss:
             t = int(task_ids[0])
             rec.loss_sum[t] += ce.detach()
             rec.loss_count[t] += 1
-            rec.aux_sum += aux.detach().sum()
+            rec.aux_sum += aux.detach()[0]
             rec.routing += routing.to(rec.routing.dtype)
+            if experts:
+                rec.experts += experts[0].to(rec.experts.dtype)
+                rec.balance_sum += aux.detach()[1]
         return loss
 
 
@@ -61,6 +70,7 @@ class PipelineEngine(Engine):
         super().__init__(cfg, device)
         self.ds, self.module = build_pipeline_engine(cfg, ds_config, precision, device)
         self.loss_fn: PipelineLoss = self.module.loss_fn
+        self.loss_fn.model_cfg = cfg.model
         grid = self.ds.grid
         self.dp_rank, self.dp_world = grid.get_data_parallel_id(), grid.get_data_parallel_world_size()
         self.owns_loss = self.counts_data = self.ds.is_last_stage()

@@ -10,14 +10,22 @@ builds (`model.transformer.layer_context`). Between stages everything travels as
 (DeepSpeed #3895, Megatron-DeepSpeed #373):
 
     hidden [B,S,D] float | input_ids [B,S] long | task_ids [B] long | position_ids [B,S] long |
-    aux [1] float (MoD router loss so far) | routing [L,T,4] long (counts, columns model.mod.ROUTING_STATS)
+    aux [A] float | routing [L,T,4] long (counts, columns model.mod.ROUTING_STATS) [| experts [L,T,E,2] long]
+
+aux[0] is the aux loss so far, as the model's `ModelOutput.aux_loss` sums it (MoD router losses plus MoE balance
+losses); a model with MoE layers (`moe.layers`) has A = 2, aux[1] being the MoE balance part of aux[0] (for
+logging it apart, as `ModelOutput.balance_loss`), and carries the expert slot counts (columns
+model.moe.EXPERT_STATS), each stage adding its own layers' rows. A dense model's tuple has A = 1 and no expert
+counts: its stages send what they sent before MoE existed.
 
 The position ids also carry the packed rows' documents (they restart at 0 for each sample), so every stage
 rebuilds the same document mask and per-sample MoD capacities as the single-device model, once per
 micro-batch (`StageContext`). Ids travel as integers (the engine expects a gradient for every float it
 sends); the aux loss is a float on the gradient path from stage 0 on (seeded with 0 * a weight), so every
-stage has a gradient to send back. Shapes are fixed per run (fixed seq_len, fixed micro-batch): the engine
-sends them only once. The last stage returns (hidden [B,S,D], aux, routing, task_ids) to the loss function,
+stage has a gradient to send back (the MoE balance loss rides in it, so the routers get its gradient as in the
+model); the counts travel as integers, which need no gradient. Shapes are fixed per run (fixed seq_len, fixed
+micro-batch, expert counts for every layer and expert whatever the batch routed): the engine sends them only
+once. The last stage returns (hidden [B,S,D], aux, routing, task_ids[, experts]) to the loss function,
 which runs the head with the labels (`HeadPipe.loss`).
 """
 
@@ -33,6 +41,7 @@ from model.config import ModelConfig
 from model.hf import iter_hf_weights, parameter_shapes
 from model.layers import Embedding, RMSNorm
 from model.mod import ROUTING_STATS, DecoderLayer, LayerContext
+from model.moe import EXPERT_STATS
 from model.transformer import (LMHead, UnifiedTransformer, head_loss, hf_key_to_stage, layer_context, pieces,
                                stage_key_to_hf)
 
@@ -82,13 +91,19 @@ class EmbedPipe(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range)
         self.num_layers, self.num_tasks = cfg.num_hidden_layers, cfg.num_tasks
+        self.num_experts = cfg.moe.num_experts if cfg.moe.layers else None  # None: no expert counts travel
 
     def forward(self, inputs):
         input_ids, task_ids, position_ids = inputs
         h = self.embed_tokens(input_ids)
-        aux = (self.embed_tokens.weight[0, :1] * 0.0).float()  # on the graph, so stage 0 can backprop it
+        n_aux = 1 if self.num_experts is None else 2  # [aux loss] or [aux loss, of which MoE balance]
+        aux = (self.embed_tokens.weight[0, :n_aux] * 0.0).float()  # on the graph, so stage 0 can backprop it
         routing = torch.zeros(self.num_layers, self.num_tasks, len(ROUTING_STATS), dtype=torch.long, device=h.device)
-        return h, input_ids, task_ids, position_ids, aux, routing
+        if self.num_experts is None:
+            return h, input_ids, task_ids, position_ids, aux, routing
+        experts = torch.zeros(self.num_layers, self.num_tasks, self.num_experts, len(EXPERT_STATS), dtype=torch.long,
+                              device=h.device)
+        return h, input_ids, task_ids, position_ids, aux, routing, experts
 
 
 class DecoderPipe(DecoderLayer):
@@ -100,12 +115,23 @@ class DecoderPipe(DecoderLayer):
         self.contexts = contexts if contexts is not None else StageContext(cfg)
 
     def forward(self, inputs):  # noqa: D401 - DeepSpeed calls layers with one tuple
-        h, input_ids, task_ids, position_ids, aux, routing = inputs
+        h, input_ids, task_ids, position_ids, aux, routing, *experts = inputs
         ctx = self.contexts.get(input_ids, task_ids, position_ids, h.dtype)
-        h, layer_aux, stats = super().forward(h, ctx)
+        h, layer_aux, stats, layer_experts, balance = super().forward(h, ctx, return_experts=True)
         routing = routing.clone()
         routing[self.layer_idx] += stats.round().long()
-        return h, input_ids, task_ids, position_ids, aux + layer_aux, routing
+        if not experts:  # a dense model: aux [1]
+            return h, input_ids, task_ids, position_ids, aux + layer_aux, routing
+        (experts,) = experts
+        if layer_experts is None:  # a dense MLP in an MoE model: no slots, no balance loss
+            balance = torch.zeros_like(layer_aux)
+        else:
+            experts = experts.clone()
+            experts[self.layer_idx, :, :layer_experts.shape[1]] += layer_experts.round().long()
+        # layer_aux holds the balance loss already (the model's sum): the routers get its gradient through aux[0],
+        # and aux[1] only reports it (the loss never reads it).
+        aux = aux + torch.stack([layer_aux.float(), balance.float()])
+        return h, input_ids, task_ids, position_ids, aux, routing, experts
 
 
 class HeadPipe(nn.Module):
@@ -119,8 +145,8 @@ class HeadPipe(nn.Module):
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.initializer_range)
 
     def forward(self, inputs):
-        h, _, task_ids, _, aux, routing = inputs
-        return h, aux, routing, task_ids
+        h, _, task_ids, _, aux, routing, *experts = inputs  # experts: [counts] in a model with MoE layers
+        return h, aux, routing, task_ids, *experts
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B,S,D] last hidden states (this layer's first output) -> [B,S,V] logits (UnifiedTransformer.head)."""
