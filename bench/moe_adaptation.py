@@ -173,13 +173,8 @@ def active_parameters(run: Path) -> dict[str, int]:
     cfg = RunConfig.load(run / "config.yaml").model
     with torch.device("meta"):
         net = UnifiedTransformer(cfg)
-    total = sum(p.numel() for p in net.parameters())
     outer = net.model.embed_tokens.weight.numel() + net.lm_head.weight.numel()
-    inactive = 0
-    for i in cfg.moe.layers:
-        experts = sum(p.numel() for p in net.model.layers[i].mlp.experts.parameters())
-        inactive += experts * (cfg.moe.num_experts - cfg.moe.top_k) // cfg.moe.num_experts
-    return {"total": total, "active_non_embedding": total - outer - inactive}
+    return {"total": net.num_parameters(), "active_non_embedding": net.num_parameters(active=True) - outer}
 
 
 def summarise(runs: Path, rows: list[str]) -> dict:

@@ -496,3 +496,18 @@ def test_an_expert_without_slots_still_gets_a_gradient():
         for name, p in moe.experts[e].named_parameters():
             assert p.grad is not None and torch.count_nonzero(p.grad) == 0, (e, name)
     assert torch.count_nonzero(moe.experts[0].up_proj.weight.grad) > 0
+
+
+def test_num_parameters_counts_routers_and_active_experts():
+    """Against arithmetic on the config: E experts of F/E neurons hold the dense MLP's 3*D*F; one token uses
+    top_k of them; routers are D x E*T (task) and D x T (MoD bank) and drop out with exclude_routers."""
+    cfg = ModelConfig.from_preset("debug", mod={"capacity": {"2": {"t2i": 0.5}}},
+                                  moe={"layers": [1, 3], "num_experts": 4, "top_k": 1, "router": "task"})
+    D, F_, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_tasks
+    with torch.device("meta"):
+        net, dense = UnifiedTransformer(cfg), UnifiedTransformer(cfg.replace(moe={"layers": []}))
+    routers = 2 * D * 4 * T
+    assert net.num_parameters() == dense.num_parameters() + routers
+    assert net.num_parameters(exclude_routers=True) == dense.num_parameters() - D * T  # MoD bank out too
+    assert net.num_parameters(active=True) == net.num_parameters() - 2 * 3 * D * F_ * 3 // 4
+    assert dense.num_parameters(active=True) == dense.num_parameters()
