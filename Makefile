@@ -6,9 +6,9 @@ OUT ?= bench/results
 QUICK ?= runs/bench_quick
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: bench bench-quick bench-grid bench-peer bench-quality bench-loader bench-scale bench-gpu
+.PHONY: bench bench-quick bench-grid bench-peer bench-quality bench-moe bench-loader bench-scale bench-gpu
 
-bench: bench-grid bench-peer bench-quality bench-loader bench-scale
+bench: bench-grid bench-peer bench-quality bench-moe bench-loader bench-scale
 
 # 1. MoD realisation grid (~5 min on 2 cores)
 bench-grid:
@@ -22,6 +22,12 @@ bench-peer:
 #    shared-router / from-scratch / isoFLOP fine-tunes, 3 seeds for dense and UniMoD (~50 min on 2 cores)
 bench-quality:
 	$(PY) bench/unimod_recipe.py --rows all --seeds 0,1,2 --runs-dir runs/unimod_study --out $(OUT)/unimod_recipe_cpu.json
+
+# 3b. MoE adaptation of the recipe's pretrained model: dense fine-tune, MoE top-4/top-2 of 8 (task and shared
+#     router), static width pruning at the same active parameters, 3 seeds each (~75 min on 2 cores)
+bench-moe: bench-quality
+	$(PY) bench/moe_adaptation.py --seeds 0,1,2 --runs-dir runs/moe_study --pretrain-hf runs/unimod_study/pretrain/hf \
+		--out $(OUT)/moe_adaptation_cpu.json
 
 # 4. loader throughput against a step's need, emu3-8b and demo shapes (~2 min)
 bench-loader:
@@ -44,5 +50,7 @@ bench-quick:
 		--out $(QUICK)/peer.json
 	$(PY) bench/unimod_recipe.py --rows all --pretrain-steps 10 --finetune-steps 5 --runs-dir $(QUICK)/unimod \
 		--set logging.eval_samples=4 --out $(QUICK)/unimod_recipe.json
+	$(PY) bench/moe_adaptation.py --pretrain-hf $(QUICK)/unimod/pretrain/hf --finetune-steps 5 \
+		--runs-dir $(QUICK)/moe --set logging.eval_samples=4 --out $(QUICK)/moe_adaptation.json
 	$(PY) bench/loader_study.py --samples 24 --batches 10 --workers 1 --out $(QUICK)/loader.json
 	$(PY) bench/scale_plan.py --nodes 1,2 --out $(QUICK)/scale_plan.json
