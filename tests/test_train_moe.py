@@ -154,3 +154,39 @@ def test_moe_zero3_two_processes_train_and_export(demo_dataset, tmp_path):
     for i in (1, 2):
         assert not torch.equal(saved[f"model.layers.{i}.mlp.expert_neurons"], torch.arange(176).view(8, 22))
         assert torch.equal(saved[f"model.layers.{i}.mlp.expert_neurons"], torch.stack(snake_partition(importance[i], 8)))
+
+
+def test_moe_run_resumes_exactly(in_process, demo_dataset, tmp_path):
+    """An MoE run stopped after 2 of 4 steps and resumed continues as the uninterrupted run does: the same
+    losses, balance losses and expert loads at steps 3-4 (the routers, experts and their optimizer state come
+    back from the checkpoint; the conversion's importance file is reused, not recomputed)."""
+    import torch
+
+    from model import UnifiedTransformer
+    from tests.train_helpers import SMOKE, settings
+    from train.config import RunConfig
+    from train.moe_init import IMPORTANCE_FILE
+
+    torch.manual_seed(11)
+    dense = tmp_path / "dense_hf"
+    UnifiedTransformer(RunConfig.load(SMOKE, settings(demo_dataset, tmp_path)).model).save_hf(dense)
+    # A constant LR, so that the schedule does not depend on run.max_steps, which the resume raises.
+    common = dict(model__moe=MOE, checkpoint__init_from_hf=dense, checkpoint__moe_calibration_samples=4,
+                  logging__log_every=1, logging__eval_at_end="false", optim__warmup_steps=0,
+                  optim__min_lr_ratio=1.0, checkpoint__accept_changes="[run.max_steps]")
+    assert _main(demo_dataset, tmp_path / "straight", run__max_steps=4, **common) == 0
+    release_process_group()
+    out = tmp_path / "resumed"
+    assert _main(demo_dataset, out, run__max_steps=2, checkpoint__save_every=2, **common) == 0
+    stamp = (out / IMPORTANCE_FILE).stat().st_mtime_ns
+    release_process_group()
+    assert _main(demo_dataset, out, run__max_steps=4, **common) == 0
+    assert (out / IMPORTANCE_FILE).stat().st_mtime_ns == stamp
+    want = {r["step"]: r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")}
+    got = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        keys = [k for k in want[step] if k.startswith(("loss/", "moe/")) or k == "optim/grad_norm"]
+        assert any(k.startswith("moe/load/") for k in keys)
+        for k in keys:
+            assert got[step][k] == pytest.approx(want[step][k], rel=1e-6, abs=1e-9), (step, k)
