@@ -38,9 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import machine_info, publish  # noqa: E402
+from bench.report import machine_info, publish, seed_panels  # noqa: E402
 from bench.unimod_recipe import (FINETUNE_CONFIG, PRETRAIN_CONFIG, _fmt, _mean_sd, _run_record,  # noqa: E402
-                                 _without_note, train)
+                                 _without_note, add_study_options, parse_rows_and_seeds, train)
 
 E = 8
 ROWS = {  # row -> (top_k or None, router, static width pruning)
@@ -67,18 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default="all", help=f"comma list of {', '.join(ROWS)}, or all")
     p.add_argument("--seeds", default="0", help="fine-tune seeds, e.g. 0,1,2 (every row runs every seed)")
     p.add_argument("--finetune-steps", type=int, default=1000)
-    p.add_argument("--jobs", type=int, default=2, help="trainer runs at a time")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each trainer run")
-    p.add_argument("--set", action="append", default=[], help="extra trainer override for every fine-tune")
-    p.add_argument("--report-only", action="store_true", help="tabulate the runs already there")
-    p.add_argument("--note", help="a remark printed under the table")
-    p.add_argument("--out", default=None, help="JSON result path (.md and .png beside it); default "
-                   "<runs-dir>/moe_adaptation.json")
+    add_study_options(p, "moe_adaptation.json")
     args = p.parse_args(argv)
-    args.rows = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
-    if unknown := [r for r in args.rows if r not in ROWS]:
-        p.error(f"--rows: unknown {unknown}; known {list(ROWS)}")
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    parse_rows_and_seeds(p, args, ROWS)
     if not args.seeds or args.finetune_steps < 1 or args.jobs < 1:
         p.error("--seeds needs one seed; --finetune-steps and --jobs must be >= 1")
     args.out = args.out or str(Path(args.runs_dir) / "moe_adaptation.json")
@@ -275,31 +266,11 @@ def render(result: dict, png: str) -> str:
 
 
 def draw(table: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for ax, key, label, scale in ((axes[0], "understanding", "understanding accuracy (%)", 100),
-                                  (axes[1], "generation", "generation accuracy, judge (%)", 100),
-                                  (axes[2], "text_ppl", "text perplexity", 1)):
-        for row, agg in table.items():
-            if key not in agg:
-                continue
-            x = agg["params"]["active_non_embedding"] / 1e6
-            ax.errorbar(x, scale * agg[key], yerr=scale * (agg.get(f"{key}_sd") or 0), fmt="o", capsize=3, label=row)
-            for r in agg["runs"]:
-                if r[key] is not None:
-                    ax.plot(x, scale * r[key], ".", color="grey", alpha=0.5)
-        ax.set_xlabel("active parameters per token, non-embedding (M)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7)
-    fig.suptitle("MoE adaptation vs dense fine-tune vs static width pruning (dots: single seeds)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    params = {id(r): agg["params"]["active_non_embedding"] / 1e6 for agg in table.values() for r in [agg, *agg["runs"]]}
+    seed_panels(png, table, [("understanding", "understanding accuracy (%)", 100),
+                             ("generation", "generation accuracy, judge (%)", 100), ("text_ppl", "text perplexity", 1)],
+                lambda r: params.get(id(r)), "active parameters per token, non-embedding (M)",
+                "MoE adaptation vs dense fine-tune vs static width pruning")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -102,6 +102,35 @@ def bar_panels(png: str | Path, names: list[str], panels: list[tuple[str, list[f
     plt.close(fig)
 
 
+def seed_panels(png: str | Path, table: dict, panels: list[tuple[str, str, float]], x_of, xlabel: str,
+                title: str) -> None:
+    """One PNG of side-by-side panels, one per (metric key, axis label, scale): each row of `table` ({row: {metric:
+    mean, metric_sd: sd, runs: [per-seed records]}}) as a mean with its seed spread, its seeds as grey dots.
+    `x_of(record)` places a row (its mean record) and each seed (its run record) on the x axis; None leaves it out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4.2))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for row, agg in table.items():
+            x = x_of(agg)
+            if key not in agg or x is None:
+                continue
+            ax.errorbar(x, scale * agg[key], yerr=scale * (agg.get(f"{key}_sd") or 0), fmt="o", capsize=3, label=row)
+            for r in agg["runs"]:
+                if r.get(key) is not None and x_of(r) is not None:
+                    ax.plot(x_of(r), scale * r[key], ".", color="grey", alpha=0.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"{title} (dots: single seeds)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 # ----- memory of this process (the benches' peak-memory probes run one measurement per fresh process) -----
 def status_kib(field: str) -> int:
     """A field of /proc/self/status in KiB (Linux: VmRSS, VmHWM, ...); OSError elsewhere."""

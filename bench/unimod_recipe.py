@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.report import load_average, machine_info, publish  # noqa: E402
+from bench.report import load_average, machine_info, publish, seed_panels  # noqa: E402
 
 PRETRAIN_CONFIG = REPO / "train" / "configs" / "unimod_pretrain.yaml"
 FINETUNE_CONFIG = REPO / "train" / "configs" / "unimod_finetune.yaml"
@@ -71,18 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-samples", type=int, default=50, help="the analysis's calibration samples per task")
     p.add_argument("--sweep-targets", default="", help="more FLOPs targets, e.g. 0.2,0.3: a plan and a unimod_ft "
                    "row (seed 0) for each")
-    p.add_argument("--jobs", type=int, default=2, help="trainer runs at a time")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each trainer run")
-    p.add_argument("--set", action="append", default=[], help="extra trainer override for every fine-tune")
-    p.add_argument("--report-only", action="store_true", help="tabulate the runs already there")
-    p.add_argument("--note", help="a remark printed under the table")
-    p.add_argument("--out", default=None, help="JSON result path (.md and .png beside it); default "
-                   "<runs-dir>/unimod_recipe.json")
+    add_study_options(p, "unimod_recipe.json")
     args = p.parse_args(argv)
-    args.rows = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
-    if unknown := [r for r in args.rows if r not in ROWS]:
-        p.error(f"--rows: unknown {unknown}; known {list(ROWS)}")
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    parse_rows_and_seeds(p, args, ROWS)
     args.sweep_targets = [float(t) for t in args.sweep_targets.split(",") if t.strip()]
     if any(not 0 < t < 1 for t in [args.flops_target, *args.sweep_targets]):
         p.error("FLOPs targets must be in (0, 1)")
@@ -90,6 +81,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seeds needs one seed; --pretrain-steps, --finetune-steps and --jobs must be >= 1")
     args.out = args.out or str(Path(args.runs_dir) / "unimod_recipe.json")
     return args
+
+
+def add_study_options(p: argparse.ArgumentParser, out_name: str) -> None:
+    """The options every fine-tune study shares (this one and bench/moe_adaptation.py): how runs share the
+    machine, extra trainer overrides, report-only, the note and the output path."""
+    p.add_argument("--jobs", type=int, default=2, help="trainer runs at a time")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each trainer run")
+    p.add_argument("--set", action="append", default=[], help="extra trainer override for every fine-tune")
+    p.add_argument("--report-only", action="store_true", help="tabulate the runs already there")
+    p.add_argument("--note", help="a remark printed under the table")
+    p.add_argument("--out", default=None, help=f"JSON result path (.md and .png beside it); default "
+                   f"<runs-dir>/{out_name}")
+
+
+def parse_rows_and_seeds(p: argparse.ArgumentParser, args: argparse.Namespace, rows) -> None:
+    """--rows (a comma list of `rows`, or all) and --seeds (a comma list of integers) into lists, in place."""
+    args.rows = list(rows) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
+    if unknown := [r for r in args.rows if r not in rows]:
+        p.error(f"--rows: unknown {unknown}; known {list(rows)}")
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
 
 # ----- running the trainer ------------------------------------------------------------------------------
@@ -408,31 +419,10 @@ def render(result: dict, png: str) -> str:
 
 
 def draw(table: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "understanding", "understanding accuracy"),
-                           (axes[1], "generation", "generation accuracy (judge)")):
-        for row, agg in table.items():
-            if key not in agg:
-                continue
-            if "flops_actual" not in agg:
-                continue
-            x = agg["flops_actual"] / 1e12
-            ax.errorbar(x, 100 * agg[key], yerr=100 * (agg.get(f"{key}_sd") or 0), fmt="o", capsize=3, label=row)
-            for r in (r for r in agg["runs"] if r["flops_actual"] is not None):
-                ax.plot(r["flops_actual"] / 1e12, 100 * r[key], ".", color="grey", alpha=0.5)
-        ax.set_xlabel("training FLOPs of the run (TFLOP)")
-        ax.set_ylabel(f"{label} (%)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.suptitle("UniMoD recipe on the demo data (dots: single seeds)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    seed_panels(png, table, [("understanding", "understanding accuracy (%)", 100),
+                             ("generation", "generation accuracy, judge (%)", 100)],
+                lambda r: r["flops_actual"] / 1e12 if r.get("flops_actual") is not None else None,
+                "training FLOPs of the run (TFLOP)", "UniMoD recipe on the demo data")
 
 
 def _without_note(argv: list[str]) -> list[str]:
