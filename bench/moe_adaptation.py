@@ -202,10 +202,27 @@ def _expert_balance(outs: list[Path]) -> float | None:
     return statistics.mean(vals) if vals else None
 
 
+METRICS = (("understanding", 100), ("generation", 100), ("text_ppl", 1))
+
+
+def advantage(a: dict, b: dict) -> dict[str, dict[str, float | None]]:
+    """Row `a`'s advantage over row `b` per metric (accuracy points a - b, perplexity b - a: positive = a is
+    better), with its standard error over seeds (sqrt(sd_a^2/n_a + sd_b^2/n_b); None with one seed on either
+    side): an advantage within about 2 standard errors is not one these seeds can tell."""
+    out = {}
+    for key, scale in METRICS:
+        sign = -1 if key == "text_ppl" else 1
+        sds = [a.get(f"{key}_sd"), b.get(f"{key}_sd")]
+        se = None if None in sds else scale * (sds[0] ** 2 / a["seeds"] + sds[1] ** 2 / b["seeds"]) ** 0.5
+        out[key] = {"diff": sign * scale * (a[key] - b[key]), "se": se}
+    return out
+
+
 def verdict(table: dict) -> dict:
     """The paper's claim, computed: the MoE adaptation at half the MLP parameters active stays within
     GOAL_GAP_PTS of the dense fine-tune on understanding and generation, and beats static width pruning at the
-    same active parameters; plus the task-aware router against the shared one."""
+    same active parameters; plus the task-aware router against the shared one (`advantage`: positive = the
+    first row is better)."""
     d = table.get("dense_ft")
     out: dict = {}
     if not d:
@@ -214,25 +231,39 @@ def verdict(table: dict) -> dict:
         r = table.get(row)
         if not r:
             continue
-        out[row] = {"understanding_gap_pts": 100 * (d["understanding"] - r["understanding"]),
-                    "generation_gap_pts": 100 * (d["generation"] - r["generation"]),
-                    "text_ppl_ratio": r["text_ppl"] / d["text_ppl"],
-                    "flops_vs_dense_ft": r["flops_actual"] / d["flops_actual"] if r.get("flops_actual") else None,
-                    "active_params_vs_dense_ft": r["params"]["active_non_embedding"] /
-                    d["params"]["active_non_embedding"]}
-    if m := out.get("moe_task_k4"):
-        out["half_active_within_goal"] = max(m["understanding_gap_pts"], m["generation_gap_pts"]) <= GOAL_GAP_PTS
+        out[f"{row}_vs_dense_ft"] = advantage(r, d)
+        out[f"{row}_cost_vs_dense_ft"] = {
+            "flops": r["flops_actual"] / d["flops_actual"] if r.get("flops_actual") else None,
+            "active_params": r["params"]["active_non_embedding"] / d["params"]["active_non_embedding"],
+            "step_time": (r["step_time_median_s"] / d["step_time_median_s"]
+                          if r.get("step_time_median_s") and d.get("step_time_median_s") else None)}
+    if (g := out.get("moe_task_k4_vs_dense_ft")) is not None:
+        out["half_active_within_goal"] = min(g["understanding"]["diff"], g["generation"]["diff"]) >= -GOAL_GAP_PTS
     for k in ("k4", "k2"):
         m, p = table.get(f"moe_task_{k}"), table.get(f"prune_{k}")
         if m and p:
-            out[f"moe_minus_prune_{k}_pts"] = {"understanding": 100 * (m["understanding"] - p["understanding"]),
-                                               "generation": 100 * (m["generation"] - p["generation"])}
-            out[f"moe_beats_prune_{k}"] = all(v > 0 for v in out[f"moe_minus_prune_{k}_pts"].values())
+            adv = out[f"moe_task_{k}_vs_prune_{k}"] = advantage(m, p)
+            out[f"moe_beats_prune_{k}"] = all(x["diff"] > 2 * (x["se"] or 0.0) for x in adv.values())
     t, s = table.get("moe_task_k4"), table.get("moe_shared_k4")
     if t and s:
-        out["task_minus_shared_pts"] = {"understanding": 100 * (t["understanding"] - s["understanding"]),
-                                        "generation": 100 * (t["generation"] - s["generation"])}
+        out["moe_task_k4_vs_moe_shared_k4"] = advantage(t, s)
     return out
+
+
+def _verdict_lines(v: dict) -> list[str]:
+    def fmt(x: dict) -> str:
+        return f"{x['diff']:+.2f}" + (f" ± {x['se']:.2f}" if x["se"] is not None else "")
+
+    lines = []
+    for key, val in v.items():
+        if isinstance(val, dict) and all(isinstance(x, dict) for x in val.values()):
+            lines.append(f"- {key}: " + ", ".join(f"{m} {fmt(x)}" for m, x in val.items()))
+        elif isinstance(val, dict):
+            lines.append(f"- {key}: " + ", ".join(f"{m} {x:.3f}" if isinstance(x, float) else f"{m} {x}"
+                                                  for m, x in val.items()))
+        else:
+            lines.append(f"- {key}: {val}")
+    return lines
 
 
 def render(result: dict, png: str) -> str:
@@ -254,11 +285,10 @@ def render(result: dict, png: str) -> str:
                      f"{_fmt(agg, 'step_time_median_s', digits=3)} | {load} |")
     lines += ["", f"Verdict (computed, not asserted): the claim is that the MoE adaptation at half the MLP "
               f"parameters active (moe_task_k4) stays within {GOAL_GAP_PTS} point of the dense fine-tune on "
-              "understanding and generation, and beats static width pruning at the same active parameters.", ""]
-    for k, val in v.items():
-        if isinstance(val, dict):
-            val = {a: (round(b, 4) if isinstance(b, float) else b) for a, b in val.items()}
-        lines.append(f"- {k}: {round(val, 4) if isinstance(val, float) else val}")
+              "understanding and generation, and beats static width pruning at the same active parameters. `A_vs_B`: A's "
+              "advantage over B, positive = A better (accuracy points A - B; perplexity B - A), ± its standard error "
+              "over seeds; `moe_beats_prune_*` asks for an advantage on all three larger than 2 standard errors.", ""]
+    lines += _verdict_lines(v)
     if result.get("note"):
         lines += ["", result["note"]]
     lines += ["", f"![moe adaptation]({png})"]

@@ -64,3 +64,33 @@ def test_rows_configure_what_the_study_says(row, demo_dataset, tmp_path):
         assert moe.layers == list(range(cfg.model.num_hidden_layers)) and moe.num_experts == bench.E
         assert (moe.top_k, moe.router, moe.balance_loss_weight) == (top_k, router, bench.BALANCE)
         assert cfg.model.intermediate_size == F and cfg.checkpoint.moe_calibration_samples == bench.CALIB_SAMPLES
+
+
+def test_verdict_signs_and_standard_errors():
+    """Advantages are positive when the first row is better (higher accuracy, lower perplexity), with the
+    standard error of a difference of two seed means; the claim needs the half-active MoE within 1 point of
+    dense and an advantage over pruning beyond 2 standard errors on every metric."""
+    from bench import moe_adaptation as bench
+
+    def row(u, g, p, sd, seeds=3, params=100):
+        return {"understanding": u, "generation": g, "text_ppl": p, "understanding_sd": sd, "generation_sd": sd,
+                "text_ppl_sd": sd, "seeds": seeds, "flops_actual": 1.0, "step_time_median_s": 1.0,
+                "params": {"active_non_embedding": params}}
+
+    table = {"dense_ft": row(0.95, 0.95, 4.0, 0.01), "moe_task_k4": row(0.945, 0.97, 4.2, 0.01, params=60),
+             "prune_k4": row(0.90, 0.90, 4.5, 0.01, params=60)}
+    v = bench.verdict(table)
+    se = 100 * (0.01 ** 2 / 3 + 0.01 ** 2 / 3) ** 0.5
+    assert v["moe_task_k4_vs_dense_ft"]["understanding"]["diff"] == pytest.approx(-0.5)
+    assert v["moe_task_k4_vs_dense_ft"]["generation"]["diff"] == pytest.approx(2.0)
+    assert v["moe_task_k4_vs_dense_ft"]["text_ppl"]["diff"] == pytest.approx(-0.2)  # higher perplexity: worse
+    assert v["moe_task_k4_vs_dense_ft"]["understanding"]["se"] == pytest.approx(se)
+    assert v["half_active_within_goal"] is True
+    assert v["moe_task_k4_cost_vs_dense_ft"]["active_params"] == pytest.approx(0.6)
+    adv = v["moe_task_k4_vs_prune_k4"]
+    assert [adv[m]["diff"] for m in ("understanding", "generation", "text_ppl")] == pytest.approx([4.5, 7.0, 0.3])
+    assert v["moe_beats_prune_k4"] is True
+    table["prune_k4"] = row(0.94, 0.96, 4.25, 0.05)  # within noise: no win claimed
+    assert bench.verdict(table)["moe_beats_prune_k4"] is False
+    table["moe_task_k4"] = row(0.935, 0.97, 4.2, 0.01)
+    assert bench.verdict(table)["half_active_within_goal"] is False
