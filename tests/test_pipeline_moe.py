@@ -153,7 +153,8 @@ def pipeline_moe(demo_dataset, tmp_path_factory):
             torch.nn.init.normal_(layer.mlp.router.weight, std=0.5)
     net.save_hf(init)
     common = dict(model__moe=RUN_MOE, checkpoint__init_from_hf=init, run__max_steps=STEPS, logging__log_every=1,
-                  logging__eval_at_end="false", optim__lr=2e-3, optim__warmup_steps=0)
+                  logging__eval_at_end="false", optim__lr=2e-3, optim__warmup_steps=0, checkpoint__export_hf="true",
+                  optim__eps=1.0)  # AdamW's update ~ lr * g, not lr * sign(g): float-order noise stays small in the weights
     # Side by side: most of each run is start-up, which overlaps well.
     single = start(single_cmd(overrides(demo_dataset, root / "single", **common)), child_env(), root / "single.log")
     piped = run(lambda port: torchrun_cmd(overrides(demo_dataset, root / "pipe", parallel__mode="pipeline",
@@ -195,3 +196,14 @@ def test_pipeline_trains_moe_like_zero(pipeline_moe):
     acc.Reload()
     tb = set(acc.Tags()["scalars"])
     assert "moe/balance_loss" in tb and {k for r in p.values() for k in r if k.startswith("moe/")} <= tb
+
+    # The stages' HF export rebuilds the MoE model the ZeRO run exports after the same steps.
+    from model.moe import MoEMLP
+
+    piped_net = UnifiedTransformer.from_hf(out / "hf")
+    zero_net = UnifiedTransformer.from_hf(pipeline_moe["root"] / "single" / "hf")
+    assert [i for i, layer in enumerate(piped_net.model.layers) if isinstance(layer.mlp, MoEMLP)] == \
+        pipeline_moe["layers"]
+    want_state = zero_net.state_dict()
+    for key, value in piped_net.state_dict().items():
+        torch.testing.assert_close(value, want_state[key], rtol=1e-4, atol=1e-6, msg=key)
