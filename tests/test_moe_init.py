@@ -169,3 +169,23 @@ def test_calibration_needs_a_manifest(demo_dataset, tmp_path):
                    data__shards='{t2i: ["x.tar"], mmu: ["y.tar"], lm: ["z.tar"]}', data__batches_per_epoch=10)
     with pytest.raises(ValueError, match="checkpoint.moe_calibration_samples=64 .* data.dataset_dir"):
         RunConfig.load(SMOKE, doc)
+
+
+def test_a_failed_calibration_raises_and_writes_nothing(demo_dataset, tmp_path, monkeypatch):
+    """Rank 0's calibration error is raised after the barrier (so no rank waits on a file that never comes), and
+    no importance file is left for a restart to trust."""
+    import train.moe_init as moe_init
+    from train.config import RunConfig
+
+    init, _ = _dense_init(demo_dataset, tmp_path)
+    cfg = RunConfig.load(SMOKE, settings(demo_dataset, tmp_path / "run", model__mod__capacity="{}",
+                                         model__moe='{layers: "1", num_experts: 2, top_k: 1}',
+                                         checkpoint__init_from_hf=str(init)))
+
+    def broken(*_a, **_k):
+        raise ValueError("shard x: sample y: field ids is broken")
+
+    monkeypatch.setattr(moe_init, "calibrate", broken)
+    with pytest.raises(ValueError, match="field ids is broken"):
+        moe_init.conversion_importance(cfg, torch.device("cpu"))
+    assert not (tmp_path / "run" / moe_init.IMPORTANCE_FILE).exists()

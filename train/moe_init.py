@@ -56,22 +56,28 @@ def conversion_importance(cfg, device: torch.device) -> dict[int, torch.Tensor] 
     key = calibration_key(cfg)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
+    failed: Exception | None = None
     if rank == 0 and _read(file, key) is None:
-        scores = calibrate(cfg, device)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
+        try:
+            scores = calibrate(cfg, device)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            from safetensors.torch import save_file
 
-        tmp = file.with_name(file.name + ".tmp")
-        save_file({"importance": scores.contiguous()}, str(tmp), metadata=key)
-        os.replace(tmp, file)  # a crash mid-write leaves no half file that a restart would trust
-        log.info(f"[train] MoE conversion: neuron importance from {cfg.checkpoint.moe_calibration_samples} training "
-                 f"samples per task written to {file}")
+            tmp = file.with_name(file.name + ".tmp")
+            save_file({"importance": scores.contiguous()}, str(tmp), metadata=key)
+            os.replace(tmp, file)  # a crash mid-write leaves no half file that a restart would trust
+            log.info(f"[train] MoE conversion: neuron importance from {cfg.checkpoint.moe_calibration_samples} "
+                     f"training samples per task written to {file}")
+        except Exception as e:  # raised after the barrier, so the other ranks stop too instead of waiting on it
+            failed = e
     if distributed:
         torch.distributed.barrier()
+    if failed is not None:
+        raise failed
     importance = read_importance(cfg)
     if importance is None:
-        raise RuntimeError(f"{file}: rank {rank} cannot read the MoE neuron importance rank 0 wrote (is "
-                           "run.output_dir on a filesystem every rank shares?)")
+        raise RuntimeError(f"{file}: rank {rank} finds no MoE neuron importance from rank 0 (rank 0's log says why "
+                           "if it failed; otherwise is run.output_dir on a filesystem every rank shares?)")
     return importance
 
 
