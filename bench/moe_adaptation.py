@@ -168,7 +168,14 @@ def active_parameters(run: Path) -> dict[str, int]:
     return {"total": net.num_parameters(), "active_non_embedding": net.num_parameters(active=True) - outer}
 
 
-def summarise(runs: Path, rows: list[str]) -> dict:
+def summarise(runs: Path, rows: list[str], data: str | None = None) -> dict:
+    """Per row, over its finished seeds: the evaluation, FLOPs, step time, active parameters, the training's
+    expert balance and (with `data`, MoE rows) the validation expert use of the exported models."""
+    evaluator = None
+    if data is not None:
+        from tools.evaluate import EvalConfig, Evaluator
+
+        evaluator = Evaluator(data, EvalConfig(max_samples=60))
     table = {}
     for row in rows:
         outs = sorted(p for p in runs.glob(f"{row}_s*") if p.name[len(row) + 2:].isdigit())
@@ -185,8 +192,29 @@ def summarise(runs: Path, rows: list[str]) -> dict:
         moe = _expert_balance(outs)
         if moe is not None:
             agg["max_load"] = moe
+            if evaluator is not None:
+                agg["expert_use"] = _expert_use(outs, evaluator)
         table[row] = agg
     return table
+
+
+def _expert_use(outs: list[Path], evaluator) -> dict[str, float]:
+    """Mean over seeds and MoE layers of the evaluator's `experts/overlap/<a>_<b>` (how much two tasks use the same
+    experts on validation samples: 1 = identically) and `experts/max_load`, from each run's HF export."""
+    import torch
+
+    from model import UnifiedTransformer
+
+    sums: dict[str, list[float]] = {}
+    for o in outs:
+        if not (o / "hf").exists():
+            continue
+        with torch.no_grad():
+            metrics = evaluator.expert_use(UnifiedTransformer.from_hf(o / "hf").eval())
+        for key, value in metrics.items():
+            name = key.split("/")[1] + ("/" + key.split("/")[2] if "overlap" in key else "")
+            sums.setdefault(name, []).append(value)
+    return {k: statistics.mean(v) for k, v in sorted(sums.items())}
 
 
 def _expert_balance(outs: list[Path]) -> float | None:
@@ -283,6 +311,16 @@ def render(result: dict, png: str) -> str:
                      f"{_fmt(agg, 'understanding', 100)} | {_fmt(agg, 'generation', 100)} | "
                      f"{_fmt(agg, 'text_ppl', digits=3)} | {_fmt(agg, 'flops_actual', 1e-12, 2)} | "
                      f"{_fmt(agg, 'step_time_median_s', digits=3)} | {load} |")
+    use = {row: agg["expert_use"] for row, agg in t.items() if agg.get("expert_use")}
+    if use:
+        pairs = sorted({k for u in use.values() for k in u if k.startswith("overlap/")})
+        lines += ["", "Expert use on 60 validation samples per task (the evaluator's `experts/*`, exported models, mean "
+                  "over seeds and layers): overlap of two tasks' expert shares (1 = the same experts alike), and the "
+                  "busiest expert's share x E.", "",
+                  "| row | " + " | ".join(p.removeprefix("overlap/").replace("_", " / ") for p in pairs) +
+                  " | busiest x E |", "|---|" + "---|" * (len(pairs) + 1)]
+        for row, u in use.items():
+            lines.append(f"| {row} | " + " | ".join(f"{u[p]:.3f}" for p in pairs) + f" | {u.get('max_load', 0):.2f} |")
     lines += ["", f"Verdict (computed, not asserted): the claim is that the MoE adaptation at half the MLP "
               f"parameters active (moe_task_k4) stays within {GOAL_GAP_PTS} point of the dense fine-tune on "
               "understanding and generation, and beats static width pruning at the same active parameters. `A_vs_B`: A's "
@@ -310,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     init = Path(args.pretrain_hf) if args.pretrain_hf else runs / "pretrain" / "hf"
     if not args.report_only:
         init = run_all(args)
-    table = summarise(runs, args.rows)
+    table = summarise(runs, args.rows, args.data)
     result = {"command": " ".join(["bench/moe_adaptation.py",
                                    *_without_note(argv if argv is not None else sys.argv[1:])]),
               "pretrain_hf": str(init), "finetune_steps": args.finetune_steps, "num_experts": E,
