@@ -15,6 +15,9 @@ with the same data order per seed (run.seed = data.seed):
                     logits per task), Switch load-balancing loss 0.01: half the MLP parameters active per token
     moe_shared_k4   the same with one router shared by all tasks
     moe_task_k2     top-2 of 8: a quarter active
+    moe_task_s2k2   the study's shared experts: 2 of the 8 experts (the most important quarter of the neurons) run
+                    on every token, the router picks 2 of the other 6: half active, as moe_task_k4
+    moe_shared_s2k2 the same with one router shared by all tasks
     prune_k4        static width pruning at moe_task_k4's active MLP width: in every MLP the half of the neurons
                     with the lowest importance (the same calibration) removed, then the same fine-tune
     prune_k2        the same at a quarter of the neurons
@@ -43,13 +46,15 @@ from bench.unimod_recipe import (FINETUNE_CONFIG, PRETRAIN_CONFIG, _fmt, _mean_s
                                  _without_note, add_study_options, parse_rows_and_seeds, train)
 
 E = 8
-ROWS = {  # row -> (top_k or None, router, static width pruning)
-    "dense_ft": (None, None, False),
-    "moe_task_k4": (4, "task", False),
-    "moe_shared_k4": (4, "shared", False),
-    "moe_task_k2": (2, "task", False),
-    "prune_k4": (4, None, True),
-    "prune_k2": (2, None, True),
+ROWS = {  # row -> (active experts per token (k + shared) or None, router, static width pruning, shared experts)
+    "dense_ft": (None, None, False, 0),
+    "moe_task_k4": (4, "task", False, 0),
+    "moe_shared_k4": (4, "shared", False, 0),
+    "moe_task_k2": (2, "task", False, 0),
+    "moe_task_s2k2": (4, "task", False, 2),
+    "moe_shared_s2k2": (4, "shared", False, 2),
+    "prune_k4": (4, None, True, 0),
+    "prune_k2": (2, None, True, 0),
 }
 BALANCE = 0.01
 CALIB_SAMPLES = 64  # per task: the trainer's default checkpoint.moe_calibration_samples, for the pruning too
@@ -82,9 +87,9 @@ def _finetune_cfg(data: str):
     return RunConfig.load(FINETUNE_CONFIG, [f"data.dataset_dir={data}"])
 
 
-def moe_spec(top_k: int, router: str, layers: int) -> str:
-    return (f'{{layers: "0-{layers - 1}", num_experts: {E}, top_k: {top_k}, router: {router}, '
-            f'balance_loss_weight: {BALANCE}}}')
+def moe_spec(active: int, router: str, layers: int, shared: int = 0) -> str:
+    return (f'{{layers: "0-{layers - 1}", num_experts: {E}, top_k: {active - shared}, shared_experts: {shared}, '
+            f'router: {router}, balance_loss_weight: {BALANCE}}}')
 
 
 def prune_checkpoint(src: Path, dst: Path, keep: float, data: str) -> Path:
@@ -121,7 +126,7 @@ def prune_checkpoint(src: Path, dst: Path, keep: float, data: str) -> Path:
 
 
 def row_overrides(row: str, seed: int, init: Path, args) -> list[str]:
-    top_k, router, prune = ROWS[row]
+    top_k, router, prune, shared = ROWS[row]
     sets = [f"run.seed={seed}", f"data.seed={seed}", *args.set]
     model = _finetune_cfg(args.data).model
     if row == "dense_ft":
@@ -130,7 +135,7 @@ def row_overrides(row: str, seed: int, init: Path, args) -> list[str]:
         width = round(top_k / E * model.intermediate_size)
         return [f"checkpoint.init_from_hf={Path(args.runs_dir) / f'pruned_k{top_k}'}",
                 f"model.intermediate_size={width}", *sets]
-    return [f"checkpoint.init_from_hf={init}", f"model.moe={moe_spec(top_k, router, model.num_hidden_layers)}",
+    return [f"checkpoint.init_from_hf={init}", f"model.moe={moe_spec(top_k, router, model.num_hidden_layers, shared)}",
             f"checkpoint.moe_calibration_samples={CALIB_SAMPLES}", *sets]
 
 
@@ -141,7 +146,7 @@ def run_all(args) -> Path:
         train("pretrain", runs / "pretrain", PRETRAIN_CONFIG, args.pretrain_steps, [],
               argparse.Namespace(**{**vars(args), "threads": args.threads * args.jobs}))
     for row in args.rows:
-        top_k, _, prune = ROWS[row]
+        top_k, _, prune, _ = ROWS[row]
         if prune:
             prune_checkpoint(init, runs / f"pruned_k{top_k}", top_k / E, args.data)
     jobs = [(f"{row}_s{seed}", row_overrides(row, seed, init, args)) for seed in args.seeds for row in args.rows]
@@ -255,7 +260,7 @@ def verdict(table: dict) -> dict:
     out: dict = {}
     if not d:
         return out
-    for row in ("moe_task_k4", "moe_shared_k4", "moe_task_k2", "prune_k4", "prune_k2"):
+    for row in (r for r in ROWS if r != "dense_ft"):
         r = table.get(row)
         if not r:
             continue
@@ -272,9 +277,14 @@ def verdict(table: dict) -> dict:
         if m and p:
             adv = out[f"moe_task_{k}_vs_prune_{k}"] = advantage(m, p)
             out[f"moe_beats_prune_{k}"] = all(x["diff"] > 2 * (x["se"] or 0.0) for x in adv.values())
-    t, s = table.get("moe_task_k4"), table.get("moe_shared_k4")
-    if t and s:
-        out["moe_task_k4_vs_moe_shared_k4"] = advantage(t, s)
+    for shared_row in ("moe_task_s2k2", "moe_shared_s2k2"):  # the study's shared experts at half width
+        m, p = table.get(shared_row), table.get("prune_k4")
+        if m and p:
+            adv = out[f"{shared_row}_vs_prune_k4"] = advantage(m, p)
+            out[f"{shared_row}_beats_prune_k4"] = all(x["diff"] > 2 * (x["se"] or 0.0) for x in adv.values())
+    for a, b in (("moe_task_k4", "moe_shared_k4"), ("moe_task_s2k2", "moe_shared_s2k2"), ("moe_task_s2k2", "moe_task_k4")):
+        if table.get(a) and table.get(b):
+            out[f"{a}_vs_{b}"] = advantage(table[a], table[b])
     return out
 
 

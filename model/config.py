@@ -22,8 +22,9 @@ YAML schema (also accepted as a plain dict):
       moe:                     # Mixture-of-Experts MLPs (model/moe.py); absent or layers: [] = dense MLPs
         layers: ["16-31"]      # same keys as mod.capacity: "7", "16-31", or ints
         num_experts: 8
-        top_k: 2
-        router: task           # task (one block of E logits per task) | shared
+        top_k: 2               # routed experts per token
+        shared_experts: 0      # experts every token runs besides its top_k (the most important neurons)
+        router: task           # task (one block of E - shared logits per task) | shared
         balance_loss_weight: 0.01
         capacity_factor: 1.25  # null = no limit
         overflow: drop
@@ -258,7 +259,8 @@ class MoEConfig:
     """Mixture-of-Experts MLPs (model/moe.py; the sparsity study's MoE adaptation of the dense MLPs).
 
     In each layer of `layers` the SwiGLU MLP of width F becomes `num_experts` experts of width F / E; every
-    non-padding token runs its `top_k` experts, weighted by the gate 2*sigmoid(logit). A config without
+    non-padding token runs the `shared_experts` (if any) and its `top_k` routed experts, each routed one weighted
+    by the gate 2*sigmoid(logit). A config without
     layers (the default) builds no expert and behaves exactly as a dense model.
     """
 
@@ -268,16 +270,20 @@ class MoEConfig:
     num_experts: int = 8
     """E: experts per MoE layer; intermediate_size must be divisible by it (each expert is F / E wide)."""
     top_k: int = 2
-    """k: experts each token runs, in [1, num_experts]."""
+    """k: routed experts each token runs (chosen by the router), in [1, num_experts - shared_experts]."""
+    shared_experts: int = 0
+    """S: of the E experts, this many run on every token (weight 1, no router logit: the sparsity study's
+    shared experts); the router picks top_k of the other E - S. A token runs S + k experts. A dense checkpoint's
+    most important neurons go to the shared experts (train/moe_init.py, model/moe.py `partition`)."""
     router: str = "task"
     """task: one block of E router logits per task of mod.tasks, each token reads its sequence's task's block
     (as the MoD router bank does) | shared: one block of E logits for every task."""
     balance_loss_weight: float = 0.01
-    """Weight of the Switch/Mixtral load-balancing loss E * sum_e f_e * P_e (f_e: fraction of token-slots
-    routed to expert e, P_e: mean softmax router probability of e, over the layer's non-padding tokens),
-    added to the forward's aux_loss. 0 = off."""
+    """Weight of the Switch/Mixtral load-balancing loss E_r * sum_e f_e * P_e over the E_r = E - S routed
+    experts (f_e: fraction of routed token-slots sent to expert e, P_e: mean softmax router probability of e,
+    over the layer's non-padding tokens), added to the forward's aux_loss. 0 = off."""
     capacity_factor: float | None = None
-    """Token-slots an expert may run per layer call: ceil(capacity_factor * k * N / E) with N the layer's
+    """Token-slots a routed expert may run per layer call: ceil(capacity_factor * k * N / (E - S)) with N the layer's
     non-padding tokens; applies to training (routing "topk"); sampling (routing "causal") never drops, so
     cached decoding equals the full forward. None or 0 = no limit."""
     overflow: str = "drop"
@@ -288,8 +294,13 @@ class MoEConfig:
         self.layers = _expand_moe_layers(self.layers)
         check_int("moe.num_experts", self.num_experts, 1)
         check_int("moe.top_k", self.top_k, 1)
-        if self.top_k > self.num_experts:
-            raise ValueError(f"moe.top_k ({self.top_k}) must not exceed moe.num_experts ({self.num_experts})")
+        check_int("moe.shared_experts", self.shared_experts, 0)
+        if self.shared_experts >= self.num_experts:
+            raise ValueError(f"moe.shared_experts ({self.shared_experts}) must be below moe.num_experts "
+                             f"({self.num_experts}): the router needs experts to choose from")
+        if self.top_k > self.routed_experts:
+            raise ValueError(f"moe.top_k ({self.top_k}) must not exceed moe.num_experts - moe.shared_experts "
+                             f"({self.routed_experts}): the experts the router chooses from")
         if self.router not in MOE_ROUTERS:
             raise ValueError(f"moe.router must be one of {MOE_ROUTERS}, got {self.router!r}")
         check_number("moe.balance_loss_weight", self.balance_loss_weight, 0.0)
@@ -299,6 +310,16 @@ class MoEConfig:
                 self.capacity_factor = None  # 0 means "no limit", spelt one way from here on
         if self.overflow not in MOE_OVERFLOW:
             raise ValueError(f"moe.overflow must be one of {MOE_OVERFLOW}, got {self.overflow!r}")
+
+    @property
+    def routed_experts(self) -> int:
+        """E - S: the experts the router chooses among (the router's logits per block)."""
+        return self.num_experts - self.shared_experts
+
+    @property
+    def active_experts(self) -> int:
+        """S + k: the experts one token runs."""
+        return self.shared_experts + self.top_k
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.layers

@@ -211,7 +211,7 @@ def _layer(cfg: ModelConfig, n: int, causal: bool, passes: _Passes, mlp: bool = 
 
 
 def _moe_router(cfg: ModelConfig, n: int, passes: _Passes) -> FlopsBreakdown:
-    return _router(cfg, n, passes, cfg.moe.num_experts * (cfg.num_tasks if cfg.moe.router == "task" else 1))
+    return _router(cfg, n, passes, cfg.moe.routed_experts * (cfg.num_tasks if cfg.moe.router == "task" else 1))
 
 
 def _moe_experts(cfg: ModelConfig, slots: int, passes: _Passes) -> FlopsBreakdown:
@@ -228,14 +228,14 @@ def expert_slots(experts, cfg: ModelConfig) -> dict[int, list[int]]:
 
 
 def _nominal_slots(cfg: ModelConfig, rows: Sequence[RowTokens], layer: int, routing: str) -> int:
-    """k slots for every token an MoE layer keeps (see the module docstring: exact for top-k routing without a
-    capacity limit, an upper bound otherwise)."""
+    """S + k slots (shared and routed experts) for every token an MoE layer keeps (see the module docstring:
+    exact for top-k routing without a capacity limit, an upper bound otherwise)."""
     mod = cfg.mod
     if routing != "causal" and mod.is_mod_layer(layer) and any(mod.capacity_of(layer, r.task) < 1.0 for r in rows):
         kept = sum(row_kept(cfg, r, layer) for r in rows)
     else:
         kept = sum(r.real_tokens for r in rows)
-    return cfg.moe.top_k * kept
+    return cfg.moe.active_experts * kept
 
 
 def _check_expert_slots(cfg: ModelConfig, slots: Mapping[int, Sequence[int]]) -> None:

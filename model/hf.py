@@ -38,7 +38,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from model.config import ModelConfig, MoDConfig, MoEConfig, VocabLayout
-from model.moe import cut_experts, expert_neuron_groups, merge_experts, snake_partition
+from model.moe import cut_experts, expert_neuron_groups, merge_experts, partition
 
 UNIMOD_CONFIG = "unimod_config.json"
 ROUTERS_FILE = "mod_routers.safetensors"
@@ -209,8 +209,8 @@ def moe_layers_to_convert(cfg: ModelConfig, path: str | os.PathLike) -> list[int
     every one the checkpoint does not hold as an MoE layer with the same number of experts."""
     theirs, _ = config_from_hf(path)
     their_moe = MoEConfig(**theirs["moe"]) if theirs.get("moe") else MoEConfig()
-    held = set(their_moe.layers) if (Path(path) / MOE_FILE).exists() and their_moe.num_experts == cfg.moe.num_experts \
-        else set()
+    same = (their_moe.num_experts, their_moe.shared_experts) == (cfg.moe.num_experts, cfg.moe.shared_experts)
+    held = set(their_moe.layers) if (Path(path) / MOE_FILE).exists() and same else set()
     return [layer for layer in cfg.moe.layers if layer not in held]
 
 
@@ -220,14 +220,15 @@ def moe_layout(cfg: ModelConfig, path: str | os.PathLike,
     """Where the experts of each MoE layer of `cfg` come from -> ({layer: [E, F/E] dense neuron indices of each
     expert}, {router parameter name: the checkpoint's trained router}).
 
-    A layer the checkpoint holds as an MoE layer with the same E is cut as it was saved (its expert_neurons),
-    and keeps its router when the router kind is the same and, for a task router, the task list too.
-    Every other MoE layer is converted from the checkpoint's dense MLP (a dense checkpoint, a dense layer
-    there, another E, or a layer named in `importance`): neurons dealt in snake order of `importance[layer]`
-    ([F] scores; the trainer supplies calibration importance), by default of equal importance, i.e. in
-    neuron index order; its router starts fresh (zero). Either way k = E reproduces the dense MLP."""
+    A layer the checkpoint holds as an MoE layer with the same E and shared experts is cut as it was saved (its
+    expert_neurons), and keeps its router when the router kind is the same and, for a task router, the task
+    list too. Every other MoE layer is converted from the checkpoint's dense MLP (a dense checkpoint, a dense
+    layer there, another E or number of shared experts, or a layer named in `importance`): neurons dealt by
+    `model.moe.partition` of `importance[layer]` ([F] scores, the trainer supplies calibration importance; the
+    most important to the shared experts, snake order), by default of equal importance, i.e. in neuron index
+    order; its router starts fresh (zero). Either way all experts active reproduce the dense MLP."""
     importance = dict(importance or {})
-    F_, E = cfg.intermediate_size, cfg.moe.num_experts
+    F_, E, S = cfg.intermediate_size, cfg.moe.num_experts, cfg.moe.shared_experts
     for layer, scores in importance.items():
         if layer not in cfg.moe.layers:
             raise ValueError(f"importance names layer {layer}, which is not an MoE layer (moe.layers={cfg.moe.layers})")
@@ -248,7 +249,7 @@ def moe_layout(cfg: ModelConfig, path: str | os.PathLike,
     for layer in cfg.moe.layers:
         prefix = f"model.layers.{layer}.mlp."
         neurons = saved.get(prefix + "expert_neurons")
-        if layer not in importance and neurons is not None and neurons.shape[0] == E:
+        if layer not in importance and neurons is not None and neurons.shape[0] == E and their_moe.shared_experts == S:
             if tuple(neurons.shape) != (E, F_ // E) or not torch.equal(neurons.flatten().sort().values,
                                                                        torch.arange(F_)):
                 raise ValueError(f"{path}/{MOE_FILE}: {prefix}expert_neurons is not a partition of the {F_} "
@@ -259,7 +260,7 @@ def moe_layout(cfg: ModelConfig, path: str | os.PathLike,
                 routers[prefix + "router.weight"] = router
         else:
             scores = importance.get(layer, torch.zeros(F_))
-            groups[layer] = torch.stack(snake_partition(scores, E))
+            groups[layer] = torch.stack(partition(scores, E, S))
     return groups, routers
 
 

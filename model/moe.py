@@ -6,6 +6,10 @@ split follows the neuron importance (e.g. `mean|h_j| * ||W_down[:, j]||`, see `a
 neurons sorted by importance are dealt to the experts in snake order (0..E-1, then E-1..0, ...), so
 every expert receives one neuron of every importance tier and the experts start equally strong.
 
+Shared experts (`num_shared` = S, the sparsity study's design): experts 0..S-1 run on every token at weight 1 and
+get the most important neurons (`partition`); the router below chooses among the other E - S ("E" in the rest of
+this paragraph means those).
+
 Routing: a router `Linear(D, E)` (`Linear(D, E * T)` for a task-aware router: one block of E logits per task,
 each token reads its own sequence's task's block, as the MoD router bank does) initialised to exactly zero;
 each token runs the k experts with the
@@ -69,6 +73,25 @@ def snake_partition(importance_F: torch.Tensor, num_experts: int) -> list[torch.
     tier, slot = rank // num_experts, rank % num_experts
     expert_of_rank = torch.where(tier % 2 == 0, slot, num_experts - 1 - slot)
     return [order[expert_of_rank == e].sort().values for e in range(num_experts)]
+
+
+def partition(importance_F: torch.Tensor, num_experts: int, num_shared: int = 0) -> list[torch.Tensor]:
+    """Neuron indices of each expert, shared experts first: the `num_shared` * F/E most important neurons are
+    dealt in snake order to the shared experts (which every token runs), the rest in snake order to the routed
+    ones. Without shared experts this is `snake_partition`. With them, F must split into equal experts."""
+    if not num_shared:
+        return snake_partition(importance_F, num_experts)
+    F_ = importance_F.numel()
+    if isinstance(num_shared, bool) or not isinstance(num_shared, int) or not 0 < num_shared < num_experts \
+            or F_ % num_experts:
+        raise ValueError(f"num_shared must be an integer in [0, {num_experts}) and the {F_} neurons must split into "
+                         f"{num_experts} equal experts, got num_shared={num_shared!r}")
+    order = torch.sort(importance_F.detach().float().cpu(), descending=True, stable=True).indices
+    top, rest = order[:num_shared * (F_ // num_experts)], order[num_shared * (F_ // num_experts):]
+    scores = importance_F.detach().float().cpu()
+    shared = [top[g].sort().values for g in snake_partition(scores[top], num_shared)]
+    routed = [rest[g].sort().values for g in snake_partition(scores[rest], num_experts - num_shared)]
+    return shared + routed
 
 
 def expert_neuron_groups(moe: "MoEMLP") -> torch.Tensor:
@@ -144,29 +167,33 @@ class Expert(nn.Module):
 
 
 class MoEMLP(nn.Module):
-    """Top-k of E experts with a zero-initialised router (shared, or one block of E logits per task).
+    """S shared experts (every token runs them) and top-k of E - S routed experts, with a zero-initialised router
+    (shared, or one block of E - S logits per task). Experts 0..S-1 are the shared ones.
 
     `forward(x)` is the drop-in MLP (every token valid, task 0, no capacity); decoder layers call `dispatch`,
     which also takes each token's task and validity and returns the balance loss and statistics."""
 
     def __init__(self, hidden_size: int, expert_widths: list[int], top_k: int, *, num_tasks: int = 1,
                  router: str = "shared", balance_loss_weight: float = 0.0, capacity_factor: float | None = None,
-                 init_std: float | None = None, dtype: torch.dtype | None = None,
+                 num_shared: int = 0, init_std: float | None = None, dtype: torch.dtype | None = None,
                  device: torch.device | None = None) -> None:
         super().__init__()
         E = len(expert_widths)
         if E < 1 or any(w < 1 for w in expert_widths):
             raise ValueError(f"expert_widths must be a non-empty list of positive widths, got {expert_widths}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
-            raise ValueError(f"top_k must be an integer in [1, {E}] (num_experts), got {top_k!r}")
+        if isinstance(num_shared, bool) or not isinstance(num_shared, int) or not 0 <= num_shared < E:
+            raise ValueError(f"num_shared must be an integer in [0, {E}) (num_experts), got {num_shared!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E - num_shared:
+            raise ValueError(f"top_k must be an integer in [1, {E - num_shared}] (the routed experts), got {top_k!r}")
         if router not in ("task", "shared"):
             raise ValueError(f"router must be 'task' or 'shared', got {router!r}")
-        self.num_experts, self.top_k, self.num_tasks = E, top_k, num_tasks
+        self.num_experts, self.top_k, self.num_tasks, self.num_shared = E, top_k, num_tasks, num_shared
         self.task_router = router == "task"
         self.balance_loss_weight = balance_loss_weight
         self.capacity_factor = capacity_factor or None
-        # Row t*E + e of the weight is task t's logit for expert e.
-        self.router = _ZeroLinear(hidden_size, E * (num_tasks if self.task_router else 1), dtype, device)
+        # Row t*E_r + r of the weight is task t's logit for routed expert r (expert S + r).
+        self.router = _ZeroLinear(hidden_size, (E - num_shared) * (num_tasks if self.task_router else 1), dtype,
+                                  device)
         self.experts = nn.ModuleList(Expert(hidden_size, w, dtype, device, init_std) for w in expert_widths)
 
     @classmethod
@@ -176,17 +203,18 @@ class MoEMLP(nn.Module):
         width = cfg.intermediate_size // moe.num_experts  # divisibility checked by ModelConfig
         return cls(cfg.hidden_size, [width] * moe.num_experts, moe.top_k, num_tasks=cfg.num_tasks,
                    router=moe.router, balance_loss_weight=moe.balance_loss_weight,
-                   capacity_factor=moe.capacity_factor, init_std=cfg.initializer_range)
+                   capacity_factor=moe.capacity_factor, num_shared=moe.shared_experts, init_std=cfg.initializer_range)
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, importance_F: torch.Tensor, num_experts: int, top_k: int,
                    **kwargs) -> "MoEMLP":
-        """Cut `mlp` (with `gate_proj`, `up_proj`, `down_proj`) into experts by snake partition. `kwargs`:
-        the router and loss settings of `__init__` (num_tasks, router, balance_loss_weight, capacity_factor)."""
+        """Cut `mlp` (with `gate_proj`, `up_proj`, `down_proj`) into experts by `partition` (the most important
+        neurons to the `num_shared` shared experts, if any). `kwargs`: the router and loss settings of `__init__`
+        (num_tasks, router, balance_loss_weight, capacity_factor, num_shared)."""
         gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [F,D] [F,D] [D,F]
         if importance_F.numel() != gate.shape[0]:
             raise ValueError(f"importance has {importance_F.numel()} scores but the MLP has {gate.shape[0]} neurons")
-        groups = snake_partition(importance_F, num_experts)
+        groups = partition(importance_F, num_experts, kwargs.get("num_shared", 0))
         moe = cls(gate.shape[1], [len(g) for g in groups], top_k, dtype=gate.dtype, device=gate.device, **kwargs)
         with torch.no_grad():
             for expert, idx in zip(moe.experts, groups):
@@ -203,31 +231,34 @@ class MoEMLP(nn.Module):
             p.requires_grad_(not frozen)
 
     def logits(self, x_ND: torch.Tensor, task_N: torch.Tensor | None = None) -> torch.Tensor:
-        """-> [N, E] router logits (fp32, or fp64 for fp64 inputs), each token's own task's block for a task-aware
-        router."""
+        """-> [N, E - S] logits of the routed experts (fp32, or fp64 for fp64 inputs), each token's own task's
+        block for a task-aware router."""
         r = self.router(x_ND)
         if self.task_router:
             if task_N is None:
                 raise ValueError("a task-aware MoE router needs each token's task id")
-            N, E = r.shape[0], self.num_experts
-            r = r.view(N, -1, E).gather(1, task_N.view(N, 1, 1).expand(N, 1, E)).squeeze(1)
+            N, E_r = r.shape[0], self.num_experts - self.num_shared
+            r = r.view(N, -1, E_r).gather(1, task_N.view(N, 1, 1).expand(N, 1, E_r)).squeeze(1)
         return r.to(torch.promote_types(r.dtype, torch.float32))  # at least fp32: top-k and softmax under bf16
 
     def route(self, x_ND: torch.Tensor, task_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (chosen experts [N, k] long, their gate weights [N, k]) for N tokens."""
+        """-> (the chosen routed experts' indices among all E [N, k] long, their gate weights [N, k]) for N
+        tokens (the shared experts, 0..S-1, run on every token besides)."""
         chosen, gate = self._choose(self.logits(x_ND, task_N))
-        return chosen, gate.to(x_ND.dtype)
+        return chosen + self.num_shared, gate.to(x_ND.dtype)
 
     def _choose(self, logits_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router logits [N, E] -> (the k best experts [N, k], their bounded gates 2 * sigmoid(r) [N, k])."""
+        """Router logits [N, E - S] -> (the k best routed experts [N, k], numbered 0..E-S-1, their bounded gates
+        2 * sigmoid(r) [N, k])."""
         top = logits_NE.topk(self.top_k, dim=-1)
         return top.indices, 2.0 * torch.sigmoid(top.values)
 
     def capacity(self, n_valid: int) -> int | None:
-        """Token-slots one expert may run in a call on `n_valid` non-padding tokens; None = no limit."""
+        """Token-slots one routed expert may run in a call on `n_valid` non-padding tokens; None = no limit.
+        Shared experts have no limit: every token runs them."""
         if self.capacity_factor is None:
             return None
-        return math.ceil(self.capacity_factor * self.top_k * n_valid / self.num_experts - 1e-9)
+        return math.ceil(self.capacity_factor * self.top_k * n_valid / (self.num_experts - self.num_shared) - 1e-9)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -243,25 +274,29 @@ class MoEMLP(nn.Module):
 
         One device->host copy per call (the per-expert slot counts that size the slices)."""
         N, D = x_ND.shape
-        E, k = self.num_experts, self.top_k
+        E, k, Sh = self.num_experts, self.top_k, self.num_shared
         T = num_tasks or self.num_tasks
+        dev = x_ND.device
         if task_N is None:
-            task_N = torch.zeros(N, dtype=torch.long, device=x_ND.device)
+            task_N = torch.zeros(N, dtype=torch.long, device=dev)
         logits_NE = self.logits(x_ND, task_N)
         chosen_Nk, gate_Nk = self._choose(logits_NE)
-        gate_S, expert_S = gate_Nk.reshape(-1), chosen_Nk.reshape(-1)  # [S = N*k], token-major
-        token_S = torch.arange(N, device=x_ND.device).repeat_interleave(k)
+        # Slots (one per token and expert it runs): each shared expert once per token, gate 1, then each token's
+        # k routed experts, token-major. Routed expert r is expert Sh + r.
+        gate_S = torch.cat([gate_Nk.new_ones(Sh * N), gate_Nk.reshape(-1)])
+        expert_S = torch.cat([torch.arange(Sh, device=dev).repeat_interleave(N), chosen_Nk.reshape(-1) + Sh])
+        token_S = torch.cat([torch.arange(N, device=dev).repeat(Sh), torch.arange(N, device=dev).repeat_interleave(k)])
         if valid_N is not None:
             # Invalid tokens' slots go to a bucket E after every expert: sorted last, never run.
-            expert_S = torch.where(valid_N.repeat_interleave(k), expert_S, E)
+            expert_S = torch.where(valid_N[token_S], expert_S, E)
         # Stable: within an expert, slots keep token order, so capacity is first come, first served.
         order = expert_S.argsort(stable=True)
         counts = torch.bincount(expert_S, minlength=E + 1)  # [E+1]
         host = counts.tolist()
-        n_valid = (N * k - host[E]) // k
+        n_valid = (N * (Sh + k) - host[E]) // (Sh + k)
         cap = self.capacity(n_valid) if apply_capacity else None
         starts = [0, *itertools.accumulate(host[:E])]  # expert e's slots sit at order[starts[e]:...]
-        run = [host[e] if cap is None else min(host[e], cap) for e in range(E)]
+        run = [host[e] if cap is None or e < Sh else min(host[e], cap) for e in range(E)]
 
         pieces_idx, pieces_y = [], []
         idle = x_ND.new_zeros(())
@@ -280,31 +315,32 @@ class MoEMLP(nn.Module):
         if pieces_idx:
             y = y.index_add(0, torch.cat(pieces_idx), torch.cat(pieces_y))
 
-        # Statistics: routed and dropped slots per (task, expert), over valid slots only.
+        # Statistics: routed and dropped slots per (task, expert), over valid slots only (a shared expert's
+        # "routed" slots are every valid token).
         valid_S = expert_S < E
-        key_S = task_N.repeat_interleave(k) * E + expert_S.clamp_max(E - 1)
-        routed = torch.zeros(T * E, device=x_ND.device).index_add_(0, key_S, valid_S.float())
-        dropped = torch.zeros(T * E, device=x_ND.device)
-        if cap is not None and any(host[e] > cap for e in range(E)):
-            rank_S = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x_ND.device))
-            start_S = torch.tensor(starts, device=x_ND.device)[expert_S.clamp_max(E - 1)]
-            over_S = valid_S & (rank_S - start_S >= cap)
+        key_S = task_N[token_S] * E + expert_S.clamp_max(E - 1)
+        routed = torch.zeros(T * E, device=dev).index_add_(0, key_S, valid_S.float())
+        dropped = torch.zeros(T * E, device=dev)
+        if cap is not None and any(host[e] > cap for e in range(Sh, E)):
+            rank_S = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
+            start_S = torch.tensor(starts, device=dev)[expert_S.clamp_max(E - 1)]
+            over_S = valid_S & (expert_S >= Sh) & (rank_S - start_S >= cap)
             dropped.index_add_(0, key_S, over_S.float())
         stats = torch.stack([routed, dropped], dim=1).view(T, E, 2)
-        return y, self._balance_loss(logits_NE, expert_S, valid_N, n_valid), stats
+        return y, self._balance_loss(logits_NE, counts[Sh:E], valid_N, n_valid), stats
 
-    def _balance_loss(self, logits_NE, expert_S, valid_N, n_valid) -> torch.Tensor:
-        """weight * E * sum_e f_e * P_e over valid tokens (Switch Transformer eq. 4, top-k slots for f)."""
+    def _balance_loss(self, logits_NE, routed_counts_E, valid_N, n_valid) -> torch.Tensor:
+        """weight * E_r * sum_e f_e * P_e over valid tokens and the E_r routed experts (Switch Transformer eq. 4,
+        top-k slots for f; `routed_counts_E` [E_r]: valid slots per routed expert)."""
         zero = logits_NE.new_zeros(())
         if self.balance_loss_weight == 0 or n_valid == 0:
             return zero
-        E = self.num_experts
-        f_E = torch.bincount(expert_S, minlength=E + 1)[:E].float() / (n_valid * self.top_k)
+        f_E = routed_counts_E.float() / (n_valid * self.top_k)
         prob_NE = logits_NE.softmax(dim=-1)
         if valid_N is not None:
             prob_NE = prob_NE * valid_N[:, None]
         P_E = prob_NE.sum(0) / n_valid
-        return self.balance_loss_weight * E * (f_E * P_E).sum()
+        return self.balance_loss_weight * logits_NE.shape[-1] * (f_E * P_E).sum()
 
 
 def convert_mlps(net: nn.Module, importance: dict[int, torch.Tensor], num_experts: int, top_k: int,

@@ -192,15 +192,15 @@ class UnifiedTransformer(nn.Module):
     # ----- helpers used by training and tests ------------------------------------------------------
     def num_parameters(self, exclude_routers: bool = False, active: bool = False) -> int:
         """Parameters of the model. `exclude_routers`: without the MoD router banks and MoE routers (what the
-        Emu3 checkpoint holds). `active`: those one token uses, an MoE layer's experts counting top_k / E of
-        theirs (E equally wide experts)."""
+        Emu3 checkpoint holds). `active`: those one token uses, an MoE layer's experts counting (shared + top_k) / E
+        of theirs (E equally wide experts)."""
         total = sum(p.numel() for n, p in self.named_parameters()
                     if not (exclude_routers and (".mod_router." in n or ".mlp.router." in n)))
         if active:
             moe = self.config.moe
             for i in moe.layers:
                 experts = sum(p.numel() for p in self.model.layers[i].mlp.experts.parameters())
-                total -= experts * (moe.num_experts - moe.top_k) // moe.num_experts
+                total -= experts * (moe.num_experts - moe.active_experts) // moe.num_experts
         return total
 
     @classmethod

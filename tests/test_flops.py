@@ -378,6 +378,8 @@ def _moe_net(moe: dict, **overrides) -> UnifiedTransformer:
     ({"layers": ["0-3"], "num_experts": 8, "top_k": 2, "router": "task"}, None, PACKED_MIXED),
     ({"layers": [0, 2], "num_experts": 4, "top_k": 2, "router": "task", "capacity_factor": 0.6}, None, MIXED),
     ({"layers": ["1-3"], "num_experts": 4, "top_k": 2, "router": "task", "capacity_factor": 0.8}, MOD, PACKED_MIXED),
+    ({"layers": [0, 3], "num_experts": 8, "top_k": 2, "shared_experts": 2, "router": "task",
+      "capacity_factor": 0.7}, None, MIXED),
 ])
 @pytest.mark.parametrize("train", [False, True])
 def test_moe_matches_flop_counter(moe, mod, spec, train):
@@ -399,8 +401,8 @@ def test_moe_matches_flop_counter(moe, mod, spec, train):
     assert (nominal == analytic) is (dropped == 0)
     assert nominal.mlp - analytic.mlp == (3 if train else 1) * 2 * dropped * 3 * cfg.hidden_size * (
         cfg.intermediate_size // cfg.moe.num_experts)
-    # Routers: E (or E*T) columns on the positions each MoE layer runs, never on fewer.
-    E_cols = cfg.moe.num_experts * (cfg.num_tasks if cfg.moe.router == "task" else 1)
+    # Routers: E - S (or (E - S)*T) columns on the positions each MoE layer runs, never on fewer.
+    E_cols = cfg.moe.routed_experts * (cfg.num_tasks if cfg.moe.router == "task" else 1)
     moe_router = sum(n for i, (n, _) in enumerate(layer_tokens(cfg, rows)) if i in cfg.moe.layers)
     mod_router = microbatch_flops(cfg, rows, train=train, dense=True).router  # 0: dense twin has none
     assert mod_router == 0

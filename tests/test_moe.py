@@ -116,19 +116,22 @@ T2I, MMU, LM = 0, 1, 2
 MOE = {"layers": ["1-2"], "num_experts": 4, "top_k": 2, "router": "task", "balance_loss_weight": 0.01}
 
 
-def _trained_router_moe(router: str, capacity_factor=None, seed: int = 0) -> MoEMLP:
-    """A float64 MoE MLP of 4 fresh experts (3 tasks) whose router is random, so tokens pick differently."""
+def _trained_router_moe(router: str, capacity_factor=None, seed: int = 0, shared: int = 0) -> MoEMLP:
+    """A float64 MoE MLP of 4 (+ `shared`) fresh experts (3 tasks) whose router is random, so tokens pick
+    differently."""
     torch.manual_seed(seed)
-    moe = MoEMLP(16, [6, 6, 6, 6], top_k=2, num_tasks=3, router=router, balance_loss_weight=0.5,
-                 capacity_factor=capacity_factor, init_std=0.3).double()
+    moe = MoEMLP(16, [6] * (4 + shared), top_k=2, num_tasks=3, router=router, balance_loss_weight=0.5,
+                 capacity_factor=capacity_factor, num_shared=shared, init_std=0.3).double()
     torch.nn.init.normal_(moe.router.weight, std=1.0)
     return moe
 
 
 def _naive(moe: MoEMLP, x, task, valid, capacity):
-    """Independent reference: one token at a time in token order, its own task's E logits from the raw
-    router weight, top-k, each expert counting its slots and refusing those over `capacity`."""
-    E, k = moe.num_experts, moe.top_k
+    """Independent reference: one token at a time in token order: the shared experts 0..S-1 at weight 1, then
+    its own task's E - S logits from the raw router weight, top-k of the routed experts S.., each counting its
+    slots and refusing those over `capacity`."""
+    E, k, S = moe.num_experts, moe.top_k, moe.num_shared
+    Er = E - S
     W = moe.router.weight
     used = [0] * E
     out = torch.zeros_like(x)
@@ -137,10 +140,13 @@ def _naive(moe: MoEMLP, x, task, valid, capacity):
         if not valid[n]:
             continue
         t = int(task[n])
-        block = W[t * E:(t + 1) * E] if moe.task_router else W
+        for e in range(S):
+            routed[t, e] += 1
+            out[n] += moe.experts[e](x[n])
+        block = W[t * Er:(t + 1) * Er] if moe.task_router else W
         logits = block @ x[n]
         top = logits.topk(k)
-        for r, e in zip(top.values, top.indices.tolist()):
+        for r, e in zip(top.values, (S + i for i in top.indices.tolist())):
             routed[t, e] += 1
             if capacity is not None and used[e] >= capacity:
                 dropped[t, e] += 1
@@ -150,10 +156,11 @@ def _naive(moe: MoEMLP, x, task, valid, capacity):
     return out, torch.stack([routed, dropped], -1)
 
 
+@pytest.mark.parametrize("shared", [0, 2])
 @pytest.mark.parametrize("router", ["task", "shared"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
-def test_sorted_dispatch_equals_a_per_token_reference(router, capacity_factor):
-    moe = _trained_router_moe(router, capacity_factor)
+def test_sorted_dispatch_equals_a_per_token_reference(router, capacity_factor, shared):
+    moe = _trained_router_moe(router, capacity_factor, shared=shared)
     g = torch.Generator().manual_seed(3)
     N = 40
     x = torch.randn(N, 16, generator=g, dtype=torch.float64)
@@ -165,7 +172,8 @@ def test_sorted_dispatch_equals_a_per_token_reference(router, capacity_factor):
     want_y, want_stats = _naive(moe, x, task, valid, cap)
     torch.testing.assert_close(y, want_y, rtol=0, atol=1e-12)
     torch.testing.assert_close(stats.float(), want_stats)
-    assert stats[..., 0].sum() == 2 * valid.sum()  # every valid token's k slots, padding none
+    assert stats[..., 0].sum() == (2 + shared) * valid.sum()  # every valid token's S + k slots, padding none
+    assert torch.all(stats[:, :shared, 1] == 0)  # shared experts never drop
     assert bool(stats[..., 1].sum() > 0) is (capacity_factor is not None)  # the limit really drops slots
     assert torch.all(y[~valid] == 0)
     if capacity_factor is not None:  # without capacity, the same layer drops nothing
@@ -511,3 +519,94 @@ def test_num_parameters_counts_routers_and_active_experts():
     assert net.num_parameters(exclude_routers=True) == dense.num_parameters() - D * T  # MoD bank out too
     assert net.num_parameters(active=True) == net.num_parameters() - 2 * 3 * D * F_ * 3 // 4
     assert dense.num_parameters(active=True) == dense.num_parameters()
+
+
+def test_partition_gives_the_shared_experts_the_most_important_neurons():
+    from model.moe import partition
+
+    importance = torch.tensor([5.0, 11, 0, 9, 3, 10, 1, 8, 2, 7, 4, 6])  # neuron j's score
+    groups = partition(importance, num_experts=4, num_shared=1)  # 3 neurons per expert
+    assert groups[0].tolist() == [1, 3, 5]  # the three most important (11, 10, 9), index order
+    # The rest by importance: neurons 7 9 11 | 0 10 4 | 8 6 2 (scores 8 7 6 | 5 4 3 | 2 1 0), dealt in snake order
+    # to the routed experts 1, 2, 3: tier 0 -> 1 2 3, tier 1 -> 3 2 1, tier 2 -> 1 2 3.
+    assert [g.tolist() for g in groups[1:]] == [sorted([7, 4, 8]), sorted([9, 10, 6]), sorted([11, 0, 2])]
+    assert [g.tolist() for g in partition(importance, 4)] == [g.tolist() for g in snake_partition(importance, 4)]
+    with pytest.raises(ValueError, match="num_shared"):
+        partition(importance, 4, 4)
+    with pytest.raises(ValueError, match="equal experts"):
+        partition(torch.rand(10), 4, 1)
+
+
+@pytest.mark.parametrize("shared, top_k", [(1, 3), (2, 2), (3, 1)])
+def test_shared_and_routed_experts_all_active_reproduce_the_dense_mlp(shared, top_k):
+    mlp = _mlp()
+    importance = torch.rand(24, dtype=torch.float64)
+    moe = MoEMLP.from_dense(mlp, importance, num_experts=4, top_k=top_k, num_shared=shared)
+    assert moe.router.weight.shape == (4 - shared, 16)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(moe(x), mlp(x), rtol=0, atol=1e-12)
+    top = importance.argsort(descending=True)[:6 * shared]
+    assert sorted(sum((g for g in moe.neuron_groups[:shared]), [])) == sorted(top.tolist())
+
+
+def test_shared_experts_balance_loss_covers_the_routed_experts_only():
+    moe = _trained_router_moe("task", shared=2)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 16, generator=g, dtype=torch.float64)
+    task = torch.randint(0, 3, (30,), generator=g)
+    _, loss, _ = moe.dispatch(x, task)
+    W = moe.router.weight.detach()  # [3 * 4, 16]: 4 routed experts per task
+    probs, choices = [], []
+    for n in range(30):
+        logits = W[4 * task[n]:4 * task[n] + 4] @ x[n]
+        probs.append(logits.softmax(-1))
+        choices += logits.topk(2).indices.tolist()
+    f = torch.bincount(torch.tensor(choices), minlength=4).double() / len(choices)
+    P = torch.stack(probs).mean(0)
+    torch.testing.assert_close(loss.double(), 0.5 * 4 * (f * P).sum(), rtol=1e-6, atol=0)
+
+
+def test_shared_experts_config_and_active_parameters():
+    cfg = ModelConfig.from_preset("debug", moe={"layers": [1], "num_experts": 4, "top_k": 1, "shared_experts": 2})
+    assert (cfg.moe.routed_experts, cfg.moe.active_experts) == (2, 3)
+    with torch.device("meta"):
+        net, dense = UnifiedTransformer(cfg), UnifiedTransformer(cfg.replace(moe={"layers": []}))
+    D, F_ = cfg.hidden_size, cfg.intermediate_size
+    assert net.model.layers[1].mlp.router.weight.shape == (2 * cfg.num_tasks, D)
+    assert net.num_parameters(active=True) == dense.num_parameters() + 2 * cfg.num_tasks * D - 3 * D * F_ // 4
+    for bad, field in (({"shared_experts": 4}, "moe.shared_experts"), ({"shared_experts": 3, "top_k": 2}, "moe.top_k"),
+                       ({"shared_experts": -1}, "moe.shared_experts")):
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            ModelConfig.from_preset("debug", moe={"layers": [1], "num_experts": 4, "top_k": 1, **bad})
+
+
+def test_shared_experts_checkpoint_converts_round_trips_and_exports_the_dense_mlp(tmp_path):
+    """A dense checkpoint converted with shared experts (the most important neurons shared) computes the dense
+    model with every expert active, round-trips bit for bit, and exports the dense MLP again; a checkpoint with
+    another number of shared experts is converted again from its dense equivalent."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("debug")
+    dense = UnifiedTransformer(cfg)
+    dense.save_hf(tmp_path / "dense")
+    F_ = cfg.intermediate_size
+    importance = {1: torch.rand(F_), 3: torch.rand(F_)}
+    moe = {"layers": [1, 3], "num_experts": 4, "top_k": 2, "shared_experts": 2, "router": "task"}
+    net = UnifiedTransformer.from_hf(tmp_path / "dense", moe=moe, importance=importance)
+    ids = torch.randint(0, 200, (2, 12))
+    tasks = torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids, task_ids=tasks).logits, dense(ids, task_ids=tasks).logits,
+                                   rtol=1e-5, atol=1e-5)
+    top = importance[3].argsort(descending=True)[:F_ // 2]
+    assert sorted(net.model.layers[3].mlp.neuron_groups[0] + net.model.layers[3].mlp.neuron_groups[1]) == \
+        sorted(top.tolist())
+    _randomise_routers(net)
+    net.save_hf(tmp_path / "moe")
+    _assert_same_model(UnifiedTransformer.from_hf(tmp_path / "moe"), net, ids, tasks)
+    dense_state, saved = load_file(str(tmp_path / "dense" / "model.safetensors")), load_file(
+        str(tmp_path / "moe" / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in dense_state.items())  # the experts merge back to the dense MLP
+    other = UnifiedTransformer.from_hf(tmp_path / "moe", moe={**moe, "shared_experts": 1})
+    assert torch.count_nonzero(other.model.layers[1].mlp.router.weight) == 0  # converted again: a fresh router

@@ -44,7 +44,8 @@ def test_pruned_checkpoint_is_the_dense_model_with_its_least_important_neurons_m
         assert not torch.allclose(run_hidden(dense, ids), want, atol=1e-3)  # the mask matters
 
 
-@pytest.mark.parametrize("row", ["dense_ft", "moe_task_k4", "moe_shared_k4", "moe_task_k2", "prune_k4", "prune_k2"])
+@pytest.mark.parametrize("row", ["dense_ft", "moe_task_k4", "moe_shared_k4", "moe_task_k2", "moe_task_s2k2",
+                                 "moe_shared_s2k2", "prune_k4", "prune_k2"])
 def test_rows_configure_what_the_study_says(row, demo_dataset, tmp_path):
     from bench import moe_adaptation as bench
     from train.config import RunConfig
@@ -52,7 +53,7 @@ def test_rows_configure_what_the_study_says(row, demo_dataset, tmp_path):
     args = argparse.Namespace(data=str(demo_dataset), runs_dir=str(tmp_path), set=[])
     sets = bench.row_overrides(row, 2, tmp_path / "pretrain_hf", args)
     cfg = RunConfig.load(bench.FINETUNE_CONFIG, [f"data.dataset_dir={demo_dataset}", *sets])
-    top_k, router, prune = bench.ROWS[row]
+    top_k, router, prune, shared = bench.ROWS[row]
     assert cfg.run.seed == cfg.data.seed == 2 and not cfg.model.mod.mod_layers()
     F = 352
     if top_k is None or prune:
@@ -62,7 +63,9 @@ def test_rows_configure_what_the_study_says(row, demo_dataset, tmp_path):
     else:
         moe = cfg.model.moe
         assert moe.layers == list(range(cfg.model.num_hidden_layers)) and moe.num_experts == bench.E
-        assert (moe.top_k, moe.router, moe.balance_loss_weight) == (top_k, router, bench.BALANCE)
+        assert (moe.top_k, moe.shared_experts, moe.router, moe.balance_loss_weight) == (
+            top_k - shared, shared, router, bench.BALANCE)
+        assert moe.active_experts == top_k
         assert cfg.model.intermediate_size == F and cfg.checkpoint.moe_calibration_samples == bench.CALIB_SAMPLES
 
 

@@ -29,8 +29,10 @@ MOE = {"layers": "1-2", "num_experts": 4, "top_k": 2, "router": "task", "capacit
 
 
 def make_net(mod: bool) -> UnifiedTransformer:
+    """The MoE model; with MoD layers also a shared expert (every token runs expert 0, the router picks 1 of 3)."""
     torch.manual_seed(0)
-    net = UnifiedTransformer(ModelConfig.from_preset("debug", mod={"capacity": CAPACITY} if mod else {}, moe=MOE))
+    moe = {**MOE, "top_k": 1, "shared_experts": 1} if mod else MOE
+    net = UnifiedTransformer(ModelConfig.from_preset("debug", mod={"capacity": CAPACITY} if mod else {}, moe=moe))
     for layer in net.model.layers:
         if layer.mod_router is not None:  # gates far from 1, so a wrong context would show in the numbers
             torch.nn.init.normal_(layer.mod_router.weight, std=1.0)

@@ -79,3 +79,18 @@ def test_moe_scalars_cover_the_steps_since_the_last_line():
     log.add(steps[1])
     log.write(3, steps[1], lr=1e-3, grad_norm=1.0, samples=4, data_counters=None)
     assert "moe/max_load/t2i/layer_2" not in sink.lines[-1][1]  # the window starts again after a line
+
+
+def test_moe_scalars_leave_the_shared_experts_out_of_the_balance():
+    """Shared experts run every token; the load, the dropped share and max_load describe the routed experts."""
+    cfg = RunConfig.from_dict({"model": {"preset": "debug", "moe": {"layers": "2-3", "num_experts": 4, "top_k": 1,
+                                                                    "shared_experts": 2}},
+                               "data": {"dataset_dir": "unused", "seq_len": 64}, "logging": {"log_every": 1}})
+    sink = _Capture()
+    log = StepLog(sink, cfg, world_size=1, device=torch.device("cpu"))
+    rec = _moe_record(0, [10, 10, 7, 3], [0, 0, 1, 0], 0.02)  # experts 0-1 shared: every one of 10 tokens
+    log.add(rec)
+    log.write(1, rec, lr=1e-3, grad_norm=1.0, samples=4, data_counters=None)
+    (_, s), = sink.lines
+    assert [s.get(f"moe/load/t2i/layer_2/expert_{e}") for e in range(4)] == [None, None, 0.7, 0.3]
+    assert s["moe/max_load/t2i/layer_2"] == pytest.approx(0.7 * 2) and s["moe/dropped/t2i/layer_2"] == 0.1

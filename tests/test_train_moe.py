@@ -157,7 +157,8 @@ def test_moe_zero3_two_processes_train_and_export(demo_dataset, tmp_path):
 
 
 def test_moe_run_resumes_exactly(in_process, demo_dataset, tmp_path):
-    """An MoE run stopped after 2 of 4 steps and resumed continues as the uninterrupted run does: the same
+    """An MoE run (with a shared expert) stopped after 2 of 4 steps and resumed continues as the uninterrupted run
+    does: the same
     losses, balance losses and expert loads at steps 3-4 (the routers, experts and their optimizer state come
     back from the checkpoint; the conversion's importance file is reused, not recomputed)."""
     import torch
@@ -171,7 +172,9 @@ def test_moe_run_resumes_exactly(in_process, demo_dataset, tmp_path):
     dense = tmp_path / "dense_hf"
     UnifiedTransformer(RunConfig.load(SMOKE, settings(demo_dataset, tmp_path)).model).save_hf(dense)
     # A constant LR, so that the schedule does not depend on run.max_steps, which the resume raises.
-    common = dict(model__moe=MOE, checkpoint__init_from_hf=dense, checkpoint__moe_calibration_samples=4,
+    # Shared experts too: the most important neurons in expert 0, which every token runs.
+    moe = '{layers: "2-3", num_experts: 4, top_k: 1, shared_experts: 1, router: task, capacity_factor: 1.25}'
+    common = dict(model__moe=moe, checkpoint__init_from_hf=dense, checkpoint__moe_calibration_samples=4,
                   logging__log_every=1, logging__eval_at_end="false", optim__warmup_steps=0,
                   optim__min_lr_ratio=1.0, checkpoint__accept_changes="[run.max_steps]")
     assert _main(demo_dataset, tmp_path / "straight", run__max_steps=4, **common) == 0

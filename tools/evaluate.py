@@ -349,8 +349,8 @@ class Evaluator:
         return out
 
     def expert_use(self, model, counts: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, float]:
-        """Per MoE layer, on the validation samples in the top-k forward (the slots the router chose, before any
-        capacity drop):
+        """Per MoE layer, on the validation samples in the top-k forward (the slots the router chose among the
+        routed experts, before any capacity drop):
           - `experts/max_load/<task>/layer_<i>`: the busiest expert's share of the task's slots x E (1 =
             balanced, E = one expert takes every slot), as training logs moe/max_load;
           - `experts/overlap/<a>_<b>/layer_<i>`: sum over experts of min(share under task a, share under task b),
@@ -360,15 +360,15 @@ class Evaluator:
         if not cfg.moe.layers:
             return {}
         experts = (counts or self.routing_counts(model))[1]
-        E = cfg.moe.num_experts
+        S, E = cfg.moe.shared_experts, cfg.moe.num_experts  # shared experts run every token: not counted
         out = {}
         for layer in cfg.moe.layers:
             shares = {}
             for t, task in enumerate(cfg.mod.tasks):
-                routed = experts[layer, t, :, 0]
+                routed = experts[layer, t, S:, 0]
                 if routed.sum() > 0:
                     shares[task] = routed / routed.sum()
-                    out[f"experts/max_load/{task}/layer_{layer}"] = float(shares[task].max() * E)
+                    out[f"experts/max_load/{task}/layer_{layer}"] = float(shares[task].max() * (E - S))
             names = list(shares)
             for i, a in enumerate(names):
                 for b in names[i + 1:]:

@@ -38,7 +38,7 @@ LAYOUT_FIELDS = ("parallel.world_size", "parallel.data_parallel_size", "parallel
 SHAPE_FIELDS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers",
                 "model.num_attention_heads", "model.num_key_value_heads", "model.vocab", "model.mod.tasks",
                 "model.mod.mod_layers", "model.mod.shared_router", "model.moe.layers", "model.moe.num_experts",
-                "model.moe.router")
+                "model.moe.router", "model.moe.shared_experts")
 # Acceptable in principle, but the data loader's own check refuses them (its position counts micro-batches).
 _LOADER_BOUND = {"data.micro_batch_size": "the loader's saved position counts micro-batches of the old size"}
 
@@ -82,6 +82,7 @@ def fingerprint(cfg: RunConfig, *, world_size: int, zero_stage: int, precision: 
         "model.moe.num_experts": m.moe.num_experts,
         "model.moe.router": m.moe.router,
         "model.moe.top_k": m.moe.top_k,
+        "model.moe.shared_experts": m.moe.shared_experts,
         "model.moe.capacity_factor": m.moe.capacity_factor,
         "model.moe.overflow": m.moe.overflow,
         "model.moe.balance_loss_weight": m.moe.balance_loss_weight,

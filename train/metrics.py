@@ -223,25 +223,27 @@ class StepLog:
 
     def _moe_scalars(self, window: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """moe/*: slot counts and the balance loss over the window (`_take_window`), per MoE layer and task
-        present: each expert's share of the task's run-or-dropped slots (`load`), the dropped share (over
-        capacity), and the busiest expert's share times E (`max_load`: 1.0 is a perfect balance)."""
+        present, over the routed experts (shared experts run every token, so they have no load to balance): each
+        routed expert's share of the task's run-or-dropped routed slots (`load`, tagged by its index among all E),
+        the dropped share (over capacity), and the busiest one's share times E - S (`max_load`: 1.0 is a
+        perfect balance)."""
         experts = window.get("experts")
         if experts is None:
             return {}
         balance, n = float(window["balance_sum"]), float(window["loss_count"].sum())
         moe = self.cfg.model.moe
-        E = moe.num_experts
+        S, E = moe.shared_experts, moe.num_experts
         out = {"moe/balance_loss": balance / max(n, 1.0)}
         for layer in moe.layers:
             for t, task in enumerate(self.cfg.model.mod.tasks):
-                routed, dropped = experts[layer, t, :E, 0].tolist(), experts[layer, t, :E, 1].tolist()
-                total = sum(routed)  # every slot a token asked for: run or dropped
+                routed, dropped = experts[layer, t, S:E, 0].tolist(), experts[layer, t, S:E, 1].tolist()
+                total = sum(routed)  # every routed slot a token asked for: run or dropped
                 if total <= 0:
                     continue
-                for e, n_e in enumerate(routed):
+                for e, n_e in enumerate(routed, start=S):
                     out[f"moe/load/{task}/layer_{layer}/expert_{e}"] = n_e / total
                 out[f"moe/dropped/{task}/layer_{layer}"] = sum(dropped) / total
-                out[f"moe/max_load/{task}/layer_{layer}"] = max(routed) / total * E
+                out[f"moe/max_load/{task}/layer_{layer}"] = max(routed) / total * (E - S)
         return out
 
 
