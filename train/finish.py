@@ -107,8 +107,14 @@ def export_hf(cfg: RunConfig, path: Path, state: dict[str, torch.Tensor], rank: 
             shell = UnifiedTransformer(cfg.model)  # only its config (and the neuron order below) is used by save_hf
         from train.moe_init import start_neuron_groups
 
-        for layer, groups in start_neuron_groups(cfg).items():  # the dense MLP in the source checkpoint's order
-            shell.model.layers[layer].mlp.neuron_groups = groups.tolist()
+        try:
+            groups = start_neuron_groups(cfg)  # the dense MLPs in the source checkpoint's neuron order
+        except (OSError, ValueError) as e:
+            # init_from_hf changed since the start: expert order is as valid a dense MLP, so the export goes on
+            log.warning(f"[train] {e}; MoE layers exported in expert order instead of the source's neuron order")
+            groups = {}
+        for layer, g in groups.items():
+            shell.model.layers[layer].mlp.neuron_groups = g.tolist()
         shell.save_hf(path, state_dict=state)
         log.info(f"[train] exported HF Emu3 weights to {path}")
     barrier()
