@@ -189,3 +189,23 @@ def test_a_failed_calibration_raises_and_writes_nothing(demo_dataset, tmp_path, 
     with pytest.raises(ValueError, match="field ids is broken"):
         moe_init.conversion_importance(cfg, torch.device("cpu"))
     assert not (tmp_path / "run" / moe_init.IMPORTANCE_FILE).exists()
+
+
+def test_export_goes_on_when_the_source_checkpoint_changed(demo_dataset, tmp_path):
+    """The export asks init_from_hf for the source neuron order; a directory that no longer holds a checkpoint
+    costs only that order (expert order is as valid a dense MLP), not the export."""
+    from model import UnifiedTransformer
+    from train.config import RunConfig
+    from train.finish import export_hf
+
+    gone = tmp_path / "init_hf"
+    gone.mkdir()  # exists, but holds no checkpoint any more
+    cfg = RunConfig.load(SMOKE, settings(demo_dataset, tmp_path / "run", model__mod__capacity="{}",
+                                         model__moe='{layers: "1", num_experts: 2, top_k: 1}',
+                                         checkpoint__init_from_hf=str(gone)))
+    torch.manual_seed(0)
+    net = UnifiedTransformer(cfg.model)
+    export_hf(cfg, tmp_path / "hf", net.state_dict(), rank=0)
+    back = UnifiedTransformer.from_hf(tmp_path / "hf")
+    for k, v in net.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
