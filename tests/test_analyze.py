@@ -539,3 +539,17 @@ def test_probe_edits_run_the_pruned_model_on_every_path(demo_dataset, tmp_path):
             state[pre + "down_proj.weight"] = state[pre + "down_proj.weight"][:, m]
         cut.load_state_dict(state)
         assert rows[task][0][metric] == evaluator.task_accuracy(cut, task)[metric], task
+
+
+def test_probe_accuracy_only_on_data_with_the_demos_labels(demo_dataset, tmp_path, monkeypatch):
+    """Without the demo's digit labels the probes are scored by loss only, and no Evaluator (which would load
+    the dataset's image tokenizer) is built."""
+    import tools.evaluate
+    from tests.shard_fixtures import write_dataset
+    from tools.analyze import probe_accuracy
+
+    write_dataset(str(tmp_path / "plain"))
+    net, _ = _demo_model(demo_dataset, tmp_path)
+    monkeypatch.setattr(tools.evaluate, "Evaluator", lambda *a, **k: pytest.fail("built an Evaluator"))
+    assert probe_accuracy(net, str(tmp_path / "plain"), AnalysisConfig()) is None
+    assert probe_accuracy(net, str(demo_dataset), AnalysisConfig(probe_accuracy=False)) is None

@@ -185,7 +185,11 @@ def probe_accuracy(net, data: str, cfg: AnalysisConfig):
     labels, where only the loss measures a probe)."""
     if not cfg.probe_accuracy:
         return None
+    from data.manifest import load_manifest
     from tools.evaluate import EvalConfig, Evaluator
+
+    if not isinstance(load_manifest(data).doc.get("demo"), dict):
+        return None  # no digit labels to judge by; and building an Evaluator would load the image tokenizer
 
     evaluator = Evaluator(data, EvalConfig(max_samples=cfg.eval_samples, images_per_digit=cfg.accuracy_images_per_digit,
                                            batch_size=max(cfg.batch_size, 16)))
