@@ -235,13 +235,15 @@ def moe_layout(cfg: ModelConfig, path: str | os.PathLike,
         if tuple(scores.shape) != (F_,):
             raise ValueError(f"importance[{layer}] has shape {tuple(scores.shape)}, expected ({F_},): one score "
                              "per MLP neuron")
+    # One decision of which layers the checkpoint holds as this model's experts (`moe_layers_to_convert`, which
+    # the trainer asks before computing importance); `importance` converts a held layer anew.
+    convert = set(moe_layers_to_convert(cfg, path)) | set(importance)
     saved: dict[str, torch.Tensor] = {}
-    theirs, _ = config_from_hf(path)
-    file = Path(path) / MOE_FILE
-    if cfg.moe.layers and file.exists() and theirs.get("moe"):
+    if any(layer not in convert for layer in cfg.moe.layers):
         from safetensors.torch import load_file
 
-        saved = load_file(str(file))
+        saved = load_file(str(Path(path) / MOE_FILE))
+    theirs, _ = config_from_hf(path)
     their_moe = MoEConfig(**theirs["moe"]) if theirs.get("moe") else MoEConfig()
     same_router = their_moe.router == cfg.moe.router and (
         cfg.moe.router == "shared" or (theirs.get("mod") or {}).get("tasks") == list(cfg.mod.tasks))
@@ -249,7 +251,7 @@ def moe_layout(cfg: ModelConfig, path: str | os.PathLike,
     for layer in cfg.moe.layers:
         prefix = f"model.layers.{layer}.mlp."
         neurons = saved.get(prefix + "expert_neurons")
-        if layer not in importance and neurons is not None and neurons.shape[0] == E and their_moe.shared_experts == S:
+        if layer not in convert and neurons is not None:
             if tuple(neurons.shape) != (E, F_ // E) or not torch.equal(neurons.flatten().sort().values,
                                                                        torch.arange(F_)):
                 raise ValueError(f"{path}/{MOE_FILE}: {prefix}expert_neurons is not a partition of the {F_} "
