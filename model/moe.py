@@ -132,6 +132,19 @@ def cut_experts(dense: torch.Tensor, groups_EW: torch.Tensor, dim: int) -> list[
 EXPERT_STATS = ("routed", "dropped")
 
 
+def routed_load(slots_E: torch.Tensor, num_shared: int) -> tuple[torch.Tensor, float] | None:
+    """One layer's and task's slot counts per expert [E] -> (each routed expert's share of the routed slots
+    [E - S], the busiest one's share x (E - S): 1.0 is a perfect balance); None without a routed slot. Shared
+    experts run every token, so they have no load to balance. What training logs as moe/load and moe/max_load
+    and the evaluator as experts/max_load."""
+    routed = slots_E[num_shared:].double()
+    total = routed.sum()
+    if total <= 0:
+        return None
+    shares = routed / total
+    return shares, float(shares.max()) * len(shares)
+
+
 class _ZeroLinear(nn.Linear):
     """Bias-free Linear initialised to exactly zero (in reset_parameters, where deepspeed.zero.Init expects
     a leaf module's init)."""

@@ -50,6 +50,7 @@ from data.manifest import load_manifest
 from data.reader import iter_samples
 from model.loss import IGNORE_INDEX
 from model.mod import ROUTING_STATS
+from model.moe import routed_load
 from tools.checkpoints import open_checkpoint
 from tools.generate import Sampler, SamplingConfig, add_sampling_args, dataset_dir_of, image_grid, sampling_config
 
@@ -360,15 +361,13 @@ class Evaluator:
         if not cfg.moe.layers:
             return {}
         experts = (counts or self.routing_counts(model))[1]
-        S, E = cfg.moe.shared_experts, cfg.moe.num_experts  # shared experts run every token: not counted
         out = {}
         for layer in cfg.moe.layers:
             shares = {}
             for t, task in enumerate(cfg.mod.tasks):
-                routed = experts[layer, t, S:, 0]
-                if routed.sum() > 0:
-                    shares[task] = routed / routed.sum()
-                    out[f"experts/max_load/{task}/layer_{layer}"] = float(shares[task].max() * (E - S))
+                load = routed_load(experts[layer, t, :, 0], cfg.moe.shared_experts)
+                if load is not None:
+                    shares[task], out[f"experts/max_load/{task}/layer_{layer}"] = load
             names = list(shares)
             for i, a in enumerate(names):
                 for b in names[i + 1:]:

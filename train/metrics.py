@@ -20,6 +20,7 @@ import torch
 
 from data.files import atomic_write
 from model.flops import StepFlops, mfu, peak_flops, tflops_per_device
+from model.moe import routed_load
 
 DATA_TOTALS = ("read_samples", "skipped_samples", "skipped_shards", "lost_samples", "captions_dropped")
 """Loader counters logged at every log step and kept in summary.json even when 0; the per-reason ones
@@ -236,14 +237,15 @@ class StepLog:
         out = {"moe/balance_loss": balance / max(n, 1.0)}
         for layer in moe.layers:
             for t, task in enumerate(self.cfg.model.mod.tasks):
-                routed, dropped = experts[layer, t, S:E, 0].tolist(), experts[layer, t, S:E, 1].tolist()
-                total = sum(routed)  # every routed slot a token asked for: run or dropped
-                if total <= 0:
+                load = routed_load(experts[layer, t, :E, 0], S)  # over every slot asked for: run or dropped
+                if load is None:
                     continue
-                for e, n_e in enumerate(routed, start=S):
-                    out[f"moe/load/{task}/layer_{layer}/expert_{e}"] = n_e / total
-                out[f"moe/dropped/{task}/layer_{layer}"] = sum(dropped) / total
-                out[f"moe/max_load/{task}/layer_{layer}"] = max(routed) / total * (E - S)
+                shares, max_load = load
+                for e, share in enumerate(shares.tolist(), start=S):
+                    out[f"moe/load/{task}/layer_{layer}/expert_{e}"] = share
+                dropped, routed = sum(experts[layer, t, S:E, 1].tolist()), sum(experts[layer, t, S:E, 0].tolist())
+                out[f"moe/dropped/{task}/layer_{layer}"] = dropped / routed
+                out[f"moe/max_load/{task}/layer_{layer}"] = max_load
         return out
 
 
