@@ -37,9 +37,9 @@ Dispatch (`MoEMLP.dispatch`): the N*k token-slots are sorted by expert (one args
 on its contiguous slice, and the weighted outputs are scattered back with one index_add. torch has no
 grouped GEMM on CPU (and none in the public API for this shape), so the E experts run in a Python loop over
 experts, never over tokens. Padding (and MoD placeholders) take no slot: they get a zero MLP output.
-A capacity limit (`capacity_factor`) lets each expert run at most ceil(cf * k * N / E) slots, first come
-(token order) first served; the rest are dropped (Switch Transformer). Training adds the Switch/Mixtral
-load-balancing loss E * sum_e f_e * P_e.
+A capacity limit (`capacity_factor`) lets each routed expert run at most ceil(cf * k * N / (E - S)) slots, first
+come (token order) first served; the rest are dropped (Switch Transformer); shared experts have no limit.
+Training adds the Switch/Mixtral load-balancing loss E_r * sum_e f_e * P_e over the E_r = E - S routed experts.
 
 References: He et al., "Understanding and Harnessing Sparsity in Unified Multimodal Models";
 Fedus et al. 2021 (Switch Transformer: capacity, load-balancing loss); Jiang et al. 2024 (Mixtral).
@@ -86,9 +86,9 @@ def partition(importance_F: torch.Tensor, num_experts: int, num_shared: int = 0)
             or F_ % num_experts:
         raise ValueError(f"num_shared must be an integer in [0, {num_experts}) and the {F_} neurons must split into "
                          f"{num_experts} equal experts, got num_shared={num_shared!r}")
-    order = torch.sort(importance_F.detach().float().cpu(), descending=True, stable=True).indices
-    top, rest = order[:num_shared * (F_ // num_experts)], order[num_shared * (F_ // num_experts):]
     scores = importance_F.detach().float().cpu()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    top, rest = order[:num_shared * (F_ // num_experts)], order[num_shared * (F_ // num_experts):]
     shared = [top[g].sort().values for g in snake_partition(scores[top], num_shared)]
     routed = [rest[g].sort().values for g in snake_partition(scores[rest], num_experts - num_shared)]
     return shared + routed
