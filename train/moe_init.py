@@ -74,11 +74,11 @@ def conversion_importance(cfg, device: torch.device) -> dict[int, torch.Tensor] 
         torch.distributed.barrier()
     if failed is not None:
         raise failed
-    importance = read_importance(cfg)
-    if importance is None:
+    scores = _read(file, key)
+    if scores is None:
         raise RuntimeError(f"{file}: rank {rank} finds no MoE neuron importance from rank 0 (rank 0's log says why "
                            "if it failed; otherwise is run.output_dir on a filesystem every rank shares?)")
-    return importance
+    return {layer: scores[layer] for layer in layers}
 
 
 def read_importance(cfg) -> dict[int, torch.Tensor] | None:
